@@ -1,0 +1,122 @@
+"""Per-shape choice between a Triton kernel and its torch twin.
+
+A Triton kernel is only worth calling where it measured faster on this device, so the first "auto" call
+for each (op, shape, dtype, device) key on CUDA times both and caches the winner. Everywhere else the
+twin runs: the CPU interpreter is a correctness tool, never a fast path.
+
+Precedence: the call's `backend=` argument, then `RFSERVE_KERNELS=torch|triton|auto`, then measurement.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV = "RFSERVE_KERNELS"
+WARMUP, REPEAT = 3, 10
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What "auto" picked for one key, and the medians (ms) that picked it; None where nothing was timed."""
+
+    backend: str
+    triton_ms: float | None = None
+    torch_ms: float | None = None
+    reason: str = ""
+
+
+_decisions: dict[tuple, Decision] = {}
+
+
+def decisions() -> dict[tuple, Decision]:
+    """A copy of the cached choices, keyed (op, shape/dtype key, device)."""
+    return dict(_decisions)
+
+
+def clear_decisions() -> None:
+    _decisions.clear()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve(backend: str) -> str:
+    """The backend a call asks for once the environment override is applied."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    env = os.environ.get(ENV, "auto") or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV} must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+def run(
+    op: str,
+    key: Hashable,
+    device: torch.device,
+    backend: str,
+    triton_fn: Callable[[], torch.Tensor],
+    torch_fn: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    choice = resolve(backend)
+    if choice == "auto":
+        choice = _choose((op, key, str(device)), device, triton_fn, torch_fn)
+    return triton_fn() if choice == "triton" else torch_fn()
+
+
+def can_measure(device: torch.device) -> bool:
+    """Timing means something only on CUDA with Triton installed."""
+    return device.type == "cuda" and triton_available()
+
+
+def _choose(full_key: tuple, device: torch.device, triton_fn, torch_fn) -> str:
+    cached = _decisions.get(full_key)
+    if cached is not None:
+        return cached.backend
+    if not can_measure(device):
+        _decisions[full_key] = Decision("torch", reason=f"no measurement on {device.type}")
+        return "torch"
+    if _inside_graph():
+        # Timing would be recorded into the graph (or traced); take the twin and measure on an eager call.
+        return "torch"
+    torch_ms = time_ms(torch_fn)
+    try:
+        triton_ms = time_ms(triton_fn)
+    except Exception as exc:  # a config the kernel cannot compile must not take the server down
+        log.warning("Triton %s failed at warm-up, using torch: %s", full_key[0], exc)
+        _decisions[full_key] = Decision("torch", None, torch_ms, reason=f"triton failed: {exc}")
+        return "torch"
+    winner = "triton" if triton_ms < torch_ms else "torch"
+    _decisions[full_key] = Decision(winner, triton_ms, torch_ms, reason="measured")
+    return winner
+
+
+def _inside_graph() -> bool:
+    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median of REPEAT calls after WARMUP, with CUDA events."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEAT):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
