@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A random-weight SD1.5-layout checkpoint written with save_pretrained."""
+    from model_zoo.sd_config import save_random_sd
+
+    return save_random_sd(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=0)

@@ -1,0 +1,53 @@
+"""PeRFlow on an SD1.5 UNet: the standard SD text-to-image loop (CFG on eps, uncond
+first) driven by the piecewise scheduler, with CFG and the window step fused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model_zoo.loading import CheckpointError, resolve_source
+from model_zoo.perflow.delta import is_delta_folder, merge_delta
+from model_zoo.perflow.scheduler import PeRFlowScheduler
+from model_zoo.sd_components import SDComponents, load_unet
+from model_zoo.sd_pipeline import SDFlowPipeline
+
+BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+
+
+class PeRFlowPipeline(SDFlowPipeline):
+    family = "perflow"
+
+    def __init__(self, parts: SDComponents, prediction_type: str = "diff_eps"):
+        super().__init__(parts)
+        betas = {k: parts.scheduler_config[k] for k in BETA_KEYS if k in parts.scheduler_config}
+        self.scheduler = PeRFlowScheduler(**betas, prediction_type=prediction_type, num_time_windows=4)
+        self.init_noise_sigma = self.scheduler.init_noise_sigma
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
+                        variant: str | None = None, base: str | None = None,
+                        prediction_type: str = "diff_eps") -> "PeRFlowPipeline":
+        """A full pipeline folder, or a ΔW folder merged onto `base` (an SD1.5 pipeline)."""
+        root = Path(path)
+        if not is_delta_folder(root):
+            parts = SDComponents.load(root, device=device, dtype=dtype, variant=variant)
+            return cls(parts, prediction_type)
+        if base is None:
+            raise CheckpointError(f"{root} holds ΔW weights: give the SD1.5 base with ?base=PATH_OR_HUB_ID")
+        base_root = resolve_source(base)
+        unet = merge_delta(load_unet(base_root, "unet", dtype=torch.float32), root, variant).to(dtype)
+        parts = SDComponents.load(base_root, device=device, dtype=dtype, unet=unet)
+        return cls(parts, prediction_type)
+
+    @torch.inference_mode()
+    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int,
+               guidance: torch.Tensor | float | None) -> torch.Tensor:
+        """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance."""
+        sched = self.scheduler
+        sched.set_timesteps(steps)
+        for t in sched.timesteps.tolist():                  # ints 1000, 750, ... kept on the host
+            x_in = x if guidance is None else torch.cat([x, x])
+            eps = self.parts.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
+            x = sched.fused_step(eps, t, x, guidance)
+        return x

@@ -1,0 +1,45 @@
+"""Named presets: which pipeline family serves a name, where its weights live by
+default, its generation defaults, and the sizes it accepts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model_zoo.base import ImageDefaults
+from model_zoo.rf_shapes.presets import CHECKPOINT_DIR, RF_SHAPES_DEFAULTS
+
+SD_SIZE_FACTORS = ((1.0, 1.0), (1.0, 1.5), (1.5, 1.0), (1.5, 1.5))   # (w, h) × native side
+PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-saturated, "
+                    "high-contrast, out of focus, dark")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str                       # instaflow | perflow
+    source: str                       # local folder or hub id
+    defaults: ImageDefaults
+    size_factors: tuple[tuple[float, float], ...] = SD_SIZE_FACTORS
+    max_steps: int = 100
+    options: dict = field(default_factory=dict)
+
+
+def _rf_shapes(name: str) -> Preset:
+    d = RF_SHAPES_DEFAULTS[name]
+    return Preset(name, "instaflow", str(CHECKPOINT_DIR / name),
+                  ImageDefaults(d["steps"], d["guidance"], d.get("negative_prompt", ""), d["size"]),
+                  size_factors=((1.0, 1.0),), max_steps=50)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in [
+        _rf_shapes("rf-shapes"),
+        _rf_shapes("rf-shapes-2rf"),
+        Preset("instaflow-0.9b", "instaflow", "XCLiu/instaflow_0_9B_from_sd_1_5",
+               ImageDefaults(steps=1, guidance=0.0)),
+        Preset("instaflow-2rf", "instaflow", "XCLiu/2_rectified_flow_from_sd_1_5",
+               ImageDefaults(steps=25, guidance=1.5, negative_prompt="painting, unreal, twisted")),
+        Preset("perflow-sd15", "perflow", "hansyan/perflow-sd15-dreamshaper",
+               ImageDefaults(steps=4, guidance=4.5, negative_prompt=PERFLOW_NEGATIVE),
+               options={"prediction_type": "diff_eps"}),
+    ]
+}

@@ -1,0 +1,86 @@
+"""From a model SPEC (`NAME` or `NAME=PATH_OR_HUB_ID[?key=value&...]`) to a loaded
+pipeline and the card the gateway validates requests against."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qsl
+
+import torch
+
+from model_zoo.base import ModelCard
+from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from model_zoo.loading import CheckpointError, resolve_source
+from model_zoo.perflow.pipeline import PeRFlowPipeline
+from model_zoo.perflow.scheduler import PREDICTION_TYPES
+from model_zoo.presets import PRESETS, Preset
+
+SPEC_OPTIONS = {"variant", "base", "prediction_type"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    options: dict
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.name]
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    pipeline: object
+
+
+def parse_spec(text: str) -> ModelSpec:
+    name, _, source = text.partition("=")
+    name = name.strip()
+    if name not in PRESETS:
+        raise CheckpointError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    source, _, query = source.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=False))
+    unknown = set(options) - SPEC_OPTIONS
+    if unknown:
+        raise CheckpointError(f"unknown option(s) {sorted(unknown)} in --model {text}; known: {sorted(SPEC_OPTIONS)}")
+    if options.get("prediction_type", "diff_eps") not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}")
+    return ModelSpec(name, source.strip() or PRESETS[name].source, options)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    preset = spec.preset
+    root = resolve_source(spec.source)
+    variant = spec.options.get("variant")
+    if preset.family == "instaflow":
+        pipe = InstaFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=variant)
+    else:
+        kind = spec.options.get("prediction_type", preset.options.get("prediction_type", "diff_eps"))
+        pipe = PeRFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=variant,
+                                               base=spec.options.get("base"), prediction_type=kind)
+    return LoadedModel(card_for(preset, pipe), pipe)
+
+
+def card_for(preset: Preset, pipe) -> ModelCard:
+    """Sizes are the preset's factors of the checkpoint's native side, so a tiny test
+    checkpoint gets tiny sizes under the same preset."""
+    native, _ = pipe.default_size
+    step = 8 * pipe.parts.vae_scale_factor
+    sizes = tuple(dict.fromkeys(
+        f"{_snap(native * fw, step)}x{_snap(native * fh, step)}" for fw, fh in preset.size_factors))
+    defaults = preset.defaults
+    if defaults.size not in sizes:
+        defaults = replace(defaults, size=sizes[0])
+    return ModelCard(name=preset.name, family=preset.family, defaults=defaults, sizes=sizes,
+                     max_steps=preset.max_steps, max_prompt_tokens=pipe.parts.max_tokens)
+
+
+def _snap(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)

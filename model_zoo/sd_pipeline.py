@@ -1,0 +1,65 @@
+"""The three stages every SD-UNet flow pipeline shares: encode text → sample → decode.
+Subclasses write out only their sampling loop."""
+from __future__ import annotations
+
+import torch
+
+from model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from model_zoo.samplers import guidance_tensor
+from model_zoo.sd_components import SDComponents, to_uint8
+from model_zoo.seeding import initial_noise
+from model_zoo.text_cache import TextEncoderCache
+
+
+class SDFlowPipeline:
+    family = ""
+    init_noise_sigma = 1.0
+
+    def __init__(self, parts: SDComponents):
+        self.parts = parts
+        self.text = TextEncoderCache(parts.encode_text)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = self.parts.unet.config.sample_size * self.parts.vae_scale_factor
+        return side, side
+
+    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int,
+               guidance: torch.Tensor | float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):
+        """Float images (B, 3, H, W) in [0, 1] and per-image prompt-truncation flags."""
+        timer = timer or StageTimer()
+        first, p = specs[0], self.parts
+        with timer.stage("encode"):
+            emb, truncated = self.text.encode([s.prompt for s in specs])
+            guidance = None
+            if first.uses_cfg:
+                neg, _ = self.text.encode([s.negative_prompt for s in specs])
+                emb = torch.cat([neg, emb])                      # (2B, L, D), negative first
+                guidance = guidance_tensor([s.guidance for s in specs], p.device)
+        with timer.stage("sample"):
+            noise = initial_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
+                                  dtype=p.dtype, device=p.device)
+            latents = self.sample(noise * self.init_noise_sigma, emb, first.steps, guidance)
+        with timer.stage("decode"):
+            images = p.decode(latents)
+        return images, truncated
+
+    def run(self, specs: list[ImageSpec]) -> BatchOutput:
+        timer = StageTimer(sync=self.parts.synchronize)
+        images, truncated = self.images(specs, timer)
+        with timer.stage("decode"):
+            pixels = to_uint8(images)
+        return BatchOutput(pixels, truncated, timer.timings)
+
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                 negative_prompts: list[str] | None = None, height: int | None = None,
+                 width: int | None = None):
+        """Convenience for scripts and evaluation: uint8 (B, H, W, 3)."""
+        w0, h0 = self.default_size
+        negs = negative_prompts or [""] * len(prompts)
+        specs = [ImageSpec(p, n, s, width or w0, height or h0, steps, guidance)
+                 for p, n, s in zip(prompts, negs, seeds)]
+        return self.run(specs).images

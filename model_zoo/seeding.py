@@ -1,0 +1,25 @@
+"""Per-image noise, so an image never depends on the batch it ran in.
+
+Image i of a request with seed s draws from `torch.Generator("cpu").manual_seed(s + i)`,
+exactly as diffusers' `randn_tensor` does when handed a list of CPU generators:
+one (1, C, h, w) draw per image in the pipeline dtype, then a move to the device.
+"""
+import secrets
+
+import torch
+
+MAX_SEED = 2**63 - 1
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...], *, dtype: torch.dtype,
+                  device: torch.device | str) -> torch.Tensor:
+    """`shape` is one image's latent shape (C, h, w); returns (len(seeds), C, h, w)."""
+    draws = [
+        torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype)
+        for s in seeds
+    ]
+    return torch.cat(draws, dim=0).to(device)
