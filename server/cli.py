@@ -1,0 +1,147 @@
+"""`rfserve serve` and `rfserve generate`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from model_zoo.loading import CheckpointError
+from server.config import ServerConfig
+
+
+def _add_engine_args(p: argparse.ArgumentParser, *, many_models: bool) -> None:
+    if many_models:
+        p.add_argument("--model", action="append", dest="models", metavar="SPEC",
+                       help="NAME or NAME=PATH_OR_HUB_ID[?variant=..&base=..]; repeat to serve several "
+                            "(default: the embedded rf-shapes)")
+    else:
+        p.add_argument("--model", dest="models", action="append", metavar="SPEC", help="as for serve")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rfserve", description="Rectified-flow image server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI Images API")
+    _add_engine_args(serve, many_models=True)
+    d = ServerConfig()
+    serve.add_argument("--host", default=d.host)
+    serve.add_argument("--port", type=int, default=d.port)
+    serve.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass")
+    serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
+    serve.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model")
+    serve.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
+    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    serve.add_argument("--no-warmup", action="store_true")
+    serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--log-level", default="info")
+
+    gen = sub.add_parser("generate", help="generate images in-process with the serving engine")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", required=True, type=Path,
+                     help="PNG path; with --n > 1, images go to NAME-0.png, NAME-1.png, ...")
+    _add_engine_args(gen, many_models=False)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--size", default=None, help="WxH, one of the model's sizes")
+    gen.add_argument("--n", type=int, default=1)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _fail(message: str) -> None:
+    print(f"rfserve: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine import Engine
+
+    config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
+                          device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                          request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                          warmup=not args.no_warmup, fault_injection=args.enable_fault_injection)
+    engine = Engine(config)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=config.host, port=config.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=10))
+    failure: list[str] = []
+
+    def load() -> None:
+        try:
+            engine.load(progress=True)
+        except (CheckpointError, RuntimeError, ValueError) as err:
+            failure.append(str(err).splitlines()[0])
+            engine.load_error = failure[0]
+            server.should_exit = True
+
+    threading.Thread(target=load, name="rfserve-loader", daemon=True).start()
+    server.run()
+    engine.shutdown()
+    if failure:
+        _fail(failure[0])
+
+
+def generate(args) -> None:
+    from model_zoo.base import ImageSpec, parse_size
+    from model_zoo.seeding import random_seed
+    from server.encoding import png_bytes
+    from server.engine import Engine
+
+    config = ServerConfig(models=args.models or ["rf-shapes"], device=args.device, dtype=args.dtype,
+                          warmup=False, max_batch=max(1, args.n))
+    engine = Engine(config)
+    engine.load(progress=True)
+    try:
+        card = next(iter(engine.cards.values()))
+        d = card.defaults
+        size = (args.size or d.size).lower()
+        if size not in card.sizes:
+            _fail(f"--size {size} is not supported by {card.name}; allowed: {', '.join(card.sizes)}")
+        width, height = parse_size(size)
+        seed = random_seed() if args.seed is None else args.seed
+        negative = d.negative_prompt if args.negative_prompt is None else args.negative_prompt
+        guidance = d.guidance if args.guidance is None else args.guidance
+        specs = [ImageSpec(args.prompt, negative, seed + i, width, height, args.steps or d.steps, guidance)
+                 for i in range(args.n)]
+        result = engine.submit(card.name, specs).future.result()
+    finally:
+        engine.shutdown()
+    paths = [args.output] if args.n == 1 else [
+        args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
+    for path, image in zip(paths, result.images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(image))
+        print(f"{path} (seed {seed + paths.index(path)})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        {"serve": serve, "generate": generate}[args.command](args)
+    except CheckpointError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Server settings, shared by `rfserve serve`, `rfserve generate` and the tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerConfig:
+    models: list[str] = field(default_factory=lambda: ["rf-shapes"])
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # auto | float32 | float16 | bfloat16
+    max_batch: int = 8                # images per forward pass
+    max_wait_ms: float = 10.0         # how long the batcher holds the oldest job for company
+    max_queue: int = 64               # queued jobs per model before 429
+    max_images_per_request: int = 10  # `n`, as in the OpenAI Images API
+    request_timeout_s: float = 120.0  # deadline from arrival to answer (504 past it)
+    max_body_bytes: int = 1 << 20
+    image_store_items: int = 256      # `url` results kept for GET /v1/images/{id}
+    image_store_ttl_s: float = 3600.0
+    warmup: bool = True
+    fault_injection: bool = False     # test hook: prompts with a fault marker raise in the worker
+    log_prompts: bool = False

@@ -1,0 +1,85 @@
+"""The engine: loads the models, warms them, and owns the batcher and the worker.
+`rfserve serve` puts HTTP in front of it; `rfserve generate` calls it in-process."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from model_zoo.base import ImageSpec, ModelCard, parse_size
+from model_zoo.registry import LoadedModel, load_model, parse_spec, resolve_dtype
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.scheduler import Batcher, Job
+from server.worker import Worker
+
+log = logging.getLogger("rfserve.engine")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.specs = [parse_spec(s) for s in config.models]   # fails fast on a bad SPEC
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model served twice: {names}")
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.models: dict[str, LoadedModel] = {}
+        self.batcher = Batcher(names, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                               max_queue=config.max_queue)
+        for name in names:
+            self.metrics.queue_depth.labels(name).set_function(lambda n=name: self.batcher.depth(n))
+        self.worker: Worker | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+
+    @property
+    def cards(self) -> dict[str, ModelCard]:
+        return {name: m.card for name, m in self.models.items()}
+
+    def load(self, progress: bool = True) -> None:
+        """Load every model, warm it, start the worker, then flip ready."""
+        for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
+            start = time.perf_counter()
+            self.models[spec.name] = load_model(spec, self.device, self.dtype)
+            log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
+        if self.config.warmup:
+            for name, model in tqdm(self.models.items(), desc="warming up", unit="model", disable=not progress):
+                model.pipeline.run([self.default_spec(model.card, prompt="warm-up", seed=0)])
+        self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
+                             fault_injection=self.config.fault_injection)
+        self.worker.start()
+        self.metrics.ready.set(1)
+        self.ready.set()
+
+    @staticmethod
+    def default_spec(card: ModelCard, prompt: str, seed: int) -> ImageSpec:
+        d = card.defaults
+        width, height = parse_size(d.size)
+        return ImageSpec(prompt, d.negative_prompt, seed, width, height, d.steps, d.guidance)
+
+    def submit(self, model: str, specs: list[ImageSpec], timeout_s: float | None = None) -> Job:
+        deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
+        job = Job(model=model, specs=specs, deadline=deadline)
+        self.batcher.submit(job)
+        return job
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.batcher.close()
+        if self.worker is not None:
+            self.worker.join(timeout)
+        for job in self.batcher.drain():
+            job.fail(RuntimeError("server shutting down"))

@@ -1,0 +1,28 @@
+"""Prometheus metrics, named by the Prometheus conventions (`_total`, `_seconds`)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rfserve_requests_total", "Finished requests by model and HTTP status.",
+                                ["model", "status"], registry=r)
+        self.images = Counter("rfserve_images_total", "Images generated.", ["model"], registry=r)
+        self.queue_depth = Gauge("rfserve_queue_depth", "Jobs waiting in the model's queue.", ["model"],
+                                 registry=r)
+        self.batch_size = Histogram("rfserve_batch_size", "Images per batch run by the worker.", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("rfserve_stage_seconds", "Time per pipeline stage per batch.",
+                                       ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram("rfserve_request_seconds", "End-to-end request latency.",
+                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ready = Gauge("rfserve_ready", "1 once every model is loaded and warmed.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

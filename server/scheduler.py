@@ -1,0 +1,230 @@
+"""Per-model bounded queues and the dynamic batcher.
+
+A Job is one HTTP request: n images, a future and a deadline. The batcher picks a model
+round-robin (a flood on one model cannot starve another), takes the oldest job there,
+waits up to `max_wait_ms` from that job's arrival for compatible company, and hands the
+worker at most `max_batch` images. A job larger than `max_batch` is served in slices.
+Cancelled or expired jobs are dropped here, before they cost any compute.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model_zoo.base import ImageSpec
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("queue full")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class JobResult:
+    images: list[np.ndarray]          # (H, W, 3) uint8, one per requested image
+    prompt_truncated: bool
+    timings: dict[str, float]         # seconds: queue, encode, sample, decode
+
+
+@dataclass(eq=False)
+class Job:
+    model: str
+    specs: list[ImageSpec]
+    deadline: float                   # time.monotonic() seconds
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False
+    next_image: int = 0               # first image not yet handed to the worker
+    done_images: int = 0
+    started: float | None = None
+    _images: dict[int, np.ndarray] = field(default_factory=dict)
+    _truncated: bool = False
+    _timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        return self.specs[0].batch_key()
+
+    @property
+    def remaining(self) -> int:
+        return len(self.specs) - self.next_image
+
+    def cancel(self) -> None:
+        """The client is gone: the batcher drops the job and nobody waits on the future."""
+        self.cancelled = True
+        self.future.cancel()
+
+    def record(self, index: int, image: np.ndarray, truncated: bool, timings: dict[str, float]) -> None:
+        """Store one finished image; resolve the future when the last one lands."""
+        self._images[index] = image
+        self._truncated |= truncated
+        for stage, secs in timings.items():
+            self._timings[stage] = max(self._timings.get(stage, 0.0), secs)
+        self.done_images += 1
+        if self.done_images == len(self.specs) and not self.future.done():
+            queue_wait = (self.started or self.arrival) - self.arrival
+            result = JobResult([self._images[i] for i in range(len(self.specs))], self._truncated,
+                               {"queue": queue_wait, **self._timings})
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class Slice:
+    job: Job
+    start: int
+    stop: int
+
+
+@dataclass
+class Batch:
+    model: str
+    slices: list[Slice]
+
+    @property
+    def specs(self) -> list[ImageSpec]:
+        return [s for sl in self.slices for s in sl.job.specs[sl.start:sl.stop]]
+
+    @property
+    def size(self) -> int:
+        return sum(sl.stop - sl.start for sl in self.slices)
+
+
+class Batcher:
+    def __init__(self, models: list[str], *, max_batch: int, max_wait_ms: float, max_queue: int):
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._queues: dict[str, deque[Job]] = {m: deque() for m in models}
+        self._turn = itertools.cycle(models)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._batch_seconds: dict[str, float] = {m: 0.0 for m in models}   # EWMA per full batch
+
+    # -- producer side (event loop) ------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            queue = self._queues[job.model]
+            self._drop_dead(queue)
+            if len(queue) >= self.max_queue:
+                raise QueueFull(self.retry_after(job.model))
+            queue.append(job)
+            self._cond.notify()
+
+    def depth(self, model: str) -> int:
+        return len(self._queues[model])
+
+    def retry_after(self, model: str) -> int:
+        """Seconds until the queue has likely drained enough to take one more job."""
+        queued = sum(j.remaining for j in self._queues[model])
+        per_batch = self._batch_seconds[model] or 1.0
+        return max(1, math.ceil(queued / self.max_batch * per_batch))
+
+    def observe(self, model: str, seconds: float) -> None:
+        prev = self._batch_seconds[model]
+        self._batch_seconds[model] = seconds if prev == 0 else 0.8 * prev + 0.2 * seconds
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self) -> list[Job]:
+        """Remove and return everything still queued (used at shutdown)."""
+        with self._cond:
+            jobs = [j for q in self._queues.values() for j in q]
+            for q in self._queues.values():
+                q.clear()
+            return jobs
+
+    # -- consumer side (worker thread) ---------------------------------------------
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        """Block until a batch is ready; None when closed or `timeout` passes idle."""
+        give_up = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                model = self._pick_model()
+                if model is not None:
+                    batch = self._form(model)
+                    if batch is not None:
+                        return batch
+                    continue
+                wait = None if give_up is None else give_up - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return None
+                self._cond.wait(wait)
+
+    def _pick_model(self) -> str | None:
+        for _ in range(len(self._queues)):
+            model = next(self._turn)
+            self._drop_dead(self._queues[model])
+            if self._queues[model]:
+                return model
+        return None
+
+    def _form(self, model: str) -> Batch | None:
+        """Wait (releasing the lock) until the head job has company or waited long enough."""
+        queue = self._queues[model]
+        head = queue[0]
+        while not self._closed:
+            ready_at = head.arrival + self.max_wait
+            if self._compatible_images(queue, head.key) >= self.max_batch or time.monotonic() >= ready_at:
+                break
+            self._cond.wait(ready_at - time.monotonic())
+            self._drop_dead(queue)
+            if not queue or queue[0] is not head:
+                return None
+        return self._take(model, head.key)
+
+    def _compatible_images(self, queue: deque[Job], key: tuple) -> int:
+        return sum(j.remaining for j in queue if j.key == key)
+
+    def _take(self, model: str, key: tuple) -> Batch:
+        queue, room, slices = self._queues[model], self.max_batch, []
+        now = time.monotonic()
+        for job in list(queue):
+            if room == 0:
+                break
+            if job.key != key:
+                continue
+            take = min(room, job.remaining)
+            slices.append(Slice(job, job.next_image, job.next_image + take))
+            job.next_image += take
+            job.started = job.started or now
+            room -= take
+            if job.remaining == 0:
+                queue.remove(job)
+        return Batch(model, slices)
+
+    @staticmethod
+    def _drop_dead(queue: deque[Job]) -> None:
+        now = time.monotonic()
+        for job in [j for j in queue if j.cancelled or j.deadline <= now]:
+            queue.remove(job)
+            job.fail(JobCancelled() if job.cancelled else DeadlineExceeded())
