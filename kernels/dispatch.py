@@ -104,7 +104,7 @@ def _choose(full_key: tuple, device: torch.device, triton_fn, torch_fn) -> str:
 
 
 def _inside_graph() -> bool:
-    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def time_ms(fn: Callable[[], object]) -> float:
