@@ -59,7 +59,7 @@ def create_app(engine: Engine) -> FastAPI:
             result = await _await_job(job, request)
             images = await encode_all(result.images, as_base64=body.response_format == "b64_json")
         except APIError as err:
-            metrics.requests.labels(name, str(err.status)).inc()
+            metrics.requests.labels(name if name in engine.cards else "unknown", str(err.status)).inc()
             raise
         if body.response_format == "url":
             data = [ImageData(url=f"{request.base_url}v1/images/{store.put(png)}") for png in images]

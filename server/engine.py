@@ -39,7 +39,8 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.models: dict[str, LoadedModel] = {}
         self.batcher = Batcher(names, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                               max_queue=config.max_queue)
+                               max_queue=config.max_queue,
+                               on_drop=lambda m, why: self.metrics.dropped.labels(m, why).inc())
         for name in names:
             self.metrics.queue_depth.labels(name).set_function(lambda n=name: self.batcher.depth(n))
         self.worker: Worker | None = None

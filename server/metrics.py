@@ -1,7 +1,9 @@
 """Prometheus metrics, named by the Prometheus conventions (`_total`, `_seconds`)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -22,6 +24,9 @@ class Metrics:
                                        ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("rfserve_request_seconds", "End-to-end request latency.",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.dropped = Counter("rfserve_jobs_dropped_total",
+                               "Queued jobs dropped before running, by reason (client_gone, deadline).",
+                               ["model", "reason"], registry=r)
         self.ready = Gauge("rfserve_ready", "1 once every model is loaded and warmed.", registry=r)
 
     def render(self) -> bytes:

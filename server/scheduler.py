@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -112,8 +113,10 @@ class Batch:
 
 
 class Batcher:
-    def __init__(self, models: list[str], *, max_batch: int, max_wait_ms: float, max_queue: int):
+    def __init__(self, models: list[str], *, max_batch: int, max_wait_ms: float, max_queue: int,
+                 on_drop: Callable[[str, str], None] = lambda model, reason: None):
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.on_drop = on_drop
         self.max_queue = max_queue
         self._queues: dict[str, deque[Job]] = {m: deque() for m in models}
         self._turn = itertools.cycle(models)
@@ -222,9 +225,9 @@ class Batcher:
                 queue.remove(job)
         return Batch(model, slices)
 
-    @staticmethod
-    def _drop_dead(queue: deque[Job]) -> None:
+    def _drop_dead(self, queue: deque[Job]) -> None:
         now = time.monotonic()
         for job in [j for j in queue if j.cancelled or j.deadline <= now]:
             queue.remove(job)
+            self.on_drop(job.model, "client_gone" if job.cancelled else "deadline")
             job.fail(JobCancelled() if job.cancelled else DeadlineExceeded())

@@ -59,6 +59,7 @@ class Worker:
         live = [sl for sl in batch.slices if not sl.job.cancelled]
         for sl in batch.slices:
             if sl.job.cancelled:
+                self.batcher.on_drop(batch.model, "client_gone")
                 sl.job.fail(JobCancelled())
         if not live:
             return
