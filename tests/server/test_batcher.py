@@ -1,0 +1,118 @@
+"""The batcher on its own: grouping, sizes, slicing, fairness, drops, and Retry-After."""
+import threading
+import time
+
+import pytest
+
+from model_zoo.base import ImageSpec
+from server.scheduler import Batcher, DeadlineExceeded, Job, JobCancelled, QueueFull
+
+
+def job(model="a", n=1, size=16, steps=1, guidance=0.0, timeout=60.0):
+    specs = [ImageSpec("p", "", i, size, size, steps, guidance) for i in range(n)]
+    return Job(model=model, specs=specs, deadline=time.monotonic() + timeout)
+
+
+def make(**kw):
+    args = dict(max_batch=4, max_wait_ms=0, max_queue=100) | kw
+    return Batcher(["a", "b"], **args)
+
+
+def test_groups_only_compatible_jobs_up_to_max_batch():
+    b = make()
+    jobs = [job(size=16), job(size=32), job(size=16, guidance=2.0), job(size=16), job(size=16, n=3)]
+    for j in jobs:
+        b.submit(j)
+    first = b.next_batch(timeout=0)
+    assert [sl.job for sl in first.slices] == [jobs[0], jobs[3], jobs[4]]
+    assert first.size == 4 and (first.slices[-1].start, first.slices[-1].stop) == (0, 2)
+    assert len({s.batch_key() for s in first.specs}) == 1
+
+
+def test_large_job_is_served_in_slices_in_order():
+    b = make()
+    big = job(n=10)
+    b.submit(big)
+    slices = []
+    while (batch := b.next_batch(timeout=0)) is not None:
+        slices += [(sl.start, sl.stop) for sl in batch.slices]
+    assert slices == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_waits_for_company_up_to_max_wait():
+    b = make(max_wait_ms=150)
+    b.submit(job())
+    threading.Timer(0.05, lambda: b.submit(job())).start()
+    start = time.monotonic()
+    batch = b.next_batch(timeout=1)
+    assert batch.size == 2 and time.monotonic() - start < 0.15 + 0.1
+
+
+def test_full_batch_does_not_wait():
+    b = make(max_wait_ms=5000)
+    for _ in range(4):
+        b.submit(job())
+    start = time.monotonic()
+    assert b.next_batch(timeout=1).size == 4
+    assert time.monotonic() - start < 0.5
+
+
+def test_round_robin_between_models():
+    b = make()
+    for _ in range(3):
+        b.submit(job("a", n=4))
+    b.submit(job("b", n=4))
+    order = [b.next_batch(timeout=0).model for _ in range(4)]
+    assert order[:2] in (["a", "b"], ["b", "a"]) and order.count("b") == 1
+
+
+def test_cancelled_and_expired_jobs_are_dropped_before_running():
+    drops = []
+    b = make(on_drop=lambda m, why: drops.append(why))
+    gone, late, live = job(), job(timeout=-1), job()
+    for j in (gone, late, live):
+        b.submit(j) if j is not late else b._queues["a"].append(j)
+    gone.cancel()
+    batch = b.next_batch(timeout=0)
+    assert [sl.job for sl in batch.slices] == [live]
+    assert sorted(drops) == ["client_gone", "deadline"]
+    with pytest.raises(DeadlineExceeded):
+        late.future.result(timeout=0)
+    assert gone.future.cancelled()
+
+
+def test_queue_limit_and_retry_after():
+    b = make(max_queue=2)
+    b.observe("a", 3.0)
+    b.submit(job(n=4))
+    b.submit(job(n=4))
+    with pytest.raises(QueueFull) as full:
+        b.submit(job())
+    assert full.value.retry_after == 6          # 8 images / 4 per batch × 3 s
+
+
+def test_job_resolves_once_every_image_is_recorded():
+    j = job(n=2)
+    j.record(1, "img1", False, {"sample": 0.1})
+    assert not j.future.done()
+    j.record(0, "img0", True, {"sample": 0.2})
+    result = j.future.result(timeout=0)
+    assert result.images == ["img0", "img1"] and result.prompt_truncated
+    assert result.timings["sample"] == 0.2 and "queue" in result.timings
+
+
+def test_close_wakes_the_worker():
+    b = make()
+    threading.Timer(0.05, b.close).start()
+    assert b.next_batch() is None
+
+
+def test_job_cancelled_exception_type():
+    b = make()
+    j = job()
+    b.submit(j)
+    j.future = type(j.future)()      # a fresh future nobody cancelled
+    j.cancelled = True
+    assert b.next_batch(timeout=0) is None
+    with pytest.raises(JobCancelled):
+        j.future.result(timeout=0)
