@@ -63,7 +63,7 @@ def _prepare(x, v, guidance, out):
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     if isinstance(guidance, torch.Tensor):
-        return x, v, out, guidance.to(torch.float32).contiguous(), 0.0, True
+        return x, v, out, guidance.to(device=x.device, dtype=torch.float32).contiguous(), 0.0, True
     return x, v, out, x, float(guidance), False  # G is never read when PER_ROW is False
 
 

@@ -65,7 +65,7 @@ def cfg_euler_step(x, v, dt, guidance, *, backend="auto"):
 
 
 def janus_cfg_euler_step(x, v, dt, w, *, backend="auto"):
-    """JanusFlow's x + dt·(w·v_c − (w−1)·v_u), with v = model output (2B, ...) as [conditional; unconditional]."""
+    """JanusFlow's x + dt·(w·v_c − (w−1)·v_u), with v = (2B, ...) model output as [conditional; unconditional]."""
     _check(x, v, w, "v")
 
     def run_triton():

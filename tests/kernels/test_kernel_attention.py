@@ -6,15 +6,15 @@ import kernels
 from kernels.attention import attention_torch
 from kernels.triton_attention import attention_triton, head_dim_pad
 
-from kernel_checks import assert_close_to
+from kernel_checks import DEVICE, assert_close_to
 
 HEAD_DIMS = [40, 64, 72, 80, 88, 128, 160]
 DTYPES = [torch.float16, torch.float32]
 
 
 def _qkv(B, H, Lq, Lk, D, dtype):
-    return (torch.randn(B, H, Lq, D, dtype=dtype), torch.randn(B, H, Lk, D, dtype=dtype),
-            torch.randn(B, H, Lk, D, dtype=dtype))
+    return (torch.randn(B, H, Lq, D, dtype=dtype, device=DEVICE), torch.randn(B, H, Lk, D, dtype=dtype, device=DEVICE),
+            torch.randn(B, H, Lk, D, dtype=dtype, device=DEVICE))
 
 
 def _poisoned(q):
@@ -45,7 +45,7 @@ def test_causal(D, Lq, Lk, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_key_padding_mask_with_a_fully_masked_row(dtype, causal):
     q, k, v = _qkv(3, 2, 40, 77, 64, dtype)
-    keep = torch.rand(3, 77) > 0.4
+    keep = torch.rand(3, 77, device=DEVICE) > 0.4
     keep[1] = False  # SDPA returns zeros for rows that see no key
     keep[2, :3] = True
     _check(q, k, v, key_padding_mask=keep, causal=causal)
@@ -54,10 +54,10 @@ def test_key_padding_mask_with_a_fully_masked_row(dtype, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs(dtype):
     B, L, Lk, H, D = 2, 40, 77, 2, 80
-    q = torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2)  # (B, H, L, D) view of a projection
-    kv = torch.randn(B, Lk, 2, H, D, dtype=dtype)  # packed keys and values
+    q = torch.randn(B, L, H, D, dtype=dtype, device=DEVICE).transpose(1, 2)  # (B, H, L, D) view of a projection
+    kv = torch.randn(B, Lk, 2, H, D, dtype=dtype, device=DEVICE)  # packed keys and values
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, Lk, D)
-    q_strided_d = torch.randn(B, H, L, 2 * D, dtype=dtype)[..., ::2]  # last dim not unit-stride
+    q_strided_d = torch.randn(B, H, L, 2 * D, dtype=dtype, device=DEVICE)[..., ::2]  # last dim not unit-stride
     assert not (q.is_contiguous() or k.is_contiguous() or q_strided_d.is_contiguous())
     _check(q, k, v)
     _check(q_strided_d, k, v, causal=True)
@@ -82,14 +82,14 @@ def test_head_dim_padding_is_a_power_of_two_of_at_least_16():
 @pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
 def test_public_entry_point_matches_twin(backend):
     q, k, v = _qkv(2, 2, 24, 77, 72, torch.float16)
-    keep = torch.rand(2, 77) > 0.3
+    keep = torch.rand(2, 77, device=DEVICE) > 0.3
     got = kernels.attention(q, k, v, key_padding_mask=keep, causal=True, backend=backend)
     assert_close_to(got, attention_torch(q, k, v, key_padding_mask=keep, causal=True))
 
 
 @pytest.mark.parametrize("bad", [
-    dict(key_padding_mask=torch.ones(2, 76, dtype=torch.bool)),
-    dict(key_padding_mask=torch.ones(2, 77)),
+    dict(key_padding_mask=torch.ones(2, 76, dtype=torch.bool, device=DEVICE)),
+    dict(key_padding_mask=torch.ones(2, 77, device=DEVICE)),
     dict(backend="cuda"),
 ])
 def test_rejects_bad_arguments(bad):

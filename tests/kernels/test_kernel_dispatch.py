@@ -95,3 +95,16 @@ def test_public_ops_key_on_shape_and_dtype():
     made = kernels.decisions()
     assert sorted(k[0] for k in made) == ["attention", "attention", "cfg_euler"]
     assert all(d.backend == "torch" for d in made.values())
+
+
+def test_dispatch_traces_into_one_graph_under_torch_compile():
+    """The worker compiles the denoiser step, so dispatch must not break the graph (fullgraph=True)."""
+    q = torch.randn(1, 2, 16, 40)
+    x, v, g = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(2) * 5
+
+    def step(q, x, v, g):
+        return kernels.attention(q, q, q), kernels.cfg_euler_step(x, v, 0.1, g)
+
+    attn, stepped = torch.compile(step, backend="aot_eager", fullgraph=True)(q, x, v, g)
+    torch.testing.assert_close(attn, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    torch.testing.assert_close(stepped, kernels.velocity.cfg_euler_step_torch(x, v, 0.1, g))

@@ -5,6 +5,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kernels
 
+from kernel_checks import DEVICE
+
 
 @pytest.fixture
 def attention_calls(monkeypatch):
@@ -27,8 +29,9 @@ def _config():
 
 def _pair():
     # One config each: _from_config records the implementation on the config it is given.
-    reference = LlamaForCausalLM._from_config(_config(), attn_implementation="sdpa").eval()
-    ours = LlamaForCausalLM._from_config(_config(), attn_implementation=kernels.register_transformers_attention()).eval()
+    reference = LlamaForCausalLM._from_config(_config(), attn_implementation="sdpa").to(DEVICE).eval()
+    name = kernels.register_transformers_attention()
+    ours = LlamaForCausalLM._from_config(_config(), attn_implementation=name).to(DEVICE).eval()
     ours.load_state_dict(reference.state_dict())
     return reference, ours
 
@@ -37,7 +40,7 @@ def _pair():
 def test_prefill_logits_match_sdpa(monkeypatch, attention_calls, env):
     monkeypatch.setenv("RFSERVE_KERNELS", env)
     reference, ours = _pair()
-    ids = torch.randint(0, 97, (2, 11))
+    ids = torch.randint(0, 97, (2, 11), device=DEVICE)
     with torch.no_grad():
         expected, got = reference(ids).logits, ours(ids).logits
     assert attention_calls == [True, True]  # both layers, causal, through the kernel
@@ -46,8 +49,8 @@ def test_prefill_logits_match_sdpa(monkeypatch, attention_calls, env):
 
 def test_padded_batch_and_cached_decoding_match_sdpa(attention_calls):
     reference, ours = _pair()
-    ids = torch.randint(0, 97, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
     mask[1, :3] = 0  # left padding goes through transformers' SDPA with the mask
     with torch.no_grad():
         expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)

@@ -6,19 +6,19 @@ import kernels
 from kernels import velocity
 from kernels.triton_velocity import cfg_euler_triton, perflow_triton
 
-from kernel_checks import assert_close_to
+from kernel_checks import DEVICE, assert_close_to
 
 DTYPES = [torch.float16, torch.float32]
 SHAPE = (3, 4, 12, 20)  # B=3: per-row guidance must not be confused with a scalar
 
 
 def _guidance(kind):
-    return float(torch.empty(()).uniform_(1.5, 9.0)) if kind == "float" else torch.rand(SHAPE[0]) * 8 + 1
+    return float(torch.empty(()).uniform_(1.5, 9.0)) if kind == "float" else torch.rand(SHAPE[0], device=DEVICE) * 8 + 1
 
 
 def _inputs(dtype):
-    x = torch.randn(SHAPE, dtype=dtype)
-    v = torch.randn(2 * SHAPE[0], *SHAPE[1:], dtype=dtype)  # (2B, C, H, W) model output
+    x = torch.randn(SHAPE, dtype=dtype, device=DEVICE)
+    v = torch.randn(2 * SHAPE[0], *SHAPE[1:], dtype=dtype, device=DEVICE)  # (2B, C, H, W) model output
     return x, v, float(torch.empty(()).uniform_(-0.3, -0.05))
 
 
@@ -61,7 +61,7 @@ def test_perflow_step(dtype, kind):
 def test_twins_follow_the_written_formulas():
     """Pin the half order of each form on fp64 maths, so twin and kernel cannot agree on a wrong formula."""
     x, v, dt = _inputs(torch.float32)
-    g = torch.rand(SHAPE[0]) * 5 + 1
+    g = torch.rand(SHAPE[0], device=DEVICE) * 5 + 1
     gb = g.view(-1, 1, 1, 1).double()
     xd, first, second = x.double(), v[: SHAPE[0]].double(), v[SHAPE[0]:].double()
     assert_close_to(kernels.cfg_euler_step(x, v, dt, g, backend="triton"),
@@ -76,8 +76,8 @@ def test_twins_follow_the_written_formulas():
 
 
 def test_mixed_dtypes_compute_in_fp32_and_return_x_dtype():
-    x = torch.randn(SHAPE, dtype=torch.float32)
-    v = torch.randn(2 * SHAPE[0], *SHAPE[1:], dtype=torch.float16)  # fp16 model, fp32 latents
+    x = torch.randn(SHAPE, dtype=torch.float32, device=DEVICE)
+    v = torch.randn(2 * SHAPE[0], *SHAPE[1:], dtype=torch.float16, device=DEVICE)  # fp16 model, fp32 latents
     got = kernels.cfg_euler_step(x, v, 0.25, 7.5, backend="triton")
     assert got.dtype == torch.float32
     assert_close_to(got, velocity.cfg_euler_step_torch(x, v, 0.25, 7.5))
@@ -103,7 +103,7 @@ def test_public_entry_points_agree_on_every_backend(backend):
 
 @pytest.mark.parametrize("call", [
     lambda x, v: kernels.cfg_euler_step(x, v[:-1], 0.1, 2.0),
-    lambda x, v: kernels.cfg_euler_step(x, v, 0.1, torch.ones(SHAPE[0] + 1)),
+    lambda x, v: kernels.cfg_euler_step(x, v, 0.1, torch.ones(SHAPE[0] + 1, device=DEVICE)),
     lambda x, v: kernels.janus_cfg_euler_step(x, v[:, :2], 0.1, 2.0),
     lambda x, v: kernels.perflow_step(x, v, lam=1.0, eta=0.1, inv_span=1.0, dt=0.1),
 ])
