@@ -1,0 +1,165 @@
+"""HTTP load generator for the Images API: closed loop at fixed concurrencies.
+
+    python -m benchmarks.loadgen --url http://127.0.0.1:8000 --model rf-shapes
+    python -m benchmarks.loadgen --spawn "--model rf-shapes" --compare-max-batch 8
+
+`--spawn` starts the server itself (on 127.0.0.1); with `--compare-max-batch B` it runs the
+same load twice, against `--max-batch B` and `--max-batch 1`, and reports the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def closed_loop(url: str, body: dict, concurrency: int, requests: int, timeout: float) -> dict:
+    """`concurrency` clients, each sending its next request when the last one returns."""
+    latencies, statuses, images = [], {}, 0
+    remaining = requests
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def client_loop(worker: int):
+            nonlocal remaining, images
+            i = 0
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                try:
+                    r = await client.post(f"{url}/v1/images/generations", json={**body, "seed": worker * 100_000 + i})
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = 0
+                latencies.append(time.perf_counter() - start)
+                statuses[code] = statuses.get(code, 0) + 1
+                images += body.get("n", 1) if code == 200 else 0
+                i += 1
+
+        wall = time.perf_counter()
+        await asyncio.gather(*(client_loop(w) for w in range(concurrency)))
+        wall = time.perf_counter() - wall
+    ok = statuses.get(200, 0)
+    return {"concurrency": concurrency, "requests": requests, "ok": ok, "errors": requests - ok,
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "wall_s": wall,
+            "images_per_s": images / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
+            "p90_ms": percentile(latencies, 0.9) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
+            "mean_ms": statistics.fmean(latencies) * 1000}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server not ready in time")
+
+
+def spawn(server_args: str, port: int, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning",
+           *shlex.split(server_args)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_levels(url: str, body: dict, levels: list[int], requests: int, timeout: float) -> list[dict]:
+    asyncio.run(closed_loop(url, body, 2, 4, timeout))          # warm connections and caches
+    return [asyncio.run(closed_loop(url, body, c, max(requests, 2 * c), timeout)) for c in levels]
+
+
+def environment() -> dict:
+    import torch
+
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+            "cpus": __import__("os").cpu_count(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def markdown(runs: dict[str, list[dict]]) -> str:
+    lines = ["| server | concurrency | ok | errors | img/s | p50 ms | p90 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, rows in runs.items():
+        for r in rows:
+            lines.append(f"| {label} | {r['concurrency']} | {r['ok']} | {r['errors']} | {r['images_per_s']:.2f} | "
+                         f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="an already running server")
+    p.add_argument("--spawn", metavar="SERVER_ARGS", help='start `rfserve serve SERVER_ARGS` on 127.0.0.1')
+    p.add_argument("--compare-max-batch", type=int, metavar="B", help="with --spawn: --max-batch B vs 1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt", default="two red circles on a blue background")
+    p.add_argument("--size", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least 2×level)")
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = p.parse_args(argv)
+    if bool(args.url) == bool(args.spawn):
+        p.error("give exactly one of --url and --spawn")
+    body = {"prompt": args.prompt, "response_format": "b64_json"}
+    body |= {k: v for k, v in {"model": args.model, "size": args.size, "num_inference_steps": args.steps}.items() if v}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    runs: dict[str, list[dict]] = {}
+    startup: dict[str, float] = {}
+    if args.url:
+        runs["server"] = run_levels(args.url, body, levels, args.requests, args.timeout)
+    else:
+        batches = [args.compare_max_batch, 1] if args.compare_max_batch else [None]
+        for b in batches:
+            label = f"max-batch {b}" if b else "server"
+            proc = spawn(args.spawn, args.port, b or 8)
+            try:
+                url = f"http://127.0.0.1:{args.port}"
+                startup[label] = wait_ready(url, proc)
+                runs[label] = run_levels(url, body, levels, args.requests, args.timeout)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    report = {"env": environment(), "body": body, "startup_to_ready_s": startup, "runs": runs}
+    if args.compare_max_batch:
+        batched, single = runs[f"max-batch {args.compare_max_batch}"], runs["max-batch 1"]
+        report["throughput_ratio"] = {str(b["concurrency"]): b["images_per_s"] / s["images_per_s"]
+                                      for b, s in zip(batched, single)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "loadgen.json").write_text(json.dumps(report, indent=2))
+    table = markdown(runs)
+    if "throughput_ratio" in report:
+        table += "\n\nThroughput ratio, batched / max-batch 1: " + ", ".join(
+            f"c={c}: {r:.2f}×" for c, r in report["throughput_ratio"].items())
+    (args.out / "loadgen.md").write_text(table + "\n")
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
