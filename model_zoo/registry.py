@@ -1,8 +1,13 @@
 """From a model SPEC (`NAME` or `NAME=PATH_OR_HUB_ID[?key=value&...]`) to a loaded
-pipeline and the card the gateway validates requests against."""
+pipeline and the card the gateway validates requests against.
+
+Each family registers one loader in `FAMILY_LOADERS`: `(spec, root, device, dtype) -> LoadedModel`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 from urllib.parse import parse_qsl
 
 import torch
@@ -14,7 +19,7 @@ from model_zoo.perflow.pipeline import PeRFlowPipeline
 from model_zoo.perflow.scheduler import PREDICTION_TYPES
 from model_zoo.presets import PRESETS, Preset
 
-SPEC_OPTIONS = {"variant", "base", "prediction_type"}
+SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler"}
 
 
 @dataclass(frozen=True)
@@ -56,19 +61,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    preset = spec.preset
-    root = resolve_source(spec.source)
-    variant = spec.options.get("variant")
-    if preset.family == "instaflow":
-        pipe = InstaFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=variant)
-    else:
-        kind = spec.options.get("prediction_type", preset.options.get("prediction_type", "diff_eps"))
-        pipe = PeRFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=variant,
-                                               base=spec.options.get("base"), prediction_type=kind)
-    return LoadedModel(card_for(preset, pipe), pipe)
+    return FAMILY_LOADERS[spec.preset.family](spec, resolve_source(spec.source), device, dtype)
 
 
-def card_for(preset: Preset, pipe) -> ModelCard:
+def _load_instaflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
+    pipe = InstaFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=spec.options.get("variant"))
+    return LoadedModel(sd_card(spec.preset, pipe), pipe)
+
+
+def _load_perflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
+    kind = spec.options.get("prediction_type", spec.preset.options.get("prediction_type", "diff_eps"))
+    pipe = PeRFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=spec.options.get("variant"),
+                                           base=spec.options.get("base"), prediction_type=kind)
+    return LoadedModel(sd_card(spec.preset, pipe), pipe)
+
+
+FAMILY_LOADERS: dict[str, Callable[..., LoadedModel]] = {
+    "instaflow": _load_instaflow,
+    "perflow": _load_perflow,
+}
+
+
+def sd_card(preset: Preset, pipe) -> ModelCard:
     """Sizes are the preset's factors of the checkpoint's native side, so a tiny test
     checkpoint gets tiny sizes under the same preset."""
     native, _ = pipe.default_size
