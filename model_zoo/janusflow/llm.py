@@ -1,0 +1,77 @@
+"""Run the HF Llama layers against caller-owned, preallocated KV buffers.
+
+transformers' caches grow by appending; both JanusFlow paths need something else:
+- text-to-image writes the prompt KV once and then *overwrites* the same 1 + G columns at
+  every ODE step, so the prompt is never recomputed and nothing is reallocated;
+- chat keeps one slot per sequence in a fixed (slots, heads, max_len, d) buffer, and each
+  decode step writes one column per sequence at that sequence's own position.
+
+The layer maths is the HF LlamaDecoderLayer's, using its own submodules (norms, projections,
+rotary embedding, MLP); only the cache write and the mask are ours. Tests compare it with
+the plain HF forward and with `generate()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+@dataclass
+class KVBuffers:
+    """Per layer, keys and values (B, kv_heads, S, head_dim)."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, lm: LlamaForCausalLM, batch: int, length: int, *, device, dtype) -> "KVBuffers":
+        c = lm.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        shape = (batch, c.num_key_value_heads, length, head_dim)
+        n = c.num_hidden_layers
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+
+    def rows(self, stop: int, start: int = 0) -> "KVBuffers":
+        """A view of rows [start, stop): writes through it land in these buffers."""
+        return KVBuffers([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])
+
+
+def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tensor, kv: KVBuffers,
+               write: int | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The LLM body over `embeds` (B, T, D) at RoPE `positions` (B, T); returns the final-norm
+    hidden states (B, T, D).
+
+    `write` says where the T new keys/values go in each row of `kv`: an int `s` writes columns
+    [s, s+T) of every row; a (B,) tensor writes column write[b] of row b (T must be 1).
+    `mask` (B, 1, T, W) is True where a query may attend to a key column; W ≤ S is how many
+    leading columns attention reads.
+    """
+    model = lm.model
+    width = mask.shape[-1]
+    rows = None if isinstance(write, int) else torch.arange(embeds.shape[0], device=embeds.device)
+    cos, sin = model.rotary_emb(embeds, positions)
+    h = embeds
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)                 # (B, H, T, d)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)                 # (B, Hkv, T, d)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys, values = kv.keys[i], kv.values[i]
+        if rows is None:
+            keys[:, :, write:write + k.shape[2]] = k
+            values[:, :, write:write + v.shape[2]] = v
+        else:
+            keys[rows, :, write] = k[:, :, 0]
+            values[rows, :, write] = v[:, :, 0]
+        out = F.scaled_dot_product_attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=mask,
+                                             scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))   # (B, T, H·d) → D
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.norm(h)

@@ -1,0 +1,126 @@
+"""JanusFlow text-to-image: rectified flow *inside* the LLM, with the prompt KV computed once.
+
+Semantics are the official demo's `generate()` (demo/app_janusflow.py, README):
+- rows are [conditional B; unconditional B]; an unconditional row keeps only BOS visible,
+  and both rows of a prompt put t_emb at that prompt's last-token position, followed by the
+  G image tokens (576 for 384² images);
+- N Euler steps (30 by default) from noise at t = 0 to t = 1000·(N−1)/N, with t and dt cast to
+  the latent dtype as the reference does; CFG v = w·v_c − (w−1)·v_u (w = 2 by default);
+- the SDXL VAE decodes z / scaling_factor; pixels are clip(−1, 1) → (x+1)/2·255, truncated.
+
+Where we differ, exactly: the reference runs the whole [prompt | t_emb | image] sequence through
+the LLM at every step. Attention is causal, so the prompt's keys and values do not depend on
+z or t; we compute them once and run only the 1 + G new tokens per step, writing their KV over
+the same buffer columns each step. Prompts of different lengths share a batch by right-padding
+the prefix, masking the padding and giving every row its own RoPE positions.
+
+Noise: image i of a request with seed s draws `torch.randn((1, 4, h, w), dtype=torch.bfloat16,
+generator=torch.Generator("cpu").manual_seed(s + i))`, the reference's bf16 CPU draw made
+per image, then moves to the device and the pipeline dtype.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kernels
+from model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from model_zoo.janusflow.llm import KVBuffers, run_layers
+from model_zoo.janusflow.loading import JanusFlowParts, load_parts
+from model_zoo.samplers import guidance_tensor
+from model_zoo.seeding import initial_noise
+
+NOISE_DTYPE = torch.bfloat16
+
+
+class JanusFlowPipeline:
+    family = "janusflow"
+
+    def __init__(self, parts: JanusFlowParts):
+        self.parts = parts
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
+                        base: str | None = None) -> "JanusFlowPipeline":
+        return cls(load_parts(Path(path), device=device, dtype=dtype, base=base))
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.parts.image_side, self.parts.image_side
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Room left in the context for the prompt text after the template, t_emb and the image."""
+        template = len(self.parts.processor.t2i_prefix(""))
+        return self.parts.context_length - 1 - self.parts.num_gen_tokens - template - 4
+
+    def prefixes(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each prompt's prefix; over-long prompts are cut to `max_prompt_tokens`."""
+        proc, limit = self.parts.processor, self.max_prompt_tokens
+        out, truncated = [], []
+        for prompt in prompts:
+            ids = proc.text_tokens(prompt)
+            cut = len(ids) > limit
+            out.append(proc.t2i_prefix(proc.tokenizer.decode(ids[:limit]) if cut else prompt))
+            truncated.append(cut)
+        return out, truncated
+
+    @torch.inference_mode()
+    def sample(self, prefixes: list[list[int]], z: torch.Tensor, steps: int,
+               guidance: torch.Tensor | float) -> torch.Tensor:
+        """prefixes: B token-id lists; z (B, 4, h, w) noise → latents (B, 4, h, w)."""
+        model, p = self.parts.model, self.parts
+        lm, dev = model.language_model, z.device
+        B, P, G = len(prefixes), max(len(ids) for ids in prefixes), p.num_gen_tokens
+        R = 2 * B                                                     # [cond B; uncond B]
+        lengths = torch.tensor([len(ids) for ids in prefixes] * 2, device=dev)            # (R,)
+        ids = torch.full((R, P), p.processor.pad_id, dtype=torch.long, device=dev)
+        for i, row in enumerate(prefixes):
+            ids[i, :len(row)] = torch.tensor(row, device=dev)
+            ids[B + i, 0] = row[0]                                    # uncond keeps only BOS
+        col = torch.arange(P, device=dev)
+        visible = col[None, :] < lengths[:, None]                     # (R, P) prompt keys
+        visible[B:] = col[None, :] == 0
+
+        kv = KVBuffers.allocate(lm, R, P + 1 + G, device=dev, dtype=p.dtype)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        run_layers(lm, lm.get_input_embeddings()(ids), col.expand(R, P), kv, write=0,
+                   mask=causal[None, None] & visible[:, None, None, :])              # (R, 1, P, P)
+
+        gen_pos = lengths[:, None] + torch.arange(1 + G, device=dev)                 # (R, 1+G)
+        gen_causal = torch.ones(1 + G, 1 + G, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat([visible[:, None, None, :].expand(R, 1, 1 + G, P),
+                          gen_causal.expand(R, 1, 1 + G, 1 + G)], dim=-1)            # (R, 1, 1+G, P+1+G)
+        dt = float(torch.tensor(1.0 / steps, dtype=z.dtype))
+        for step in range(steps):
+            t = torch.full((R,), step / steps * 1000.0, device=dev).to(z.dtype)
+            tokens, t_emb, skips = model.encode_latents(torch.cat([z, z]), t)        # (R, G, D), (R, D)
+            x = torch.cat([t_emb[:, None], tokens], dim=1)                           # (R, 1+G, D)
+            h = run_layers(lm, x, gen_pos, kv, write=P, mask=mask)
+            v = model.decode_velocity(h[:, 1:], skips, t_emb)                        # (R, 4, h, w)
+            z = kernels.janus_cfg_euler_step(z, v, dt, guidance)
+        return z
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        vae = self.parts.vae
+        image = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        image = image.float().clip(-1.0, 1.0).permute(0, 2, 3, 1)                    # (B, H, W, 3)
+        return ((image + 1) / 2 * 255).cpu().numpy().astype(np.uint8)
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        z = initial_noise(seeds, self.parts.latent_shape, dtype=NOISE_DTYPE, device="cpu")
+        return z.to(device=self.parts.device, dtype=self.parts.dtype)
+
+    def run(self, specs: list[ImageSpec]) -> BatchOutput:
+        timer = StageTimer(sync=self.parts.synchronize)
+        with timer.stage("encode"):
+            prefixes, truncated = self.prefixes([s.prompt for s in specs])
+            guidance = guidance_tensor([s.guidance for s in specs], self.parts.device)
+        with timer.stage("sample"):
+            z = self.sample(prefixes, self.noise([s.seed for s in specs]), specs[0].steps, guidance)
+        with timer.stage("decode"):
+            images = self.decode(z)
+        return BatchOutput(images, truncated, timer.timings)
