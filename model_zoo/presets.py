@@ -15,7 +15,7 @@ PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-satu
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str                       # instaflow | perflow
+    family: str                       # instaflow | perflow | hunyuan-dit
     source: str                       # local folder or hub id
     defaults: ImageDefaults
     size_factors: tuple[tuple[float, float], ...] = SD_SIZE_FACTORS
@@ -41,5 +41,11 @@ PRESETS: dict[str, Preset] = {
         Preset("perflow-sd15", "perflow", "hansyan/perflow-sd15-dreamshaper",
                ImageDefaults(steps=4, guidance=4.5, negative_prompt=PERFLOW_NEGATIVE),
                options={"prediction_type": "diff_eps"}),
+        # Hunyuan-DiT: sizes come from model_zoo.hunyuan_dit.geometry (the ten trained shapes);
+        # sampler: the checkpoint's DDPM unless ?scheduler=ddim|dpm.
+        Preset("hunyuan-dit-v1.2", "hunyuan-dit", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers",
+               ImageDefaults(steps=50, guidance=5.0, size="1024x1024")),
+        Preset("hunyuan-dit-v1.2-distilled", "hunyuan-dit", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers-Distilled",
+               ImageDefaults(steps=25, guidance=5.0, size="1024x1024")),
     ]
 }

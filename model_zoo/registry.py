@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 import torch
 
 from model_zoo.base import ModelCard
+from model_zoo.hunyuan_dit import load_hunyuan
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.pipeline import PeRFlowPipeline
@@ -79,6 +80,7 @@ def _load_perflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
 FAMILY_LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "instaflow": _load_instaflow,
     "perflow": _load_perflow,
+    "hunyuan-dit": load_hunyuan,
 }
 
 

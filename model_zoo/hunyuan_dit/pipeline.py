@@ -1,0 +1,108 @@
+"""Hunyuan-DiT: encode text (BERT + mT5) → sample (scheduler loop over HunyuanDiT2DModel with
+batched CFG) → decode (SDXL VAE). Semantics follow diffusers' HunyuanDiTPipeline; see the
+reference notes §4."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import kernels
+from model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from model_zoo.hunyuan_dit.components import HunyuanComponents
+from model_zoo.hunyuan_dit.geometry import rotary_tables
+from model_zoo.hunyuan_dit.guidance import guided_prediction
+from model_zoo.hunyuan_dit.noise import seeded_noise
+from model_zoo.hunyuan_dit.schedulers import make_scheduler, scheduler_name, step_kwargs
+from model_zoo.hunyuan_dit.text import TextCache, TextEmbeddings
+from model_zoo.samplers import guidance_tensor
+from model_zoo.sd_components import to_uint8
+
+ORIGINAL_SIZE = (1024, 1024)   # HunyuanDiTPipeline's default `original_size`
+CROP_TOP_LEFT = (0, 0)
+STYLE = 0                      # the single learned style of v≤1.1
+
+
+class HunyuanPipeline:
+    family = "hunyuan-dit"
+
+    def __init__(self, parts: HunyuanComponents, scheduler: str | None = None, guidance_rescale: float = 0.0,
+                 attention_backend: str = "auto"):
+        self.parts = parts
+        self.scheduler = scheduler_name(parts.scheduler_config, scheduler)
+        self.guidance_rescale = guidance_rescale
+        self.text = TextCache(parts.encode_text)
+        kernels.install_attention(parts.transformer, backend=attention_backend)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, variant: str | None = None,
+                        **kwargs) -> "HunyuanPipeline":
+        return cls(HunyuanComponents.load(Path(path), device=device, dtype=dtype, variant=variant), **kwargs)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = self.parts.transformer.config.sample_size * self.parts.vae_scale_factor
+        return side, side
+
+    def conditioning(self, text: TextEmbeddings, width: int, height: int) -> dict:
+        """Transformer inputs besides latents and timestep, for a (possibly 2B) batch. Style and
+        image-size tensors only where the checkpoint was trained with them (v≤1.1)."""
+        p, n = self.parts, text.bert.shape[0]
+        cond = text.transformer_kwargs()
+        cfg = p.transformer.config
+        cond["image_rotary_emb"] = rotary_tables(width, height, p.transformer.inner_dim // p.transformer.num_heads,
+                                                 cfg.patch_size, p.vae_scale_factor, p.device)
+        if p.uses_style_and_size:
+            meta = ORIGINAL_SIZE + (height, width) + CROP_TOP_LEFT
+            cond["image_meta_size"] = torch.tensor([meta], dtype=text.bert.dtype, device=p.device).repeat(n, 1)  # (n, 6)
+            cond["style"] = torch.full((n,), STYLE, dtype=torch.long, device=p.device)
+        return cond
+
+    @torch.inference_mode()
+    def sample(self, x: torch.Tensor, cond: dict, steps: int, guidance: torch.Tensor | float | None,
+               generators: list[torch.Generator]) -> torch.Tensor:
+        """x: (B, C, h, w) noise; `cond` holds (2B, ...) tensors, unconditional first, with guidance."""
+        scheduler = make_scheduler(self.scheduler, self.parts.scheduler_config)
+        scheduler.set_timesteps(steps, device=x.device)
+        extra = step_kwargs(scheduler, generators)
+        learn_sigma = self.parts.transformer.config.learn_sigma
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x_in = x if guidance is None else torch.cat([x, x])                # (2B, C, h, w)
+            x_in = scheduler.scale_model_input(x_in, t)
+            t_in = t.expand(x_in.shape[0]).to(x.dtype)                          # the reference's t_expand
+            out = self.parts.transformer(x_in, t_in, **cond, return_dict=False)[0]
+            pred = out.chunk(2, dim=1)[0] if learn_sigma else out              # drop the learned variance
+            if guidance is not None:
+                pred = guided_prediction(pred, guidance, self.guidance_rescale)
+            x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
+        return x
+
+    def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):
+        """Float images (B, 3, H, W) in [0, 1] and per-image prompt-truncation flags."""
+        timer = timer or StageTimer()
+        first, p = specs[0], self.parts
+        if first.width % 16 or first.height % 16:
+            raise ValueError(f"width and height must be multiples of 16, got {first.width}x{first.height}")
+        with timer.stage("encode"):
+            text, truncated = self.text.encode([s.prompt for s in specs])
+            guidance = None
+            if first.uses_cfg:
+                neg, _ = self.text.encode([s.negative_prompt for s in specs])
+                text = TextEmbeddings.cat([neg, text])                         # (2B, ...), negative first
+                guidance = guidance_tensor([s.guidance for s in specs], p.device)
+            cond = self.conditioning(text, first.width, first.height)
+        with timer.stage("sample"):
+            noise, generators = seeded_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
+                                             dtype=p.dtype, device=p.device)
+            latents = self.sample(noise, cond, first.steps, guidance, generators)
+        with timer.stage("decode"):
+            images = p.decode(latents)
+        return images, truncated
+
+    def run(self, specs: list[ImageSpec]) -> BatchOutput:
+        timer = StageTimer(sync=self.parts.synchronize)
+        images, truncated = self.images(specs, timer)
+        with timer.stage("decode"):
+            pixels = to_uint8(images)
+        return BatchOutput(pixels, truncated, timer.timings)
