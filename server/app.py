@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -13,13 +15,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_zoo.base import ImageSpec, ModelCard, parse_size
 from model_zoo.seeding import MAX_SEED, random_seed
 from server.encoding import encode_all
-from server.engine import Engine
+from server.engine import Engine, ShuttingDown
 from server.errors import APIError, api_error_handler, error_response, validation_handler
 from server.image_store import ImageStore
 from server.limits import BodyLimitMiddleware
 from server.scheduler import DeadlineExceeded, Job, JobCancelled, JobResult, QueueFull
 from server.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject
-from server.worker import PipelineError
+from server.security import APIKeyMiddleware
+from server.worker import OutOfMemory, PipelineError
+
+log = logging.getLogger("rfserve.api")
 
 STARTED = int(time.time())
 
@@ -31,6 +36,10 @@ def create_app(engine: Engine) -> FastAPI:
     store = ImageStore(config.image_store_items, config.image_store_ttl_s)
     metrics = engine.metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=config.api_keys, protect_metrics=config.protect_metrics)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
 
@@ -43,6 +52,8 @@ def create_app(engine: Engine) -> FastAPI:
         start = time.perf_counter()
         name = body.model or (engine.specs[0].name if engine.specs else "")
         try:
+            if engine.draining.is_set():
+                raise APIError(503, "the server is shutting down", code="shutting_down")
             if not engine.ready.is_set():
                 raise APIError(503, "models are still loading; retry shortly", code="not_ready",
                                headers={"Retry-After": "5"})
@@ -51,10 +62,17 @@ def create_app(engine: Engine) -> FastAPI:
                 raise APIError(404, f"model {name!r} is not served here; available: {sorted(engine.cards)}",
                                param="model", code="model_not_found")
             specs = _specs(body, card, config.max_images_per_request)
+            if body.timeout is not None and body.timeout > config.max_request_timeout_s:
+                raise APIError(400, f"timeout must be at most {config.max_request_timeout_s:g} seconds",
+                               param="timeout")
+            if config.log_prompts:
+                log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, body.prompt)
             try:
-                job = engine.submit(name, specs)
+                job = engine.submit(name, specs, timeout_s=body.timeout)
             except QueueFull as full:
-                raise APIError(429, f"the queue for {name} is full; retry after {full.retry_after}s",
+                why = ("it would not finish before its deadline" if full.would_miss_deadline
+                       else "the queue is full")
+                raise APIError(429, f"{name} is overloaded ({why}); retry after {full.retry_after}s",
                                code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
             result = await _await_job(job, request)
             images = await encode_all(result.images, as_base64=body.response_format == "b64_json")
@@ -92,12 +110,13 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if engine.load_error or (engine.worker is not None and not engine.worker.alive):
-            return JSONResponse({"status": "unhealthy", "error": engine.load_error or "worker stopped"}, 503)
-        return {"status": "ok"}
+        ok, why = engine.healthy
+        return {"status": "ok"} if ok else JSONResponse({"status": "unhealthy", "error": why}, 503)
 
     @app.get("/ready")
     async def ready():
+        if engine.draining.is_set():
+            return JSONResponse({"status": "draining"}, 503)
         if engine.ready.is_set():
             return {"status": "ready", "models": sorted(engine.cards)}
         return JSONResponse({"status": "loading"}, 503)
@@ -154,6 +173,10 @@ async def _await_job(job: Job, request: Request) -> JobResult:
         raise APIError(504, "the request passed its deadline while queued", code="deadline_exceeded") from None
     except JobCancelled:
         raise APIError(499, "client closed the request", code="client_closed") from None
+    except ShuttingDown as err:
+        raise APIError(503, str(err), code="shutting_down") from None
+    except OutOfMemory as err:
+        raise APIError(507, str(err), code="out_of_memory") from None
     except PipelineError as err:
         raise APIError(500, str(err), code="generation_failed") from None
 

@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model")
     serve.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
     serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    serve.add_argument("--max-request-timeout", type=float, default=d.max_request_timeout_s,
+                       help="cap on a request's own `timeout` field, seconds")
+    serve.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
+                       help="after SIGTERM, seconds for in-flight work to finish")
+    serve.add_argument("--watchdog-timeout", type=float, default=d.watchdog_s,
+                       help="a batch running longer turns /health unhealthy, seconds")
+    serve.add_argument("--api-key", action="append", default=[], help="accepted bearer key; repeatable")
+    serve.add_argument("--api-key-file", help="file with one accepted key per line")
+    serve.add_argument("--protect-metrics", action="store_true", help="require a key for /metrics too")
+    serve.add_argument("--model-root", help="local model paths must resolve inside this folder")
+    serve.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin; repeatable")
+    serve.add_argument("--log-prompts", action="store_true", help="log prompts (off by default)")
     serve.add_argument("--no-warmup", action="store_true")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info")
@@ -69,34 +81,52 @@ def _fail(message: str) -> None:
 
 
 def serve(args) -> None:
-    import uvicorn
-
     from server.app import create_app
     from server.engine import Engine
+    from server.lifecycle import DrainingServer, Watchdog
+    from server.security import load_keys
 
+    try:
+        keys = load_keys(args.api_key, args.api_key_file)
+    except OSError as err:
+        _fail(f"--api-key-file: {err}")
     config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
                           device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                          request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                          warmup=not args.no_warmup, fault_injection=args.enable_fault_injection)
+                          request_timeout_s=args.request_timeout, max_request_timeout_s=args.max_request_timeout,
+                          shutdown_grace_s=args.shutdown_grace, watchdog_s=args.watchdog_timeout,
+                          max_body_bytes=args.max_body_bytes, warmup=not args.no_warmup,
+                          fault_injection=args.enable_fault_injection, log_prompts=args.log_prompts,
+                          api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
+                          cors_origins=args.cors_origin)
     engine = Engine(config)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=config.host, port=config.port,
-                                           log_level=args.log_level, timeout_graceful_shutdown=10))
+    uv_config = uvicorn_config(create_app(engine), config, args.log_level)
+    server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
+    watchdog = Watchdog(engine, config.watchdog_s)
     failure: list[str] = []
 
     def load() -> None:
         try:
             engine.load(progress=True)
-        except (CheckpointError, RuntimeError, ValueError) as err:
+            watchdog.start()
+        except (CheckpointError, RuntimeError, ValueError, OSError) as err:
             failure.append(str(err).splitlines()[0])
             engine.load_error = failure[0]
             server.should_exit = True
 
     threading.Thread(target=load, name="rfserve-loader", daemon=True).start()
     server.run()
+    watchdog.stop()
     engine.shutdown()
     if failure:
         _fail(failure[0])
+
+
+def uvicorn_config(app, config: ServerConfig, log_level: str):
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                          timeout_graceful_shutdown=int(config.shutdown_grace_s) + 30)
 
 
 def generate(args) -> None:

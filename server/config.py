@@ -16,9 +16,16 @@ class ServerConfig:
     max_queue: int = 64               # queued jobs per model before 429
     max_images_per_request: int = 10  # `n`, as in the OpenAI Images API
     request_timeout_s: float = 120.0  # deadline from arrival to answer (504 past it)
+    max_request_timeout_s: float = 600.0  # cap on a request's own `timeout`
+    shutdown_grace_s: float = 30.0    # after SIGTERM, how long in-flight work may finish
+    watchdog_s: float = 300.0         # a batch running longer marks /health unhealthy
     max_body_bytes: int = 1 << 20
     image_store_items: int = 256      # `url` results kept for GET /v1/images/{id}
     image_store_ttl_s: float = 3600.0
     warmup: bool = True
-    fault_injection: bool = False     # test hook: prompts with a fault marker raise in the worker
+    fault_injection: bool = False     # test hook: prompts with a fault marker misbehave in the worker
     log_prompts: bool = False
+    api_keys: list[str] = field(default_factory=list)
+    protect_metrics: bool = False
+    model_root: str | None = None     # local model paths must resolve inside it
+    cors_origins: list[str] = field(default_factory=list)

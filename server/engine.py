@@ -10,13 +10,18 @@ import torch
 from tqdm.auto import tqdm
 
 from model_zoo.base import ImageSpec, ModelCard, parse_size
-from model_zoo.registry import LoadedModel, load_model, parse_spec, resolve_dtype
+from model_zoo.registry import LoadedModel, ModelSpec, load_model, parse_spec, resolve_dtype
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.scheduler import Batcher, Job
+from server.security import confine
 from server.worker import Worker
 
 log = logging.getLogger("rfserve.engine")
+
+
+class ShuttingDown(Exception):
+    """Queued work refused because the server is stopping."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,11 +32,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def confine_spec(spec: ModelSpec, model_root: str | None) -> ModelSpec:
+    options = dict(spec.options)
+    if "base" in options:
+        options["base"] = confine(options["base"], model_root)
+    return ModelSpec(spec.name, confine(spec.source, model_root), options)
+
+
 class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
-        self.specs = [parse_spec(s) for s in config.models]   # fails fast on a bad SPEC
+        self.specs = [confine_spec(parse_spec(s), config.model_root) for s in config.models]
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"model served twice: {names}")
@@ -45,7 +57,11 @@ class Engine:
             self.metrics.queue_depth.labels(name).set_function(lambda n=name: self.batcher.depth(n))
         self.worker: Worker | None = None
         self.ready = threading.Event()
+        self.draining = threading.Event()
         self.load_error: str | None = None
+        self.stuck_reason: str | None = None
+        self._inflight: set[Job] = set()
+        self._inflight_lock = threading.Lock()
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -72,15 +88,44 @@ class Engine:
         width, height = parse_size(d.size)
         return ImageSpec(prompt, d.negative_prompt, seed, width, height, d.steps, d.guidance)
 
+    @property
+    def healthy(self) -> tuple[bool, str | None]:
+        if self.load_error:
+            return False, self.load_error
+        if self.worker is not None and not self.worker.alive:
+            return False, "the worker thread stopped"
+        if self.stuck_reason:
+            return False, self.stuck_reason
+        return True, None
+
     def submit(self, model: str, specs: list[ImageSpec], timeout_s: float | None = None) -> Job:
         deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
         job = Job(model=model, specs=specs, deadline=deadline)
-        self.batcher.submit(job)
+        with self._inflight_lock:
+            self._inflight.add(job)
+        job.future.add_done_callback(lambda _: self._forget(job))
+        try:
+            self.batcher.submit(job)
+        except Exception:
+            self._forget(job)
+            raise
         return job
 
+    def _forget(self, job: Job) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(job)
+
+    def busy(self) -> bool:
+        """Any accepted job not yet answered."""
+        with self._inflight_lock:
+            return bool(self._inflight)
+
+    def fail_queued(self, message: str) -> None:
+        for job in self.batcher.drain():
+            job.fail(ShuttingDown(message))
+
     def shutdown(self, timeout: float = 5.0) -> None:
+        self.fail_queued("the server is shutting down")
         self.batcher.close()
         if self.worker is not None:
             self.worker.join(timeout)
-        for job in self.batcher.drain():
-            job.fail(RuntimeError("server shutting down"))

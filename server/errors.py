@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-          504: "timeout", 500: "server_error"}
+          504: "timeout", 500: "server_error", 507: "server_error"}
 
 
 class APIError(Exception):

@@ -27,6 +27,8 @@ class Metrics:
         self.dropped = Counter("rfserve_jobs_dropped_total",
                                "Queued jobs dropped before running, by reason (client_gone, deadline).",
                                ["model", "reason"], registry=r)
+        self.oom_splits = Counter("rfserve_oom_splits_total", "Batches split in half after running out of memory.",
+                                  ["model"], registry=r)
         self.ready = Gauge("rfserve_ready", "1 once every model is loaded and warmed.", registry=r)
 
     def render(self) -> bytes:

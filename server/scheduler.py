@@ -24,9 +24,11 @@ from model_zoo.base import ImageSpec
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int):
+    """Refused at admission: the queue is at its limit, or the job would miss its deadline."""
+
+    def __init__(self, retry_after: int, would_miss_deadline: bool = False):
         super().__init__("queue full")
-        self.retry_after = retry_after
+        self.retry_after, self.would_miss_deadline = retry_after, would_miss_deadline
 
 
 class DeadlineExceeded(Exception):
@@ -122,7 +124,7 @@ class Batcher:
         self._turn = itertools.cycle(models)
         self._cond = threading.Condition()
         self._closed = False
-        self._batch_seconds: dict[str, float] = {m: 0.0 for m in models}   # EWMA per full batch
+        self._image_seconds: dict[str, float] = {m: 0.0 for m in models}   # EWMA of batch time per image
 
     # -- producer side (event loop) ------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -131,21 +133,26 @@ class Batcher:
             self._drop_dead(queue)
             if len(queue) >= self.max_queue:
                 raise QueueFull(self.retry_after(job.model))
+            if time.monotonic() + self.estimated_wait(job.model, len(job.specs)) > job.deadline:
+                raise QueueFull(self.retry_after(job.model), would_miss_deadline=True)
             queue.append(job)
             self._cond.notify()
 
     def depth(self, model: str) -> int:
         return len(self._queues[model])
 
+    def estimated_wait(self, model: str, extra_images: int = 0) -> float:
+        """Seconds until the queued images (plus `extra_images`) are done, at the recent rate."""
+        queued = sum(j.remaining for j in self._queues[model]) + extra_images
+        return queued * self._image_seconds[model]
+
     def retry_after(self, model: str) -> int:
         """Seconds until the queue has likely drained enough to take one more job."""
-        queued = sum(j.remaining for j in self._queues[model])
-        per_batch = self._batch_seconds[model] or 1.0
-        return max(1, math.ceil(queued / self.max_batch * per_batch))
+        return max(1, math.ceil(self.estimated_wait(model)))
 
-    def observe(self, model: str, seconds: float) -> None:
-        prev = self._batch_seconds[model]
-        self._batch_seconds[model] = seconds if prev == 0 else 0.8 * prev + 0.2 * seconds
+    def observe(self, model: str, seconds_per_image: float) -> None:
+        prev = self._image_seconds[model]
+        self._image_seconds[model] = seconds_per_image if prev == 0 else 0.8 * prev + 0.2 * seconds_per_image
 
     @property
     def closed(self) -> bool:

@@ -22,6 +22,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=20_000)
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0)
+    timeout: float | None = Field(None, gt=0.0, description="seconds; capped by the server")
 
     @field_validator("prompt")
     @classmethod

@@ -1,6 +1,8 @@
 """The worker thread: owns the pipelines, runs one batch at a time, resolves futures.
 
-An exception fails only the jobs of its own batch; the thread keeps serving.
+An exception fails only the jobs of its own batch. An out-of-memory error splits the
+batch in halves and retries each, down to single images; only a job whose image cannot
+fit alone fails (507). Either way the thread keeps serving.
 """
 from __future__ import annotations
 
@@ -8,18 +10,26 @@ import logging
 import threading
 import time
 
+import numpy as np
 import torch
 
-from model_zoo.base import BatchOutput
+from model_zoo.base import ImageSpec
+from server import faults
 from server.metrics import Metrics
 from server.scheduler import Batch, Batcher, JobCancelled
 
 log = logging.getLogger("rfserve.worker")
-FAULT_MARKER = "__rfserve_fault__"
 
 
 class PipelineError(Exception):
     """A batch failed inside a pipeline; the message is safe to return to clients."""
+
+
+class OutOfMemory(PipelineError):
+    """One image does not fit in device memory even alone."""
+
+
+Rows = list[tuple[np.ndarray, bool] | PipelineError]   # per spec: (image, truncated) or its error
 
 
 class Worker:
@@ -28,8 +38,8 @@ class Worker:
         self.batcher, self.pipelines, self.metrics = batcher, pipelines, metrics
         self.fault_injection = fault_injection
         self._thread = threading.Thread(target=self._loop, name="rfserve-worker", daemon=True)
-        self.last_beat = time.monotonic()
         self.busy_since: float | None = None
+        self.running_jobs = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -42,52 +52,71 @@ class Worker:
         return self._thread.is_alive()
 
     def _loop(self) -> None:
-        while True:
-            self.last_beat = time.monotonic()
+        while not self.batcher.closed:
             batch = self.batcher.next_batch(timeout=1.0)
             if batch is None:
-                if self.batcher.closed:
-                    return
                 continue
             self.busy_since = time.monotonic()
+            self.running_jobs = len(batch.slices)
             try:
                 self.run_batch(batch)
             finally:
-                self.busy_since = None
+                self.busy_since, self.running_jobs = None, 0
 
     def run_batch(self, batch: Batch) -> None:
-        live = [sl for sl in batch.slices if not sl.job.cancelled]
         for sl in batch.slices:
             if sl.job.cancelled:
                 self.batcher.on_drop(batch.model, "client_gone")
                 sl.job.fail(JobCancelled())
+        live = [sl for sl in batch.slices if not sl.job.cancelled]
         if not live:
             return
         batch = Batch(batch.model, live)
         specs = batch.specs
         self.metrics.batch_size.labels(batch.model).observe(len(specs))
         start = time.perf_counter()
-        try:
-            self._check_fault(specs)
-            with torch.inference_mode():
-                out: BatchOutput = self.pipelines[batch.model].run(specs)
-        except Exception as exc:  # noqa: BLE001 — any pipeline failure fails only this batch
-            log.exception("batch of %d on %s failed", len(specs), batch.model)
-            err = PipelineError(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
-            for sl in batch.slices:
-                sl.job.fail(err)
-            return
-        elapsed = time.perf_counter() - start
-        self.batcher.observe(batch.model, elapsed * self.batcher.max_batch / max(1, len(specs)))
-        for stage, secs in out.timings.items():
+        timings: dict[str, float] = {}
+        rows = self._run_splitting(batch.model, specs, timings)
+        self.batcher.observe(batch.model, (time.perf_counter() - start) / len(specs))
+        for stage, secs in timings.items():
             self.metrics.stage_seconds.labels(batch.model, stage).observe(secs)
         row = 0
         for sl in batch.slices:
             for index in range(sl.start, sl.stop):
-                sl.job.record(index, out.images[row], out.prompt_truncated[row], out.timings)
+                result = rows[row]
+                if isinstance(result, PipelineError):
+                    sl.job.fail(result)
+                else:
+                    sl.job.record(index, result[0], result[1], timings)
                 row += 1
 
-    def _check_fault(self, specs) -> None:
-        """Test hook for fault injection (off unless the server enables it)."""
-        if self.fault_injection and any(FAULT_MARKER in s.prompt for s in specs):
-            raise RuntimeError("injected fault")
+    def _run_splitting(self, model: str, specs: list[ImageSpec], timings: dict[str, float]) -> Rows:
+        try:
+            if self.fault_injection:
+                faults.inject(specs)
+            out = self.pipelines[model].run(specs)
+        except torch.OutOfMemoryError:
+            _release_memory()
+            if len(specs) == 1:
+                log.warning("one image on %s does not fit in memory", model)
+                return [OutOfMemory("out of memory: this image does not fit on the device even alone; "
+                                    "try a smaller size or fewer steps")]
+            half = len(specs) // 2
+            self.metrics.oom_splits.labels(model).inc()
+            log.warning("out of memory on a batch of %d on %s; retrying as %d + %d",
+                        len(specs), model, half, len(specs) - half)
+            return (self._run_splitting(model, specs[:half], timings)
+                    + self._run_splitting(model, specs[half:], timings))
+        except Exception as exc:  # noqa: BLE001 — any pipeline failure fails only this batch
+            log.exception("batch of %d on %s failed", len(specs), model)
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            err = PipelineError(f"generation failed: {type(exc).__name__}" + (f": {detail}" if detail else ""))
+            return [err] * len(specs)
+        for stage, secs in out.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + secs
+        return [(out.images[i], out.prompt_truncated[i]) for i in range(len(specs))]
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

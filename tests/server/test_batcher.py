@@ -83,12 +83,23 @@ def test_cancelled_and_expired_jobs_are_dropped_before_running():
 
 def test_queue_limit_and_retry_after():
     b = make(max_queue=2)
-    b.observe("a", 3.0)
+    b.observe("a", 0.75)                        # seconds per image
     b.submit(job(n=4))
     b.submit(job(n=4))
     with pytest.raises(QueueFull) as full:
         b.submit(job())
-    assert full.value.retry_after == 6          # 8 images / 4 per batch × 3 s
+    assert full.value.retry_after == 6          # 8 queued images × 0.75 s
+    assert not full.value.would_miss_deadline
+
+
+def test_job_that_would_miss_its_deadline_is_refused_early():
+    b = make()
+    b.observe("a", 1.0)
+    b.submit(job(n=4, timeout=60))
+    with pytest.raises(QueueFull) as late:
+        b.submit(job(n=4, timeout=6))           # 8 images ahead of its end at 1 s each
+    assert late.value.would_miss_deadline and late.value.retry_after == 4
+    b.submit(job(n=1, timeout=30))
 
 
 def test_job_resolves_once_every_image_is_recorded():

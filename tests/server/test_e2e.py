@@ -114,7 +114,7 @@ def test_malformed_json_and_oversize_body(server):
 
 def test_pipeline_exception_fails_only_its_batch_then_next_request_succeeds(server):
     bad = httpx.post(f"{server.url}/v1/images/generations",
-                     json={"model": "instaflow-2rf", "prompt": "boom __rfserve_fault__", "size": "16x16"})
+                     json={"model": "instaflow-2rf", "prompt": "boom __rfserve_fault__:error", "size": "16x16"})
     assert bad.status_code == 500
     assert "injected fault" in bad.json()["error"]["message"]
     good = httpx.post(f"{server.url}/v1/images/generations",

@@ -1,0 +1,187 @@
+"""The token-level continuous batcher for JanusFlow chat.
+
+One thread owns a `SlotDecoder`. Each turn of its loop:
+1. drops sequences whose client left, freeing their KV rows;
+2. admits waiting sequences while rows are free: prefill (image encoder + prompt) into the
+   next row and choose the first token;
+3. runs one decode step for every running sequence together, chooses each one's next token,
+   and retires those that hit EOS, a stop string or their token budget.
+So new sequences join the running batch between steps and finished ones leave at once.
+Events go back through each sequence's `emit`, called on this thread.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from model_zoo.janusflow.decoder import SlotDecoder
+from server.chat.detok import TextStream
+from server.chat.sampling import choose
+
+log = logging.getLogger("rfserve.chat")
+
+
+class ChatQueueFull(Exception):
+    pass
+
+
+@dataclass
+class ChatEvent:
+    delta: str = ""
+    finish_reason: str | None = None          # stop | length | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class ChatSequence:
+    ids: list[int]                            # prompt token ids, image slots expanded
+    pixel_values: torch.Tensor | None         # (n_images, 3, S, S) or None
+    image_positions: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    emit: Callable[[ChatEvent], None]
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    length: int = 0                           # KV entries written
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ContinuousBatcher:
+    def __init__(self, decoder: SlotDecoder, tokenizer, eos_id: int, *, max_waiting: int = 256):
+        self.decoder, self.tokenizer, self.eos_id = decoder, tokenizer, eos_id
+        self.max_waiting = max_waiting
+        self.waiting: deque[ChatSequence] = deque()
+        self.running: list[ChatSequence] = []     # running[i] lives in KV row i
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="rfserve-chat", daemon=True)
+        self.steps = 0
+
+    def start(self) -> "ContinuousBatcher":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def submit(self, seq: ChatSequence) -> None:
+        with self._cond:
+            if len(self.waiting) >= self.max_waiting:
+                raise ChatQueueFull()
+            self.waiting.append(seq)
+            self._cond.notify()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        return len(self.running), len(self.waiting)
+
+    # -- the loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self.waiting and not self.running:
+                    self._cond.wait(timeout=1.0)
+                if self._closed:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.running:
+                    self._decode_step()
+            except Exception as exc:  # noqa: BLE001 — a failed step fails its sequences, not the thread
+                log.exception("chat step failed")
+                for seq in self.running:
+                    seq.emit(ChatEvent(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                self.running.clear()
+        for seq in [*self.running, *self.waiting]:
+            seq.emit(ChatEvent(finish_reason="error", error="server shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        self._retire([i for i, s in enumerate(self.running) if s.cancelled])
+
+    def _admit(self) -> None:
+        while len(self.running) < self.decoder.slots:
+            with self._cond:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            row = len(self.running)
+            self.running.append(seq)
+            try:
+                embeds = self.decoder.embed(seq.ids, seq.pixel_values, seq.image_positions)
+                logits = self.decoder.prefill(row, embeds)
+            except Exception as exc:  # noqa: BLE001 — a bad prompt fails only itself
+                self.running.pop()
+                log.exception("chat prefill failed")
+                seq.emit(ChatEvent(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                continue
+            seq.length = len(seq.ids)
+            seq.stream = TextStream(self.tokenizer, seq.stop)
+            if seq.seed is not None:
+                seq.generator = torch.Generator(logits.device).manual_seed(seq.seed)
+            if self._accept(seq, choose(logits, seq.temperature, seq.top_p, seq.generator)):
+                self._retire([row])
+
+    def _decode_step(self) -> None:
+        tokens = [s.generated[-1] for s in self.running]
+        lengths = [s.length for s in self.running]
+        logits = self.decoder.decode(tokens, lengths)                   # (n, V)
+        self.steps += 1
+        greedy = logits.argmax(-1).tolist()                             # one sync for the greedy rows
+        done = []
+        for i, seq in enumerate(self.running):
+            seq.length += 1
+            token = greedy[i] if seq.temperature == 0.0 else choose(logits[i], seq.temperature, seq.top_p,
+                                                                   seq.generator)
+            if self._accept(seq, token):
+                done.append(i)
+        self._retire(done)
+
+    def _accept(self, seq: ChatSequence, token: int) -> bool:
+        """Record one token and release its text; True when the sequence is finished."""
+        seq.generated.append(token)
+        if token == self.eos_id:
+            return self._finish(seq, "stop", seq.stream.flush())
+        delta, hit_stop = seq.stream.push(token)
+        if hit_stop:
+            return self._finish(seq, "stop", delta)
+        if len(seq.generated) >= seq.max_tokens or seq.length >= self.decoder.max_len:
+            return self._finish(seq, "length", delta + seq.stream.flush())
+        if delta:
+            seq.emit(ChatEvent(delta=delta))
+        return False
+
+    def _finish(self, seq: ChatSequence, reason: str, delta: str) -> bool:
+        seq.emit(ChatEvent(delta=delta, finish_reason=reason, prompt_tokens=len(seq.ids),
+                           completion_tokens=len(seq.generated)))
+        return True
+
+    def _retire(self, rows: list[int]) -> None:
+        """Free rows; the last running sequence moves into each freed row."""
+        for row in sorted(rows, reverse=True):
+            last = len(self.running) - 1
+            if row != last:
+                moved = self.running[last]
+                self.decoder.move(last, row, moved.length)
+                self.running[row] = moved
+            self.running.pop()
