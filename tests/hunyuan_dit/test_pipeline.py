@@ -1,0 +1,122 @@
+"""The serving contract of the Hunyuan-DiT pipeline: batch invariance, seeds, caches, card and
+checkpoint errors, loaded through the registry as the server loads it."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model_zoo.base import ImageSpec, parse_size
+from model_zoo.hunyuan_dit import HunyuanPipeline
+from model_zoo.hunyuan_dit.components import HunyuanComponents
+from model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES, rotary_tables, supported_sizes
+from model_zoo.hunyuan_dit.noise import seeded_noise
+from model_zoo.loading import CheckpointError
+from model_zoo.registry import load_model, parse_spec
+from model_zoo.seeding import initial_noise
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_hunyuan):
+    return load_model(parse_spec(f"hunyuan-dit-v1.2={tiny_hunyuan}"), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pipe(loaded):
+    return loaded.pipeline
+
+
+def test_card_has_the_ten_shapes_scaled_to_the_checkpoint(loaded):
+    card = loaded.card
+    assert card.family == "hunyuan-dit" and card.max_prompt_tokens == 77
+    assert (card.defaults.steps, card.defaults.guidance) == (50, 5.0)
+    assert len(card.sizes) == 10 and card.defaults.size == "128x128" == card.sizes[0]
+    for size, (w, h) in zip(card.sizes, SUPPORTED_SHAPES):
+        sw, sh = parse_size(size)
+        assert sw % 16 == 0 and sh % 16 == 0
+        assert abs(sw / sh - w / h) < 0.1      # the aspect survives the snap to the 16-px grid
+
+
+def test_a_published_checkpoint_gets_exactly_the_reference_shapes():
+    assert supported_sizes(128) == tuple(f"{w}x{h}" for w, h in SUPPORTED_SHAPES)
+
+
+def test_distilled_preset_defaults(tiny_hunyuan):
+    card = load_model(parse_spec(f"hunyuan-dit-v1.2-distilled={tiny_hunyuan}"), torch.device("cpu"),
+                      torch.float32).card
+    assert (card.defaults.steps, card.defaults.guidance) == (25, 5.0)
+
+
+def test_alone_equals_position_2_of_4(pipe):
+    w, h = 160, 96
+    target = ImageSpec("a green triangle", "", 1234, w, h, 3, 5.0)
+    alone, _ = pipe.images([target])
+    others = [ImageSpec(f"prompt {i}", "blurry", 99 + i, w, h, 3, 3.0 + i) for i in range(3)]
+    together, _ = pipe.images(others[:2] + [target] + others[2:])
+    assert torch.allclose(alone[0], together[2], atol=1e-5), (alone[0] - together[2]).abs().max()
+    assert not torch.allclose(together[1], together[2], atol=1e-3)
+
+
+def test_initial_noise_is_the_seeding_contract():
+    noise, generators = seeded_noise([5, 6], (4, 12, 20), dtype=torch.float32, device="cpu")
+    assert torch.equal(noise, initial_noise([5, 6], (4, 12, 20), dtype=torch.float32, device="cpu"))
+    # The generators continue past the initial draw, for DDPM's per-step variance noise.
+    fresh = torch.Generator().manual_seed(6)
+    torch.randn((1, 4, 12, 20), generator=fresh)
+    assert torch.equal(torch.randn(3, generator=generators[1]), torch.randn(3, generator=fresh))
+
+
+def test_negative_prompt_is_encoded_once(tiny_hunyuan):
+    parts = HunyuanComponents.load(tiny_hunyuan)
+    calls, encode = [], parts.encode_text
+    parts.encode_text = lambda prompts: calls.append(list(prompts)) or encode(prompts)
+    pipe = HunyuanPipeline(parts)
+    for prompt in ("a cat", "a dog"):
+        pipe.images([ImageSpec(prompt, "", 1, 128, 128, 1, 5.0)])
+    assert calls == [["a cat"], [""], ["a dog"]]
+
+
+def test_rotary_tables_are_cached_per_shape():
+    a = rotary_tables(160, 96, 16, 2, 8, torch.device("cpu"))
+    assert rotary_tables(160, 96, 16, 2, 8, torch.device("cpu")) is a
+    assert a[0].shape == (10 * 6, 16)                 # (h·w grid tokens, head_dim)
+    assert rotary_tables(96, 160, 16, 2, 8, torch.device("cpu")) is not a
+
+
+def test_run_returns_uint8_flags_and_stage_timings(pipe):
+    long = "red " * 100                                # 100 BERT tokens > 77, fewer than 256 for mT5
+    out = pipe.run([ImageSpec(long, "", 1, 128, 96, 2, 5.0), ImageSpec("red", "", 2, 128, 96, 2, 5.0)])
+    assert out.prompt_truncated == [True, False]
+    assert out.images.shape == (2, 96, 128, 3) and out.images.dtype == np.uint8
+    assert set(out.timings) == {"encode", "sample", "decode"}
+
+
+def test_size_off_the_16_px_grid_is_refused(pipe):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pipe.images([ImageSpec("x", "", 1, 120, 128, 1, 5.0)])
+
+
+def test_unknown_scheduler_option_is_a_checkpoint_error(tiny_hunyuan):
+    with pytest.raises(CheckpointError, match="scheduler must be one of"):
+        load_model(parse_spec(f"hunyuan-dit-v1.2={tiny_hunyuan}?scheduler=euler"), torch.device("cpu"),
+                   torch.float32)
+
+
+@pytest.mark.parametrize("remove,named", [
+    ("transformer/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"),
+    ("text_encoder_2/config.json", "text_encoder_2/config.json"),
+    ("tokenizer_2/tokenizer.json", "tokenizer_2/spiece.model"),     # the published file is named
+])
+def test_missing_file_is_named(tiny_hunyuan, tmp_path, remove, named):
+    root = shutil.copytree(tiny_hunyuan, tmp_path / "ckpt")
+    (root / remove).unlink()
+    with pytest.raises(CheckpointError, match="^missing file: ") as err:
+        load_model(parse_spec(f"hunyuan-dit-v1.2={root}"), torch.device("cpu"), torch.float32)
+    assert str(err.value) == f"missing file: {root / named}"
+
+
+def test_malformed_config_is_named(tiny_hunyuan, tmp_path):
+    root = shutil.copytree(tiny_hunyuan, tmp_path / "ckpt")
+    (root / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed file: .*scheduler_config.json"):
+        load_model(parse_spec(f"hunyuan-dit-v1.2={root}"), torch.device("cpu"), torch.float32)
