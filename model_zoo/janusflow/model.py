@@ -49,6 +49,8 @@ class MultiModalityCausalLM(nn.Module):
         feats = self.vision_und_enc_aligner(self.vision_und_enc_model(pixel_values))   # (n, N, D)
         begin = self.beg_of_und_embed.view(1, 1, -1).expand(feats.shape[0], 1, -1)
         images = torch.cat([begin, feats], dim=1).reshape(-1, embeds.shape[-1])   # (n·(1+N), D)
+        if image_positions is None or image_positions.numel() != images.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} image(s) need {images.shape[0]} image slots in the prompt")
         embeds = embeds.clone()
         embeds[image_positions] = images.to(embeds.dtype)
         return embeds

@@ -22,21 +22,34 @@ class TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns (newly released text, whether a stop string was hit)."""
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        window = self._decode(self.ids[self.prefix_offset:])
-        if len(window) <= len(before) or window.endswith("\ufffd"):
+        if not self._advance(final=False):
             return "", False
-        self.pending += window[len(before):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            return self._release(self.pending[:min(hits)]), True
+        hit = self._first_stop()
+        if hit is not None:
+            return self._release(self.pending[:hit]), True
         hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        return self._release(self.pending[:len(self.pending) - hold], keep=self.pending[len(self.pending) - hold:]), False
+        cut = len(self.pending) - hold
+        return self._release(self.pending[:cut], keep=self.pending[cut:]), False
 
     def flush(self) -> str:
-        """At the end of generation, release what was held back for a stop string."""
-        return self._release(self.pending)
+        """At the end of generation, release everything left, incomplete characters included."""
+        self._advance(final=True)
+        hit = self._first_stop()
+        return self._release(self.pending if hit is None else self.pending[:hit])
+
+    def _advance(self, final: bool) -> bool:
+        """Move newly decodable text into `pending`."""
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset:])
+        if len(window) <= len(before) or (window.endswith("\ufffd") and not final):
+            return False
+        self.pending += window[len(before):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return True
+
+    def _first_stop(self) -> int | None:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
 
     def _release(self, out: str, keep: str = "") -> str:
         self.pending = keep
