@@ -1,0 +1,166 @@
+"""The training stages: VAE, 1-RF teacher, reflow pairs, 2-RF (annealing reflow), one-step distillation.
+
+RF convention throughout (matches the sampler): t in [0, 1] with 0 = noise,
+x_t = t * x_data + (1 - t) * noise, UNet timestep (1 - t) * 1000, target v = x_data - noise.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import StageConfig
+from .sampling import euler_sample
+
+
+def _schedule(cfg: StageConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a module's weights, with the usual short-run warmup of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.source, self.decay, self.updates = module, decay, 0
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.module.parameters(), self.source.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+
+
+def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, ema: EMA | None = None) -> None:
+    """Generic loop: AdamW + schedule; `loss_fn(step)` computes the batch loss; mean losses go to `log`."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(cfg, s))
+    running = []
+    bar = tqdm(range(cfg.steps), desc=name, mininterval=5)
+    for step in bar:
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update()
+        running.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            log.append({"step": step + 1, "loss": float(np.mean(running))})
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+            running = []
+
+
+def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, gen: torch.Generator, log: list):
+    """images: (N, 3, 64, 64) in [-1, 1]. Reconstruction MSE + a small KL, as for the SD autoencoder."""
+    vae.train()
+
+    def loss_fn(step):
+        x = images[torch.randint(len(images), (cfg.batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        return F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+
+    _fit("vae", list(vae.parameters()), cfg, loss_fn, log)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Unscaled posterior modes (N, C, h, w)."""
+    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mode() for i in range(0, len(images), batch)])
+
+
+def _rf_loss(unet, x_data, noise, emb, gen) -> torch.Tensor:
+    t = torch.rand(len(x_data), generator=gen)  # (B,), 0 = noise
+    tb = t.view(-1, 1, 1, 1)
+    x_t = tb * x_data + (1 - tb) * noise
+    v = unet(x_t, (1 - t) * 1000, encoder_hidden_states=emb).sample
+    return F.mse_loss(v, x_data - noise)
+
+
+def _drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, p: float, gen) -> torch.Tensor:
+    """Replace each row of token ids by the empty caption with probability p (for CFG)."""
+    drop = torch.rand(len(ids), generator=gen) < p
+    return torch.where(drop[:, None], empty_ids[None], ids)
+
+
+def train_teacher(unet, text_encoder, latents, ids, empty_ids, cfg: StageConfig, dropout: float, gen, log):
+    """1-RF: independent (noise, data) coupling; the text encoder learns jointly. Returns both EMA copies."""
+    both = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
+    ema = EMA(both, cfg.ema)
+
+    def loss_fn(step):
+        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
+        x = latents[idx]
+        emb = text_encoder(_drop_captions(ids[idx], empty_ids, dropout, gen))[0]
+        loss = _rf_loss(unet, x, torch.randn(x.shape, generator=gen), emb, gen)
+        return loss
+
+    _fit("1-rf teacher", list(both.parameters()), cfg, loss_fn, log, ema)
+    return ema.module["unet"], ema.module["text_encoder"]
+
+
+@torch.no_grad()
+def make_pairs(unet, text_encoder, ids, empty_ids, ode_steps: int, guidance: float, gen, batch: int = 128):
+    """Reflow pairs (noise, ODE endpoint) from a teacher, with CFG against the empty caption."""
+    unet.eval()
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    noise = torch.randn((len(ids), *shape), generator=gen)
+    uncond = text_encoder(empty_ids[None])[0]  # (1, L, D)
+    ends = []
+    for i in tqdm(range(0, len(ids), batch), desc=f"pairs ({ode_steps}-step ODE)", mininterval=5):
+        cond = text_encoder(ids[i:i + batch])[0]
+        ends.append(euler_sample(unet, noise[i:i + batch], cond, uncond.expand_as(cond), ode_steps, guidance))
+    return noise, torch.cat(ends)
+
+
+def train_reflow(unet, text_encoder, noise, ends, ids, empty_ids, cfg: StageConfig, dropout: float,
+                 anneal_fraction: float, gen, log):
+    """2-RF on teacher pairs. SlimFlow's annealing reflow: the pair's noise is blended with fresh noise,
+    sqrt(1 - b^2) z_pair + b z_fresh, with b annealed 1 -> 0 over the first `anneal_fraction` of steps,
+    so training moves smoothly from the teacher's independent coupling to the straight reflow coupling."""
+    unet.train().requires_grad_(True)
+    ema = EMA(unet, cfg.ema)
+    anneal_steps = max(int(anneal_fraction * cfg.steps), 1)
+
+    def loss_fn(step):
+        idx = torch.randint(len(noise), (cfg.batch,), generator=gen)
+        b = max(0.0, 1.0 - step / anneal_steps)
+        z = math.sqrt(1 - b * b) * noise[idx] + b * torch.randn(noise[idx].shape, generator=gen)
+        with torch.no_grad():
+            emb = text_encoder(_drop_captions(ids[idx], empty_ids, dropout, gen))[0]
+        loss = _rf_loss(unet, ends[idx], z, emb, gen)
+        return loss
+
+    _fit("2-rf", list(unet.parameters()), cfg, loss_fn, log, ema)
+    return ema.module
+
+
+def train_one_step(unet, text_encoder, noise, ends, ids, cfg: StageConfig, gen, log):
+    """Distillation: one Euler step from pure noise (UNet timestep 1000) must land on the 2-RF ODE endpoint."""
+    unet.train().requires_grad_(True)
+    ema = EMA(unet, cfg.ema)
+
+    def loss_fn(step):
+        idx = torch.randint(len(noise), (cfg.batch,), generator=gen)
+        with torch.no_grad():
+            emb = text_encoder(ids[idx])[0]
+        z = noise[idx]
+        v = unet(z, torch.full((len(idx),), 1000.0), encoder_hidden_states=emb).sample
+        loss = F.mse_loss(z + v, ends[idx])
+        return loss
+
+    _fit("one-step distill", list(unet.parameters()), cfg, loss_fn, log, ema)
+    return ema.module
