@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_zoo.base import ImageSpec, ModelCard, parse_size
 from model_zoo.seeding import MAX_SEED, random_seed
+from server.chat import chat_router
 from server.encoding import encode_all
 from server.engine import Engine, ShuttingDown
 from server.errors import APIError, api_error_handler, error_response, validation_handler
@@ -125,6 +126,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(chat_router(engine))
     return app
 
 

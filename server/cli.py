@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model")
     serve.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
     serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    serve.add_argument("--max-steps", type=int, default=None, help="cap on num_inference_steps for every model")
     serve.add_argument("--max-request-timeout", type=float, default=d.max_request_timeout_s,
                        help="cap on a request's own `timeout` field, seconds")
     serve.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
@@ -92,7 +93,7 @@ def serve(args) -> None:
         _fail(f"--api-key-file: {err}")
     config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
                           device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_steps=args.max_steps,
                           request_timeout_s=args.request_timeout, max_request_timeout_s=args.max_request_timeout,
                           shutdown_grace_s=args.shutdown_grace, watchdog_s=args.watchdog_timeout,
                           max_body_bytes=args.max_body_bytes, warmup=not args.no_warmup,

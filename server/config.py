@@ -15,6 +15,7 @@ class ServerConfig:
     max_wait_ms: float = 10.0         # how long the batcher holds the oldest job for company
     max_queue: int = 64               # queued jobs per model before 429
     max_images_per_request: int = 10  # `n`, as in the OpenAI Images API
+    max_steps: int | None = None      # caps every model's num_inference_steps (a cost guard)
     request_timeout_s: float = 120.0  # deadline from arrival to answer (504 past it)
     max_request_timeout_s: float = 600.0  # cap on a request's own `timeout`
     shutdown_grace_s: float = 30.0    # after SIGTERM, how long in-flight work may finish

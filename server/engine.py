@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -71,7 +72,10 @@ class Engine:
         """Load every model, warm it, start the worker, then flip ready."""
         for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
             start = time.perf_counter()
-            self.models[spec.name] = load_model(spec, self.device, self.dtype)
+            model = load_model(spec, self.device, self.dtype)
+            if self.config.max_steps:
+                model.card = replace(model.card, max_steps=min(model.card.max_steps, self.config.max_steps))
+            self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
         if self.config.warmup:
             for name, model in tqdm(self.models.items(), desc="warming up", unit="model", disable=not progress):

@@ -20,7 +20,7 @@ EXAMPLES = int(os.environ.get("RFSERVE_FUZZ_EXAMPLES", "60"))
 @pytest.fixture(scope="module")
 def fuzz_schema(tiny_sd):
     config = ServerConfig(models=[f"instaflow-2rf={tiny_sd}"], device="cpu", max_batch=4, max_queue=8,
-                          max_images_per_request=2, warmup=False, request_timeout_s=30)
+                          max_images_per_request=2, max_steps=4, warmup=False, request_timeout_s=30)
     engine = Engine(config)
     engine.load(progress=False)
     app = create_app(engine)

@@ -1,0 +1,257 @@
+"""`POST /v1/chat/completions` for JanusFlow: validation, the continuous batcher, SSE.
+
+Text answers come from the model's `ContinuousBatcher` (one per served chat model, started
+on first use). With `modalities: ["image"]` the last user message's text becomes a
+text-to-image request on the ordinary image queue, and the answer carries the PNG as an
+`image_url` content part (a data: URL).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from model_zoo.base import ImageSpec, parse_size
+from model_zoo.janusflow.decoder import SlotDecoder
+from model_zoo.janusflow.processor import sft_prompt
+from model_zoo.seeding import random_seed
+from server.chat.batcher import ChatEvent, ChatQueueFull, ChatSequence, ContinuousBatcher
+from server.chat.config import ChatConfig
+from server.chat.messages import Conversation, check_remote, decode_data_url, open_image, parse_conversation
+from server.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                                 Choice, ChunkChoice, Delta, ImageContent, ImageURL, Usage)
+from server.encoding import encode_all
+from server.errors import APIError
+from server.scheduler import DeadlineExceeded, JobCancelled, QueueFull
+from server.worker import PipelineError
+
+
+class ChatModels:
+    """The served models that chat, and their batchers (started lazily, one per model)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.config = ChatConfig.from_env(on_cuda=engine.device.type == "cuda")
+        self._batchers: dict[str, ContinuousBatcher] = {}
+        self._lock = threading.Lock()
+
+    def pipeline(self, name: str):
+        if not self.engine.ready.is_set():
+            raise APIError(503, "models are still loading; retry shortly", code="not_ready",
+                           headers={"Retry-After": "5"})
+        model = self.engine.models.get(name)
+        if model is None:
+            raise APIError(404, f"model {name!r} is not served here; available: {sorted(self.engine.models)}",
+                           param="model", code="model_not_found")
+        if model.card.family != "janusflow":
+            raise APIError(400, f"model {name!r} does not support chat; use a janusflow model", param="model")
+        return model.pipeline
+
+    def max_len(self, pipe) -> int:
+        return min(self.config.max_len or pipe.parts.context_length, pipe.parts.context_length)
+
+    def batcher(self, name: str, pipe) -> ContinuousBatcher:
+        with self._lock:
+            if name not in self._batchers:
+                decoder = SlotDecoder(pipe.parts, self.config.slots, self.max_len(pipe))
+                self._batchers[name] = ContinuousBatcher(decoder, pipe.parts.tokenizer, pipe.parts.processor.eos_id,
+                                                         max_waiting=self.config.max_waiting).start()
+            return self._batchers[name]
+
+
+def chat_router(engine) -> APIRouter:
+    router = APIRouter()
+    models = ChatModels(engine)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        name = body.model or (engine.specs[0].name if engine.specs else "")
+        pipe = models.pipeline(name)
+        proc = pipe.parts.processor
+        conv = parse_conversation(body.messages, proc, models.config)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.modalities and "image" in body.modalities:
+            return await _image_answer(engine, name, pipe, conv, body, request, rid, created)
+        images = [await _load_image(field, url, models.config) for field, url in conv.image_urls]
+        ids, positions = proc.chat_ids(sft_prompt(conv.turns, conv.system))
+        max_tokens = _budget(len(ids), body, models.max_len(pipe), models.config.default_max_tokens)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        seq = ChatSequence(ids, proc.pixels(images) if images else None, positions, max_tokens, body.temperature,
+                           body.top_p, body.stops, body.seed, emit=_bridge(loop, events))
+        try:
+            models.batcher(name, pipe).submit(seq)
+        except ChatQueueFull:
+            raise APIError(429, f"the chat queue for {name} is full; retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(seq, events, rid, created, name, usage), media_type="text/event-stream")
+        return await _collect(seq, events, request, rid, created, name, body.seed)
+
+    return router
+
+
+def _budget(prompt_len: int, body: ChatCompletionRequest, max_len: int, default: int) -> int:
+    if prompt_len >= max_len:
+        raise APIError(400, f"the prompt is {prompt_len} tokens (images count as their tokens); the model's "
+                            f"context is {max_len}", param="messages", code="context_length_exceeded")
+    asked = body.max_completion_tokens or body.max_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    if asked is not None and prompt_len + asked > max_len:
+        raise APIError(400, f"{field} = {asked} plus the prompt's {prompt_len} tokens exceeds the model's "
+                            f"context of {max_len}", param=field, code="context_length_exceeded")
+    return asked or min(default, max_len - prompt_len)
+
+
+async def _load_image(field: str, url: str, cfg: ChatConfig):
+    if url.startswith("data:"):
+        raw = decode_data_url(url, field)
+    else:
+        check_remote(url, field, cfg)
+        raw = await _fetch(url, field, cfg.max_image_bytes)
+    return await asyncio.to_thread(open_image, raw, field, cfg)
+
+
+async def _fetch(url: str, field: str, limit: int) -> bytes:
+    try:
+        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client:
+            async with client.stream("GET", url) as resp:
+                if resp.status_code != 200:
+                    raise APIError(400, f"{field}: fetching the image returned HTTP {resp.status_code}", param=field)
+                data = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    data += chunk
+                    if len(data) > limit:
+                        raise APIError(400, f"{field}: image too large (over {limit} bytes)", param=field)
+                return bytes(data)
+    except httpx.HTTPError as err:
+        raise APIError(400, f"{field}: the image could not be fetched: {type(err).__name__}", param=field) from None
+
+
+def _bridge(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+    """Deliver batcher-thread events to the request's event loop."""
+    def emit(event: ChatEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:      # the loop is gone (server stopping); nobody is listening
+            pass
+    return emit
+
+
+def _usage(event: ChatEvent) -> Usage:
+    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                 total_tokens=event.prompt_tokens + event.completion_tokens)
+
+
+async def _collect(seq, events, request, rid, created, name, seed) -> ChatCompletion:
+    text = []
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            nxt = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                nxt.cancel()
+                seq.cancel()
+                raise APIError(499, "client closed the request", code="client_closed")
+            event = nxt.result()
+            if event.error:
+                raise APIError(500, f"generation failed: {event.error}", code="generation_failed")
+            text.append(event.delta)
+            if event.finish_reason:
+                break
+    finally:
+        gone.cancel()
+    return ChatCompletion(id=rid, created=created, model=name, usage=_usage(event), seed=seed,
+                          choices=[Choice(message=AssistantMessage(content="".join(text)),
+                                          finish_reason=event.finish_reason)])
+
+
+async def _sse(seq, events, rid, created, name, include_usage):
+    """Role chunk, content chunks, a finish chunk, optionally a usage chunk, then [DONE].
+    Leaving this generator early (client gone) cancels the sequence and frees its slot."""
+    def chunk(delta: Delta, finish=None, usage=None, choices=True) -> str:
+        body = ChatCompletionChunk(id=rid, created=created, model=name, usage=usage,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
+        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+    try:
+        yield chunk(Delta(role="assistant", content=""))
+        while True:
+            event = await events.get()
+            if event.error:
+                error = {"message": f"generation failed: {event.error}", "type": "server_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                break
+            if event.delta:
+                yield chunk(Delta(content=event.delta))
+            if event.finish_reason:
+                yield chunk(Delta(), finish=event.finish_reason)
+                if include_usage:
+                    yield chunk(Delta(), usage=_usage(event), choices=False)
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        seq.cancel()              # a no-op once finished; frees the slot if the client left
+
+
+async def _image_answer(engine, name, pipe, conv: Conversation, body, request, rid, created):
+    """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text."""
+    if conv.image_urls:
+        raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
+    card, opts = engine.models[name].card, body.image
+    size = ((opts and opts.size) or card.defaults.size).lower()
+    if size not in card.sizes:
+        raise APIError(400, f"image.size {size!r} is not supported; allowed: {list(card.sizes)}", param="image.size")
+    steps = (opts and opts.num_inference_steps) or card.defaults.steps
+    if steps > card.max_steps:
+        raise APIError(400, f"image.num_inference_steps must be at most {card.max_steps}",
+                       param="image.num_inference_steps")
+    guidance = card.defaults.guidance if not opts or opts.guidance_scale is None else opts.guidance_scale
+    seed = random_seed() if body.seed is None else body.seed
+    width, height = parse_size(size)
+    try:
+        job = engine.submit(name, [ImageSpec(conv.last_user_text, "", seed, width, height, steps, guidance)])
+    except QueueFull as full:
+        raise APIError(429, f"the image queue for {name} is full; retry after {full.retry_after}s",
+                       code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
+    result = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if result not in done:
+        job.cancel()
+        raise APIError(499, "client closed the request", code="client_closed")
+    try:
+        images = result.result().images
+    except (DeadlineExceeded, JobCancelled) as err:
+        raise APIError(504, f"image generation did not finish: {type(err).__name__}", code="deadline_exceeded") from None
+    except PipelineError as err:
+        raise APIError(500, str(err), code="generation_failed") from None
+    (b64,) = await encode_all(images, as_base64=True)
+    part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64}"))
+    prompt_tokens = len(pipe.parts.processor.t2i_prefix(conv.last_user_text))
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+    if body.stream:
+        async def one_chunk():
+            msg = ChatCompletionChunk(id=rid, created=created, model=name,
+                                      choices=[ChunkChoice(delta=Delta(role="assistant", content=[part]),
+                                                           finish_reason="stop")])
+            yield f"data: {msg.model_dump_json(exclude_none=True)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(one_chunk(), media_type="text/event-stream")
+    return ChatCompletion(id=rid, created=created, model=name, usage=usage, seed=seed,
+                          choices=[Choice(message=AssistantMessage(content=[part]), finish_reason="stop")])
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
