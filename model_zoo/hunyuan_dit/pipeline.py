@@ -47,14 +47,13 @@ class HunyuanPipeline:
     def conditioning(self, text: TextEmbeddings, width: int, height: int) -> dict:
         """Transformer inputs besides latents and timestep, for a (possibly 2B) batch. Style and
         image-size tensors only where the checkpoint was trained with them (v≤1.1)."""
-        p, n = self.parts, text.bert.shape[0]
+        p, dit, n = self.parts, self.parts.transformer, text.bert.shape[0]
         cond = text.transformer_kwargs()
-        cfg = p.transformer.config
-        cond["image_rotary_emb"] = rotary_tables(width, height, p.transformer.inner_dim // p.transformer.num_heads,
-                                                 cfg.patch_size, p.vae_scale_factor, p.device)
+        cond["image_rotary_emb"] = rotary_tables(width, height, dit.inner_dim // dit.num_heads,
+                                                 dit.config.patch_size, p.vae_scale_factor, p.device)
         if p.uses_style_and_size:
-            meta = ORIGINAL_SIZE + (height, width) + CROP_TOP_LEFT
-            cond["image_meta_size"] = torch.tensor([meta], dtype=text.bert.dtype, device=p.device).repeat(n, 1)  # (n, 6)
+            meta = torch.tensor([ORIGINAL_SIZE + (height, width) + CROP_TOP_LEFT], dtype=text.bert.dtype)
+            cond["image_meta_size"] = meta.to(p.device).repeat(n, 1)                       # (n, 6)
             cond["style"] = torch.full((n,), STYLE, dtype=torch.long, device=p.device)
         return cond
 
@@ -71,8 +70,8 @@ class HunyuanPipeline:
             x_in = x if guidance is None else torch.cat([x, x])                # (2B, C, h, w)
             x_in = scheduler.scale_model_input(x_in, t)
             t_in = t.expand(x_in.shape[0]).to(x.dtype)                          # the reference's t_expand
-            out = self.parts.transformer(x_in, t_in, **cond, return_dict=False)[0]
-            pred = out.chunk(2, dim=1)[0] if learn_sigma else out              # drop the learned variance
+            out = self.parts.transformer(x_in, t_in, **cond, return_dict=False)[0]   # (2B, 2C, h, w) under CFG
+            pred = out.chunk(2, dim=1)[0] if learn_sigma else out              # (2B, C, h, w): variance dropped
             if guidance is not None:
                 pred = guided_prediction(pred, guidance, self.guidance_rescale)
             x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
