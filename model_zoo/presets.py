@@ -47,5 +47,8 @@ PRESETS: dict[str, Preset] = {
                ImageDefaults(steps=50, guidance=5.0, size="1024x1024")),
         Preset("hunyuan-dit-v1.2-distilled", "hunyuan-dit", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers-Distilled",
                ImageDefaults(steps=25, guidance=5.0, size="1024x1024")),
+        # JanusFlow: one native square size from the checkpoint (384² for the 1.3B); CFG weight w = 2.
+        Preset("janusflow-1.3b", "janusflow", "deepseek-ai/JanusFlow-1.3B",
+               ImageDefaults(steps=30, guidance=2.0, size="384x384"), size_factors=((1.0, 1.0),)),
     ]
 }

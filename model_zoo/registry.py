@@ -15,6 +15,7 @@ import torch
 from model_zoo.base import ModelCard
 from model_zoo.hunyuan_dit import load_hunyuan
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from model_zoo.janusflow import load_janusflow
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.pipeline import PeRFlowPipeline
 from model_zoo.perflow.scheduler import PREDICTION_TYPES
@@ -80,6 +81,7 @@ def _load_perflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
 FAMILY_LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "instaflow": _load_instaflow,
     "perflow": _load_perflow,
+    "janusflow": load_janusflow,
     "hunyuan-dit": load_hunyuan,
 }
 
