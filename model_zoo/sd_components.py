@@ -54,6 +54,7 @@ class SDComponents:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    compiled: object = None            # model_zoo.fast_path.Compiled, set by the fast path
 
     @classmethod
     def load(cls, root: Path, *, device="cpu", dtype=torch.float32, variant=None,
@@ -76,6 +77,11 @@ class SDComponents:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def unet_for(self, shape: torch.Size):
+        """The compiled UNet for captured input shapes, the eager one otherwise."""
+        c = self.compiled
+        return self.unet if c is None else c.pick(self.unet, c.unet, c.unet_shapes, shape)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -106,10 +112,19 @@ class SDComponents:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W), float."""
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        c = self.compiled
+        decode = self.vae.decode if c is None else c.pick(self.vae.decode, c.decode, c.decode_shapes, latents.shape)
+        image = decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does."""
-    return (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does.
+    On CUDA the bytes come back through pinned memory in one copy."""
+    pixels = (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    if not pixels.is_cuda:
+        return pixels.numpy()
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(pixels, non_blocking=True)
+    torch.cuda.current_stream(pixels.device).synchronize()
+    return host.numpy()

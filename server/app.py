@@ -20,6 +20,7 @@ from server.engine import Engine, ShuttingDown
 from server.errors import APIError, api_error_handler, error_response, validation_handler
 from server.image_store import ImageStore
 from server.limits import BodyLimitMiddleware
+from server.playground import playground_router
 from server.scheduler import DeadlineExceeded, Job, JobCancelled, JobResult, QueueFull
 from server.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject
 from server.security import APIKeyMiddleware
@@ -127,6 +128,7 @@ def create_app(engine: Engine) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(chat_router(engine))
+    app.include_router(playground_router(engine))
     return app
 
 

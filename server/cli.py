@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-root", help="local model paths must resolve inside this folder")
     serve.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin; repeatable")
     serve.add_argument("--log-prompts", action="store_true", help="log prompts (off by default)")
+    serve.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile,
+                       help="compiled fast path per batch bucket (auto: on for CUDA)")
+    serve.add_argument("--compile-mode", default=d.compile_mode, help="torch.compile mode")
+    serve.add_argument("--batch-buckets", default=",".join(map(str, d.batch_buckets)),
+                       help="batch sizes captured by the fast path, comma-separated")
     serve.add_argument("--no-warmup", action="store_true")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info")
@@ -99,7 +104,8 @@ def serve(args) -> None:
                           max_body_bytes=args.max_body_bytes, warmup=not args.no_warmup,
                           fault_injection=args.enable_fault_injection, log_prompts=args.log_prompts,
                           api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
-                          cors_origins=args.cors_origin)
+                          cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,
+                          batch_buckets=_buckets(args.batch_buckets))
     engine = Engine(config)
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
     server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
@@ -121,6 +127,16 @@ def serve(args) -> None:
     engine.shutdown()
     if failure:
         _fail(failure[0])
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        buckets = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        _fail(f"--batch-buckets: expected comma-separated integers, got {text!r}")
+    if not buckets or buckets[0] < 1:
+        _fail("--batch-buckets: sizes must be positive")
+    return buckets
 
 
 def uvicorn_config(app, config: ServerConfig, log_level: str):

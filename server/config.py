@@ -24,6 +24,9 @@ class ServerConfig:
     image_store_items: int = 256      # `url` results kept for GET /v1/images/{id}
     image_store_ttl_s: float = 3600.0
     warmup: bool = True
+    compile: str = "auto"             # auto (on for CUDA) | on | off: the compiled fast path
+    compile_mode: str = "reduce-overhead"   # torch.compile mode; reduce-overhead adds CUDA graphs
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)   # batch sizes captured (≤ max_batch)
     fault_injection: bool = False     # test hook: prompts with a fault marker misbehave in the worker
     log_prompts: bool = False
     api_keys: list[str] = field(default_factory=list)

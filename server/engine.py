@@ -11,7 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from model_zoo.base import ImageSpec, ModelCard, parse_size
+from model_zoo.fast_path import accelerate, drop_compiled, finish_capture
 from model_zoo.registry import LoadedModel, ModelSpec, load_model, parse_spec, resolve_dtype
+from model_zoo.sd_pipeline import SDFlowPipeline
+from server.buckets import BucketPlan
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.scheduler import Batcher, Job
@@ -51,6 +54,7 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.models: dict[str, LoadedModel] = {}
+        self.plans: dict[str, BucketPlan] = {}
         self.batcher = Batcher(names, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                max_queue=config.max_queue,
                                on_drop=lambda m, why: self.metrics.dropped.labels(m, why).inc())
@@ -69,7 +73,8 @@ class Engine:
         return {name: m.card for name, m in self.models.items()}
 
     def load(self, progress: bool = True) -> None:
-        """Load every model, warm it, start the worker, then flip ready."""
+        """Load every model, warm it (capturing the fast path on CUDA), start the worker,
+        then flip ready."""
         for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
             start = time.perf_counter()
             model = load_model(spec, self.device, self.dtype)
@@ -78,13 +83,44 @@ class Engine:
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
         if self.config.warmup:
-            for name, model in tqdm(self.models.items(), desc="warming up", unit="model", disable=not progress):
-                model.pipeline.run([self.default_spec(model.card, prompt="warm-up", seed=0)])
+            for name, model in self.models.items():
+                self._warm(name, model, progress)
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
-                             fault_injection=self.config.fault_injection)
+                             fault_injection=self.config.fault_injection, plans=self.plans)
         self.worker.start()
         self.metrics.ready.set(1)
         self.ready.set()
+
+    @property
+    def compiling(self) -> bool:
+        return self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
+
+    def _warm(self, name: str, model: LoadedModel, progress: bool) -> None:
+        pipe, card = model.pipeline, model.card
+        if not (isinstance(pipe, SDFlowPipeline) and self.device.type == "cuda"):
+            for _ in tqdm(range(1), desc=f"warming {name}", disable=not progress):
+                pipe.run([self.default_spec(card, "warm-up", 0)])
+            return
+        accelerate(pipe.parts, compile_mode=self.config.compile_mode if self.compiling else None)
+        buckets = tuple(b for b in self.config.batch_buckets if b <= self.config.max_batch) or (1,)
+        try:
+            for b in tqdm(buckets, desc=f"capturing {name}", unit="bucket", disable=not progress):
+                for _ in range(2):                  # compile, then record the CUDA graph
+                    pipe.run([self.default_spec(card, "warm-up", i) for i in range(b)])
+            finish_capture(pipe.parts)
+            self.plans[name] = BucketPlan.measure(buckets, lambda n: self._time_batch(pipe, card, n))
+        except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
+            drop_compiled(pipe.parts, f"{type(err).__name__}: {err}")
+
+    def _time_batch(self, pipe, card: ModelCard, n: int, repeats: int = 3) -> float:
+        specs = [self.default_spec(card, "warm-up", i) for i in range(n)]
+        pipe.run(specs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pipe.run(specs)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
 
     @staticmethod
     def default_spec(card: ModelCard, prompt: str, seed: int) -> ImageSpec:

@@ -15,6 +15,7 @@ import torch
 
 from model_zoo.base import ImageSpec
 from server import faults
+from server.buckets import BucketPlan
 from server.metrics import Metrics
 from server.scheduler import Batch, Batcher, JobCancelled
 
@@ -34,8 +35,9 @@ Rows = list[tuple[np.ndarray, bool] | PipelineError]   # per spec: (image, trunc
 
 class Worker:
     def __init__(self, batcher: Batcher, pipelines: dict[str, object], metrics: Metrics,
-                 *, fault_injection: bool = False):
+                 *, fault_injection: bool = False, plans: dict[str, BucketPlan] | None = None):
         self.batcher, self.pipelines, self.metrics = batcher, pipelines, metrics
+        self.plans = plans or {}
         self.fault_injection = fault_injection
         self._thread = threading.Thread(target=self._loop, name="rfserve-worker", daemon=True)
         self.busy_since: float | None = None
@@ -94,7 +96,8 @@ class Worker:
         try:
             if self.fault_injection:
                 faults.inject(specs)
-            out = self.pipelines[model].run(specs)
+            padded = self._pad(model, specs)
+            out = self.pipelines[model].run(padded)
         except torch.OutOfMemoryError:
             _release_memory()
             if len(specs) == 1:
@@ -114,7 +117,13 @@ class Worker:
             return [err] * len(specs)
         for stage, secs in out.timings.items():
             timings[stage] = timings.get(stage, 0.0) + secs
-        return [(out.images[i], out.prompt_truncated[i]) for i in range(len(specs))]
+        return [(out.images[i], out.prompt_truncated[i]) for i in range(len(specs))]   # padding dropped
+
+    def _pad(self, model: str, specs: list[ImageSpec]) -> list[ImageSpec]:
+        """Repeat the last spec up to the bucket when the plan says padding is faster."""
+        plan = self.plans.get(model)
+        size = plan.run_size(len(specs)) if plan else len(specs)
+        return specs + [specs[-1]] * (size - len(specs))
 
 
 def _release_memory() -> None:

@@ -1,0 +1,88 @@
+// Every request goes through `api`: it adds the API key, asks for one on 401, and turns the
+// OpenAI error body {error: {message, param}} into an ApiError.
+const KEY = "rfserve.apiKey"; // sessionStorage only: the key never outlives the tab
+
+export class ApiError extends Error {
+  constructor(status, message, param = null) {
+    super(message);
+    this.status = status;
+    this.param = param;
+  }
+}
+
+export const apiKey = {
+  get: () => sessionStorage.getItem(KEY) || "",
+  set: (key) => (key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY)),
+};
+
+let pendingPrompt = null; // concurrent 401s share one dialog
+
+export function askForKey(reason) {
+  if (pendingPrompt) return pendingPrompt;
+  const dialog = document.getElementById("key-dialog");
+  const input = document.getElementById("key-input");
+  document.getElementById("key-reason").textContent = reason;
+  input.value = apiKey.get();
+  pendingPrompt = new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      pendingPrompt = null;
+      const saved = dialog.returnValue === "save";
+      if (saved) apiKey.set(input.value.trim());
+      resolve(saved);
+    }, { once: true });
+  });
+  dialog.returnValue = "";
+  dialog.showModal();
+  return pendingPrompt;
+}
+
+// `quiet` requests (the status poll) report 401 instead of opening the dialog.
+export async function api(path, { body, raw, signal, quiet = false } = {}) {
+  for (;;) {
+    const headers = {};
+    if (apiKey.get()) headers.authorization = `Bearer ${apiKey.get()}`;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const payload = raw ?? (body === undefined ? undefined : JSON.stringify(body));
+    const resp = await fetch(path, { method: payload ? "POST" : "GET", headers, body: payload, signal });
+    if (resp.ok) return resp;
+    const err = await errorOf(resp);
+    if (resp.status !== 401 || quiet) throw err;
+    if (!(await askForKey(err.message))) throw err;
+  }
+}
+
+async function errorOf(resp) {
+  try {
+    const { error } = await resp.json();
+    return new ApiError(resp.status, error.message, error.param);
+  } catch {
+    return new ApiError(resp.status, `HTTP ${resp.status} ${resp.statusText}`);
+  }
+}
+
+// Shows an ApiError next to the field its `param` names: "messages.0.content" falls back to
+// "messages", and anything unmatched to the form-wide slot (data-error-for="").
+export function showError(form, err) {
+  const parts = (err.param || "").split(".");
+  const slot = form.querySelector(`[data-error-for="${CSS.escape(err.param || "")}"]`)
+    || form.querySelector(`[data-error-for="${CSS.escape(parts[0])}"]`)
+    || form.querySelector('[data-error-for=""]');
+  slot.textContent = err.message;
+  const input = slot.closest(".field")?.querySelector("input, select, textarea");
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.setAttribute("aria-errormessage", ensureId(slot));
+    input.focus();
+  }
+}
+
+export function clearErrors(form) {
+  form.querySelectorAll("[data-error-for]").forEach((el) => (el.textContent = ""));
+  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+}
+
+let ids = 0;
+function ensureId(el) {
+  if (!el.id) el.id = `error-${++ids}`;
+  return el.id;
+}
