@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -62,6 +63,51 @@ async def closed_loop(url: str, body: dict, concurrency: int, requests: int, tim
             "images_per_s": images / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
             "p90_ms": percentile(latencies, 0.9) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
             "mean_ms": statistics.fmean(latencies) * 1000}
+
+
+async def open_loop(url: str, body: dict, rate: float, requests: int, *, disconnect: float = 0.0,
+                    seed: int = 0, timeout: float = 120, on_done=lambda: None) -> dict:
+    """Poisson arrivals at `rate`/s regardless of completions; a `disconnect` fraction of
+    clients leave after a short random wait."""
+    rng = random.Random(seed)
+    statuses: dict[str, int] = {}
+    latencies: list[float] = []
+    aborted = lost = images = 0
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        async def one(i: int):
+            nonlocal aborted, lost, images
+            start = time.perf_counter()
+            call = asyncio.ensure_future(client.post(f"{url}/v1/images/generations", json={**body, "seed": i}))
+            try:
+                if rng.random() < disconnect:
+                    await asyncio.sleep(rng.uniform(0.0, 0.3))
+                    if not call.done():
+                        call.cancel()                     # the client goes away mid-request
+                        aborted += 1
+                        return
+                r = await call
+                statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                    images += body.get("n", 1)
+            except asyncio.CancelledError:
+                aborted += 1
+            except httpx.HTTPError:
+                lost += 1
+            finally:
+                on_done()
+
+        tasks, wall = [], time.perf_counter()
+        for i in range(requests):
+            tasks.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - wall
+    return {"offered_rate": rate, "achieved_rate": requests / wall, "requests": requests, "wall_s": wall,
+            "statuses": statuses, "aborted": aborted, "lost": lost, "images_per_s": images / wall,
+            "p50_ms": percentile(latencies, 0.5) * 1000, "p90_ms": percentile(latencies, 0.9) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:

@@ -9,52 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 
-from benchmarks.loadgen import closed_loop, environment, spawn, wait_ready
+from benchmarks.loadgen import closed_loop, environment, open_loop, spawn, wait_ready
 
 ALLOWED = {200, 429, 503}
-
-
-async def open_loop(url: str, body: dict, rate: float, requests: int, disconnect: float, seed: int,
-                    on_done) -> dict:
-    rng = random.Random(seed)
-    statuses: dict[str, int] = {}
-    aborted = lost = 0
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        async def one(i: int):
-            nonlocal aborted, lost
-            call = asyncio.ensure_future(client.post(f"{url}/v1/images/generations", json={**body, "seed": i}))
-            try:
-                if rng.random() < disconnect:
-                    await asyncio.sleep(rng.uniform(0.0, 0.3))
-                    if not call.done():
-                        call.cancel()                     # the client goes away mid-request
-                        aborted += 1
-                        return
-                r = await call
-                statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
-            except asyncio.CancelledError:
-                aborted += 1
-            except httpx.HTTPError:
-                lost += 1
-            finally:
-                on_done()
-
-        tasks, start = [], time.perf_counter()
-        for i in range(requests):
-            tasks.append(asyncio.ensure_future(one(i)))
-            await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - start
-    return {"statuses": statuses, "aborted": aborted, "lost": lost, "wall_s": wall,
-            "offered_rate": rate, "achieved_rate": requests / wall}
 
 
 def run(url: str, pid: int, body: dict, requests: int, overload: float, disconnect: float, seed: int) -> dict:
@@ -69,7 +32,8 @@ def run(url: str, pid: int, body: dict, requests: int, overload: float, disconne
         if done % max(1, requests // 10) == 0:
             rss.append(server.memory_info().rss)
 
-    result = asyncio.run(open_loop(url, body, capacity * overload, requests, disconnect, seed, on_done))
+    result = asyncio.run(open_loop(url, body, capacity * overload, requests, disconnect=disconnect, seed=seed,
+                                   on_done=on_done))
     other = {k: v for k, v in result["statuses"].items() if int(k) not in ALLOWED}
     answered = sum(result["statuses"].values())
     growth = (rss[-1] - rss[0]) / rss[0] if len(rss) >= 2 else 0.0

@@ -48,11 +48,19 @@ class SDFlowPipeline:
         return images, truncated
 
     def run(self, specs: list[ImageSpec]) -> BatchOutput:
-        timer = StageTimer(sync=self.parts.synchronize)
+        return self.run_timed(specs, StageTimer(sync=self.parts.synchronize))
+
+    def run_timed(self, specs: list[ImageSpec], timer: StageTimer) -> BatchOutput:
         images, truncated = self.images(specs, timer)
         with timer.stage("decode"):
             pixels = to_uint8(images)
         return BatchOutput(pixels, truncated, timer.timings)
+
+    def kept_prompt(self, prompt: str) -> str:
+        """The part of an over-long prompt the text encoder actually reads."""
+        tok = self.parts.tokenizer
+        ids = tok(prompt, truncation=True, max_length=self.parts.max_tokens).input_ids
+        return tok.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                  negative_prompts: list[str] | None = None, height: int | None = None,

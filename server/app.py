@@ -85,10 +85,9 @@ def create_app(engine: Engine) -> FastAPI:
             data = [ImageData(url=f"{request.base_url}v1/images/{store.put(png)}") for png in images]
         else:
             data = [ImageData(b64_json=b64) for b64 in images]
-        if result.prompt_truncated:
-            kept = engine.models[name].pipeline.parts.tokenizer
-            text = kept.decode(kept(body.prompt, truncation=True, max_length=card.max_prompt_tokens,
-                                    add_special_tokens=False).input_ids)
+        kept = getattr(engine.models[name].pipeline, "kept_prompt", None)
+        if result.prompt_truncated and kept is not None:
+            text = kept(body.prompt)
             for d in data:
                 d.revised_prompt = text
         timings = {k: round(v * 1000, 3) for k, v in result.timings.items()}

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--size", default=None, help="WxH, one of the model's sizes")
     gen.add_argument("--n", type=int, default=1)
+    sub.add_parser("bench", help="the latency suite (model level and HTTP level); see `rfserve bench -h`",
+                   add_help=False)
     return parser
 
 
@@ -180,6 +182,12 @@ def generate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from benchmarks.suite import main as bench
+
+        bench(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
