@@ -1,0 +1,28 @@
+"""One single-node server shared by the deploy tests: the reference for Ray's images and
+the source of the live /metrics scrape that the monitoring configs are checked against."""
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from tests.server.serving import ServerProcess
+
+RF_SHAPES = Path(__file__).parents[2] / "model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
+
+
+@pytest.fixture(scope="session")
+def served_model(tiny_sd) -> tuple[str, str, str]:
+    """(SPEC, model name, size): the shipped rf-shapes model when it exists, else the tiny random SD."""
+    if RF_SHAPES.exists():
+        return "rf-shapes", "rf-shapes", "64x64"
+    return f"instaflow-0.9b={tiny_sd}", "instaflow-0.9b", "16x16"
+
+
+@pytest.fixture(scope="session")
+def single_node(served_model):
+    spec, name, size = served_model
+    server = ServerProcess("--model", spec, "--no-warmup")
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    client.images.generate(model=name, prompt="a red circle", size=size, extra_body={"seed": 0})
+    yield server
+    server.stop()
