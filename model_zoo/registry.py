@@ -21,7 +21,7 @@ from model_zoo.perflow.pipeline import PeRFlowPipeline
 from model_zoo.perflow.scheduler import PREDICTION_TYPES
 from model_zoo.presets import PRESETS, Preset
 
-SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler"}
+SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling"}
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,23 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Loa
     return FAMILY_LOADERS[spec.preset.family](spec, resolve_source(spec.source), device, dtype)
 
 
+def _decoder_options(spec: ModelSpec) -> dict:
+    tiny = spec.options.get("tiny_vae")
+    return {"tiny_vae": resolve_source(tiny) if tiny else None,
+            "vae_tiling": spec.options.get("vae_tiling", "0").lower() in ("1", "true", "yes")}
+
+
 def _load_instaflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
-    pipe = InstaFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=spec.options.get("variant"))
+    pipe = InstaFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=spec.options.get("variant"),
+                                             **_decoder_options(spec))
     return LoadedModel(sd_card(spec.preset, pipe), pipe)
 
 
 def _load_perflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
     kind = spec.options.get("prediction_type", spec.preset.options.get("prediction_type", "diff_eps"))
     pipe = PeRFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=spec.options.get("variant"),
-                                           base=spec.options.get("base"), prediction_type=kind)
+                                           base=spec.options.get("base"), prediction_type=kind,
+                                           **_decoder_options(spec))
     return LoadedModel(sd_card(spec.preset, pipe), pipe)
 
 

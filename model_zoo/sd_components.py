@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from model_zoo.loading import CheckpointError, read_json, require, require_any, weights_name
@@ -54,14 +54,25 @@ class SDComponents:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    vae_scale_factor: int = 8           # from the checkpoint's own VAE, even when a tiny VAE decodes
     compiled: object = None            # model_zoo.fast_path.Compiled, set by the fast path
 
     @classmethod
     def load(cls, root: Path, *, device="cpu", dtype=torch.float32, variant=None,
-             unet: UNet2DConditionModel | None = None) -> "SDComponents":
+             unet: UNet2DConditionModel | None = None, tiny_vae: Path | None = None,
+             vae_tiling: bool = False) -> "SDComponents":
+        """`tiny_vae`: an AutoencoderTiny folder (e.g. TAESD) that decodes instead of the
+        full VAE; `vae_tiling`: decode large images tile by tile to bound memory."""
         check_sd_folder(root, variant, need_unet=unet is None)
         unet = unet if unet is not None else load_unet(root, "unet", dtype=dtype, variant=variant)
-        vae = _load(AutoencoderKL, root, "vae", dtype=dtype, variant=variant)
+        if tiny_vae is not None:
+            require(tiny_vae, "config.json")
+            vae = _load(AutoencoderTiny, tiny_vae, None, dtype=dtype)
+        else:
+            vae = _load(AutoencoderKL, root, "vae", dtype=dtype, variant=variant)
+        if vae_tiling:
+            vae.enable_tiling()
+        scale = 2 ** (len(read_json(root / "vae" / "config.json")["block_out_channels"]) - 1)
         text_encoder = _load(CLIPTextModel, root, "text_encoder", dtype=dtype, variant=variant)
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
@@ -69,7 +80,7 @@ class SDComponents:
             raise CheckpointError(f"{root / 'tokenizer'}: {str(err).splitlines()[0]}") from None
         parts = cls(unet.to(device), vae.to(device), text_encoder.to(device),
                     tokenizer, read_json(root / "scheduler" / "scheduler_config.json"),
-                    torch.device(device), dtype)
+                    torch.device(device), dtype, scale)
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
         return parts
@@ -82,10 +93,6 @@ class SDComponents:
         """The compiled UNet for captured input shapes, the eager one otherwise."""
         c = self.compiled
         return self.unet if c is None else c.pick(self.unet, c.unet, c.unet_shapes, shape)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def max_tokens(self) -> int:

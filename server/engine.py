@@ -38,8 +38,9 @@ def resolve_device(name: str) -> torch.device:
 
 def confine_spec(spec: ModelSpec, model_root: str | None) -> ModelSpec:
     options = dict(spec.options)
-    if "base" in options:
-        options["base"] = confine(options["base"], model_root)
+    for key in ("base", "tiny_vae"):
+        if key in options:
+            options[key] = confine(options[key], model_root)
     return ModelSpec(spec.name, confine(spec.source, model_root), options)
 
 

@@ -16,9 +16,10 @@ class InstaFlowPipeline(SDFlowPipeline):
     family = "instaflow"
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
-                        variant: str | None = None) -> "InstaFlowPipeline":
-        return cls(SDComponents.load(Path(path), device=device, dtype=dtype, variant=variant))
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, variant: str | None = None,
+                        **decoder) -> "InstaFlowPipeline":
+        """`decoder`: `tiny_vae` / `vae_tiling`, as `SDComponents.load` takes them."""
+        return cls(SDComponents.load(Path(path), device=device, dtype=dtype, variant=variant, **decoder))
 
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int,

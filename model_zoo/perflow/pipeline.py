@@ -27,17 +27,18 @@ class PeRFlowPipeline(SDFlowPipeline):
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
                         variant: str | None = None, base: str | None = None,
-                        prediction_type: str = "diff_eps") -> "PeRFlowPipeline":
-        """A full pipeline folder, or a ΔW folder merged onto `base` (an SD1.5 pipeline)."""
+                        prediction_type: str = "diff_eps", **decoder) -> "PeRFlowPipeline":
+        """A full pipeline folder, or a ΔW folder merged onto `base` (an SD1.5 pipeline).
+        `decoder`: `tiny_vae` / `vae_tiling`, as `SDComponents.load` takes them."""
         root = Path(path)
         if not is_delta_folder(root):
-            parts = SDComponents.load(root, device=device, dtype=dtype, variant=variant)
+            parts = SDComponents.load(root, device=device, dtype=dtype, variant=variant, **decoder)
             return cls(parts, prediction_type)
         if base is None:
             raise CheckpointError(f"{root} holds ΔW weights: give the SD1.5 base with ?base=PATH_OR_HUB_ID")
         base_root = resolve_source(base)
         unet = merge_delta(load_unet(base_root, "unet", dtype=torch.float32), root, variant).to(dtype)
-        parts = SDComponents.load(base_root, device=device, dtype=dtype, unet=unet)
+        parts = SDComponents.load(base_root, device=device, dtype=dtype, unet=unet, **decoder)
         return cls(parts, prediction_type)
 
     @torch.inference_mode()

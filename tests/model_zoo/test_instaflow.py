@@ -85,3 +85,22 @@ def test_over_long_prompt_is_truncated_and_flagged(pipe):
     assert out.prompt_truncated == [True, False]
     assert out.images.shape == (2, h, w, 3) and out.images.dtype == np.uint8
     assert set(out.timings) == {"encode", "sample", "decode"}
+
+
+def test_tiny_vae_and_tiling_options(tiny_sd, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from model_zoo.registry import load_model, parse_spec
+
+    AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    spec = parse_spec(f"instaflow-0.9b={tiny_sd}?tiny_vae={tmp_path / 'taesd'}")
+    tiny = load_model(spec, torch.device("cpu"), torch.float32)
+    assert type(tiny.pipeline.parts.vae).__name__ == "AutoencoderTiny"
+    assert tiny.card.sizes[0] == "16x16"
+    full = InstaFlowPipeline.from_pretrained(tiny_sd)
+    a = tiny.pipeline.generate(["a cat"], [1], steps=1, guidance=0.0)
+    b = full.generate(["a cat"], [1], steps=1, guidance=0.0)
+    assert a.shape == b.shape == (1, 16, 16, 3) and np.abs(a.astype(int) - b.astype(int)).max() > 0
+    tiled = load_model(parse_spec(f"instaflow-0.9b={tiny_sd}?vae_tiling=1"), torch.device("cpu"), torch.float32)
+    assert tiled.pipeline.parts.vae.use_tiling
