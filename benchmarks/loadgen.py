@@ -136,6 +136,32 @@ def run_levels(url: str, body: dict, levels: list[int], requests: int, timeout: 
     return [asyncio.run(closed_loop(url, body, c, max(requests, 2 * c), timeout)) for c in levels]
 
 
+def naive_loop(spec: str, body: dict, requests: int) -> dict:
+    """The hand-rolled baseline: load the pipeline and answer one request at a time,
+    PNG-encoding each image, with no server and no batching."""
+    import torch
+
+    from model_zoo.base import ImageSpec, parse_size
+    from model_zoo.registry import load_model, parse_spec
+    from server.encoding import png_bytes
+
+    model = load_model(parse_spec(spec), torch.device("cpu"), torch.float32)
+    d = model.card.defaults
+    w, h = parse_size(body.get("size") or d.size)
+    steps = body.get("num_inference_steps") or d.steps
+
+    def one(i: int):
+        spec_i = ImageSpec(f"{body['prompt']} {i}", d.negative_prompt, i, w, h, steps, d.guidance)
+        png_bytes(model.pipeline.run([spec_i]).images[0])
+
+    one(-1)
+    start = time.perf_counter()
+    for i in range(requests):
+        one(i)
+    wall = time.perf_counter() - start
+    return {"requests": requests, "wall_s": wall, "images_per_s": requests / wall}
+
+
 def environment() -> dict:
     import torch
 
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--url", help="an already running server")
     p.add_argument("--spawn", metavar="SERVER_ARGS", help='start `rfserve serve SERVER_ARGS` on 127.0.0.1')
     p.add_argument("--compare-max-batch", type=int, metavar="B", help="with --spawn: --max-batch B vs 1")
+    p.add_argument("--compare-naive", metavar="SPEC", help="also time a one-request-at-a-time loop over SPEC")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--model", default=None)
     p.add_argument("--prompt", default="two red circles on a blue background")
@@ -196,9 +223,16 @@ def main(argv: list[str] | None = None) -> dict:
         batched, single = runs[f"max-batch {args.compare_max_batch}"], runs["max-batch 1"]
         report["throughput_ratio"] = {str(b["concurrency"]): b["images_per_s"] / s["images_per_s"]
                                       for b, s in zip(batched, single)}
+    table = markdown(runs)
+    if args.compare_naive:
+        report["naive"] = naive_loop(args.compare_naive, body, args.requests)
+        first = next(iter(runs.values()))
+        report["ratio_vs_naive"] = {str(r["concurrency"]): r["images_per_s"] / report["naive"]["images_per_s"]
+                                    for r in first}
+        table += (f"\n\nNaive loop (one request at a time, in-process): {report['naive']['images_per_s']:.2f} img/s; "
+                  "server / naive: " + ", ".join(f"c={c}: {r:.2f}×" for c, r in report["ratio_vs_naive"].items()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loadgen.json").write_text(json.dumps(report, indent=2))
-    table = markdown(runs)
     if "throughput_ratio" in report:
         table += "\n\nThroughput ratio, batched / max-batch 1: " + ", ".join(
             f"c={c}: {r:.2f}×" for c, r in report["throughput_ratio"].items())
