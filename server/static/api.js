@@ -27,7 +27,10 @@ export function askForKey(reason) {
     dialog.addEventListener("close", () => {
       pendingPrompt = null;
       const saved = dialog.returnValue === "save";
-      if (saved) apiKey.set(input.value.trim());
+      if (saved) {
+        apiKey.set(input.value.trim());
+        window.dispatchEvent(new Event("apikeychange")); // let pollers retry now, not on their next tick
+      }
       resolve(saved);
     }, { once: true });
   });
@@ -41,8 +44,8 @@ export async function api(path, { body, raw, signal, quiet = false } = {}) {
   for (;;) {
     const headers = {};
     if (apiKey.get()) headers.authorization = `Bearer ${apiKey.get()}`;
-    if (body !== undefined) headers["content-type"] = "application/json";
     const payload = raw ?? (body === undefined ? undefined : JSON.stringify(body));
+    if (payload) headers["content-type"] = "application/json";
     const resp = await fetch(path, { method: payload ? "POST" : "GET", headers, body: payload, signal });
     if (resp.ok) return resp;
     const err = await errorOf(resp);
@@ -60,13 +63,13 @@ async function errorOf(resp) {
   }
 }
 
-// Shows an ApiError next to the field its `param` names: "messages.0.content" falls back to
-// "messages", and anything unmatched to the form-wide slot (data-error-for="").
+// Shows an ApiError next to the field its `param` names. A path such as
+// "messages.0.content.1.image_url.url" goes to the innermost part that has a slot ("image_url"),
+// and anything unmatched to the form-wide slot (data-error-for="").
 export function showError(form, err) {
   const parts = (err.param || "").split(".");
-  const slot = form.querySelector(`[data-error-for="${CSS.escape(err.param || "")}"]`)
-    || form.querySelector(`[data-error-for="${CSS.escape(parts[0])}"]`)
-    || form.querySelector('[data-error-for=""]');
+  const names = [parts.join("."), ...parts.reverse(), ""];
+  const slot = names.map((n) => form.querySelector(`[data-error-for="${CSS.escape(n)}"]`)).find(Boolean);
   slot.textContent = err.message;
   const input = slot.closest(".field")?.querySelector("input, select, textarea");
   if (input) {

@@ -7,6 +7,7 @@ export function setupChat(models) {
   const text = form.elements.messages;
   const files = form.elements.image;
   const stop = document.getElementById("chat-stop");
+  const log = document.getElementById("chat-log");
   const history = []; // OpenAI messages sent so far, answers included
   let attached = []; // data: URLs of the images for the next message
   let inFlight = null;
@@ -14,7 +15,8 @@ export function setupChat(models) {
   form.elements.model.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
   files.addEventListener("change", async () => {
     attached = await Promise.all([...files.files].map(dataUrl));
-    document.getElementById("chat-previews").replaceChildren(...attached.map((url, i) => thumb(url, `Attachment ${i + 1}`)));
+    const previews = attached.map((url, i) => thumb(url, `Attachment ${i + 1}`));
+    document.getElementById("chat-previews").replaceChildren(...previews);
   });
   text.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -26,7 +28,7 @@ export function setupChat(models) {
   document.getElementById("chat-clear").addEventListener("click", () => {
     inFlight?.abort();
     history.length = 0;
-    document.getElementById("chat-log").replaceChildren();
+    log.replaceChildren();
     clearErrors(form);
     text.focus();
   });
@@ -49,8 +51,10 @@ export function setupChat(models) {
     const answer = addTurn("assistant", "");
     inFlight = new AbortController();
     stop.disabled = false;
+    log.setAttribute("aria-busy", "true");
     try {
-      const reply = await stream(form, [...history, message], inFlight.signal, (delta) => (answer.text.textContent += delta));
+      const onDelta = (delta) => (answer.text.textContent += delta);
+      const reply = await stream(form, [...history, message], inFlight.signal, onDelta);
       history.push(message, { role: "assistant", content: reply });
       resetInputs();
     } catch (err) {
@@ -68,6 +72,7 @@ export function setupChat(models) {
     } finally {
       inFlight = null;
       stop.disabled = true;
+      log.removeAttribute("aria-busy");
     }
   });
 }

@@ -26,4 +26,5 @@ export function startStatus() {
   poll();
   setInterval(poll, EVERY_MS);
   document.addEventListener("visibilitychange", poll);
+  window.addEventListener("apikeychange", poll);
 }

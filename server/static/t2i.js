@@ -26,7 +26,8 @@ export function setupT2I(models) {
 // A model's sizes and defaults; max_steps becomes the spinbutton's max (the server still decides).
 function applyDefaults(form, model) {
   const { size, num_inference_steps: steps, guidance_scale: guidance } = form.elements;
-  size.replaceChildren(...model.sizes.map((s) => new Option(s.replace("x", " × "), s, false, s === model.default_size)));
+  const label = (s) => s.replace("x", " × ");
+  size.replaceChildren(...model.sizes.map((s) => new Option(label(s), s, false, s === model.default_size)));
   steps.value = model.default_steps;
   steps.max = model.max_steps;
   guidance.value = model.default_guidance_scale;
