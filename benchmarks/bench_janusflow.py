@@ -1,0 +1,190 @@
+"""JanusFlow model-level benchmark, ours against the reference-style baselines in the same run.
+
+- text-to-image, N Euler steps with CFG: ours (prompt KV computed once, 1 + G tokens per step)
+  vs the official loop (full [prompt | t_emb | image] recompute every step); seconds per image;
+- chat decode tokens/s at concurrency 1/8/32: our continuous batcher vs transformers
+  `generate()` (dynamic cache, greedy, same prompts, EOS ignored so every stream runs its budget).
+
+Random weights in the real JanusFlow-1.3B architecture on CUDA in bf16 (timing does not depend on
+the weight values); `--tiny` runs the tiny preset on CPU end to end in well under a minute.
+
+    python -m benchmarks.bench_janusflow [--tiny] [--out benchmarks/out/]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedTokenizerFast
+
+from model_zoo.janusflow.config import JanusFlowConfig, preset
+from model_zoo.janusflow.decoder import SlotDecoder
+from model_zoo.janusflow.loading import JanusFlowParts
+from model_zoo.janusflow.pipeline import JanusFlowPipeline
+from model_zoo.janusflow.processor import SYSTEM_PROMPT, USER, ImageProcessorConfig, JanusFlowProcessor, sft_prompt
+from model_zoo.janusflow.random_checkpoint import build_tokenizer, random_model, random_vae
+from server.chat.batcher import ChatSequence, ContinuousBatcher
+
+PROMPT = "a photo of a cat sitting on a red chair next to a blue square"
+QUESTION = "describe the image in detail and write a short poem about the sea"
+
+
+def random_parts(name: str, device: torch.device, dtype: torch.dtype) -> JanusFlowParts:
+    cfg = JanusFlowConfig.from_dict(preset(name))
+    tok = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer())
+    side = cfg.understanding.image_size
+    proc = JanusFlowProcessor(tok, ImageProcessorConfig(image_size=side), cfg.understanding.num_tokens)
+    model = random_model(cfg, seed=0, device=device).to(dtype)
+    vae = random_vae(name, seed=0).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return JanusFlowParts(cfg, model, proc, vae, device, dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds after warm-up, synchronised at both ends."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def reference_t2i(parts: JanusFlowParts, prompt: str, z: torch.Tensor, steps: int, w: float) -> torch.Tensor:
+    """The official demo loop: the whole sequence through the LLM at every step."""
+    model, proc = parts.model, parts.processor
+    lm, B, G = model.language_model, z.shape[0], parts.num_gen_tokens
+    ids = torch.tensor(proc.t2i_prefix(prompt) + [proc.image_start_id], device=z.device)
+    tokens = torch.stack([ids] * 2 * B)
+    tokens[B:, 1:] = proc.pad_id
+    embeds = lm.get_input_embeddings()(tokens)[:, :-1]
+    mask = torch.ones(2 * B, embeds.shape[1] + 1 + G, dtype=torch.int, device=z.device)
+    mask[B:, 1:embeds.shape[1]] = 0
+    dt = torch.zeros_like(z) + 1.0 / steps
+    for step in range(steps):
+        t = torch.full((2 * B,), step / steps * 1000.0, device=z.device).to(dt)
+        tokens_g, t_emb, skips = model.encode_latents(torch.cat([z, z]), t)
+        hidden = lm.model(inputs_embeds=torch.cat([embeds, t_emb[:, None], tokens_g], 1),
+                          attention_mask=mask).last_hidden_state
+        v_cond, v_uncond = model.decode_velocity(hidden[:, -G:], skips, t_emb).chunk(2)
+        z = z + dt * (w * v_cond - (w - 1.0) * v_uncond)
+    return z
+
+
+def bench_t2i(parts: JanusFlowParts, steps: int, repeats: int) -> dict:
+    pipe = JanusFlowPipeline(parts)
+    z = pipe.noise([0])
+    prefixes, _ = pipe.prefixes([PROMPT])
+    ours = timed(lambda: pipe.sample(prefixes, z, steps, 2.0), parts.device, repeats)
+    ours_e2e = timed(lambda: pipe.decode(pipe.sample(prefixes, z, steps, 2.0)), parts.device, repeats)
+    ref = timed(lambda: reference_t2i(parts, PROMPT, z, steps, 2.0), parts.device, repeats)
+    return {"steps": steps, "batch": 1, "ours_sample_s": ours, "ours_with_vae_s": ours_e2e,
+            "reference_sample_s": ref, "speedup": ref / ours, "prompt_tokens": len(prefixes[0])}
+
+
+def chat_prompt(parts: JanusFlowParts) -> list[int]:
+    ids, _ = parts.processor.chat_ids(sft_prompt([(USER, QUESTION)], SYSTEM_PROMPT))
+    return ids
+
+
+def ours_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int, max_len: int) -> float:
+    ids = chat_prompt(parts)
+    batcher = ContinuousBatcher(SlotDecoder(parts, concurrency, max_len), parts.tokenizer, eos_id=-1,
+                                max_waiting=concurrency).start()
+    finished, done = [], threading.Event()
+
+    def emit(event):                       # runs on the batcher thread
+        if event.finish_reason:
+            finished.append(event)
+            if len(finished) == concurrency:
+                done.set()
+
+    seqs = [ChatSequence(ids, None, [], new_tokens, 0.0, 1.0, [], None, emit) for _ in range(concurrency)]
+    sync(parts.device)
+    start = time.perf_counter()
+    for seq in seqs:
+        batcher.submit(seq)
+    done.wait()
+    elapsed = time.perf_counter() - start
+    batcher.close()
+    return concurrency * new_tokens / elapsed
+
+
+@torch.inference_mode()
+def hf_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int) -> float:
+    lm, ids = parts.model.language_model, chat_prompt(parts)
+    input_ids = torch.tensor([ids] * concurrency, device=parts.device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=parts.processor.pad_id, eos_token_id=None)
+    lm.generate(input_ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})     # warm-up
+    sync(parts.device)
+    start = time.perf_counter()
+    lm.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+    sync(parts.device)
+    return concurrency * new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny preset on CPU (end-to-end check)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = ap.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("the 1.3B benchmark needs CUDA; use --tiny on CPU")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    name = "tiny" if args.tiny else "janusflow-1.3b"
+    parts = random_parts(name, device, dtype)
+    steps, repeats, new_tokens = (30, 2, 16) if args.tiny else (30, 5, 128)
+    concurrency = (1, 8, 32)
+    result = {
+        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+        "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "preset": name,
+        "t2i": bench_t2i(parts, steps, repeats),
+        "decode": [{"concurrency": c, "new_tokens": new_tokens,
+                    "ours_tok_s": ours_decode(parts, c, new_tokens, len(chat_prompt(parts)) + new_tokens + 1),
+                    "hf_generate_tok_s": hf_decode(parts, c, new_tokens)} for c in concurrency],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_janusflow_tiny" if args.tiny else "bench_janusflow"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    t = r["t2i"]
+    lines = [f"JanusFlow ({r['preset']}), {r['device']}, torch {r['torch']}, transformers {r['transformers']}, "
+             f"{r['dtype']}, {r['date']}", "",
+             "| text-to-image, 1 image, CFG, steps | ours (KV reuse) | ours + VAE | reference recompute | speedup |",
+             "|---|---|---|---|---|",
+             f"| {t['steps']} | {t['ours_sample_s']:.3f} s | {t['ours_with_vae_s']:.3f} s | "
+             f"{t['reference_sample_s']:.3f} s | {t['speedup']:.2f}x |", "",
+             "| decode, concurrency | new tokens each | ours tok/s (aggregate) | HF generate tok/s | ratio |",
+             "|---|---|---|---|---|"]
+    for d in r["decode"]:
+        lines.append(f"| {d['concurrency']} | {d['new_tokens']} | {d['ours_tok_s']:.0f} | "
+                     f"{d['hf_generate_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_generate_tok_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
