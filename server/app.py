@@ -150,6 +150,8 @@ def _specs(body: ImageGenerationRequest, card: ModelCard, max_n: int) -> list[Im
     seed = random_seed() if body.seed is None else body.seed
     if seed + body.n - 1 > MAX_SEED:
         raise APIError(400, f"seed + n - 1 must not exceed {MAX_SEED}", param="seed")
+    if body.negative_prompt is not None and not card.supports_negative_prompt:
+        raise APIError(400, f"{card.name} does not take a negative_prompt", param="negative_prompt")
     negative = d.negative_prompt if body.negative_prompt is None else body.negative_prompt
     width, height = parse_size(size)
     return [ImageSpec(body.prompt, negative, seed + i, width, height, steps, guidance) for i in range(body.n)]
