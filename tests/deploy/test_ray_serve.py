@@ -61,3 +61,13 @@ def test_two_replicas_serve_concurrent_traffic_with_single_node_images(ray_url, 
     for seed in SEEDS:
         assert np.abs(on_ray[seed].astype(int) - reference[seed].astype(int)).max() <= 1, seed
     assert np.abs(on_ray[0].astype(int) - on_ray[1].astype(int)).max() > 0
+
+
+def test_settings_take_arguments_over_environment():
+    from deploy.ray_serve import RaySettings
+
+    s = RaySettings.from_sources({"max_replicas": "4", "warmup": "false"},
+                                 {"RFSERVE_MAX_REPLICAS": "2", "RFSERVE_MODELS": "a, b=/m?variant=fp16",
+                                  "RFSERVE_GPUS_PER_REPLICA": "0.5"})
+    assert (s.max_replicas, s.warmup, s.gpus_per_replica) == (4, False, 0.5)
+    assert s.models == ["a", "b=/m?variant=fp16"] and s.engine_config().models == s.models
