@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--open-rate", type=float, default=None, help="req/s (default: 80%% of saturation)")
     p.add_argument("--open-requests", type=int, default=200)
     p.add_argument("--port", type=int, default=8777)
+    p.add_argument("--server-args", default="", help="extra `rfserve serve` flags for the HTTP level")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_http:
             body = {"prompt": "two red circles on a blue background", "model": spec.split("=")[0]}
             body |= {"num_inference_steps": args.steps} if args.steps else {}
-            server_args = f"--model {shlex.quote(spec)} --device {device.type} --max-queue 4096"
+            server_args = f"--model {shlex.quote(spec)} --device {device.type} --max-queue 4096 {args.server_args}"
             report["http"] = http_level(server_args, args.port, body, _ints(args.concurrency), args.requests,
                                         args.open_rate, args.open_requests)
     args.out.mkdir(parents=True, exist_ok=True)
