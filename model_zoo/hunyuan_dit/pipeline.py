@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer
-from model_zoo.hunyuan_dit.components import HunyuanComponents
+from model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
 from model_zoo.hunyuan_dit.noise import seeded_noise
@@ -98,6 +98,11 @@ class HunyuanPipeline:
         with timer.stage("decode"):
             images = p.decode(latents)
         return images, truncated
+
+    def kept_prompt(self, prompt: str) -> str:
+        """What the shorter encoder (BERT, 77 tokens) reads of an over-long prompt."""
+        tok = self.parts.tokenizer
+        return tok.decode(tok(prompt, truncation=True, max_length=BERT_TOKENS).input_ids, skip_special_tokens=True)
 
     def run(self, specs: list[ImageSpec]) -> BatchOutput:
         timer = StageTimer(sync=self.parts.synchronize)
