@@ -73,7 +73,7 @@ def test_watchdog_reports_a_hung_batch_then_recovers(tiny_sd):
 def test_sigterm_answers_in_flight_work_then_exits_zero(tiny_sd):
     srv = ServerProcess("--model", f"instaflow-2rf={tiny_sd}", "--max-batch", "2", "--shutdown-grace", "60")
     try:
-        slow = {**BASE, "size": "32x32", "num_inference_steps": 20}
+        slow = {**BASE, "size": "32x32", "num_inference_steps": 30}
         results = [None] * 6
 
         def call(i):
