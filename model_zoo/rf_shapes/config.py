@@ -11,13 +11,16 @@ from dataclasses import dataclass, field, replace
 @dataclass(frozen=True)
 class ModelConfig:
     unet_channels: tuple[int, ...] = (32, 64, 96)
-    vae_channels: tuple[int, ...] = (8, 16, 32)  # 3 levels: 64x64 pixels -> 16x16 latents
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 levels: 64x64 pixels -> 16x16 latents
     latent_channels: int = 4
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
     attention_head_dim: int = 8
-    norm_groups: int = 16
+    # GroupNorm removes each group's spatial mean; flat-colour images carry their colour in
+    # the differences between channel means, so groups must span several channels.
+    norm_groups: int = 8
+    vae_norm_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -34,18 +37,20 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
     dataset_size: int = 16_000  # images rendered and VAE-encoded once, reused by the 1-RF stage
-    vae: StageConfig = StageConfig(steps=400, batch=32, lr=2e-3, warmup=20, ema=0.0)
+    vae: StageConfig = StageConfig(steps=600, batch=32, lr=4e-4, warmup=20, ema=0.0)
     kl_weight: float = 1e-6
-    teacher: StageConfig = StageConfig(steps=1200, batch=64, lr=5e-4)
+    decoder: StageConfig = StageConfig(steps=1200, batch=32, lr=4e-4, warmup=20, ema=0.0)
+    decoder_edge_weight: float = 10.0
+    teacher: StageConfig = StageConfig(steps=1100, batch=64, lr=5e-4)
     caption_dropout: float = 0.1  # empty caption, so CFG against "" works
     reflow_pairs: int = 3072
     reflow_ode_steps: int = 10  # Euler steps of the 1-RF teacher ODE that makes the pairs
     reflow_guidance: float = 2.0  # CFG used to make the pairs (and baked into 2-RF and the one-step model)
-    rf2: StageConfig = StageConfig(steps=800, batch=64, lr=2e-4)
+    rf2: StageConfig = StageConfig(steps=700, batch=64, lr=2e-4)
     anneal_fraction: float = 0.3  # SlimFlow annealing reflow: independent pairs fade out over this fraction
     distill_pairs: int = 3072
     distill_ode_steps: int = 4  # 2-RF ODE steps that make the distillation targets
-    distill: StageConfig = StageConfig(steps=700, batch=64, lr=1e-4)
+    distill: StageConfig = StageConfig(steps=600, batch=64, lr=1e-4)
     eval_samples: int = 384
 
 
@@ -53,9 +58,10 @@ PRESETS: dict[str, TrainConfig] = {
     "full": TrainConfig(),
     "tiny": TrainConfig(
         model=ModelConfig(unet_channels=(16, 32, 32), vae_channels=(8, 16, 16), text_width=32,
-                          text_layers=1, norm_groups=8),
+                          text_layers=1, norm_groups=4),
         dataset_size=256,
         vae=StageConfig(steps=10, batch=16, lr=1e-3, warmup=2, ema=0.0),
+        decoder=StageConfig(steps=5, batch=16, lr=1e-3, warmup=2, ema=0.0),
         teacher=StageConfig(steps=10, batch=16, lr=5e-4, warmup=2),
         reflow_pairs=64, reflow_ode_steps=4,
         rf2=StageConfig(steps=10, batch=16, lr=2e-4, warmup=2),

@@ -13,7 +13,7 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=min(cfg.norm_groups, 8),
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=cfg.vae_norm_groups,
         sample_size=IMAGE_SIZE, mid_block_add_attention=False)
 
 

@@ -76,6 +76,33 @@ def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, gen
     vae.eval()
 
 
+def _edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """(B, 1, H, W): 1 + edge_weight where a 3x3 neighbourhood holds two colours (shape outlines)."""
+    spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)  # (B, 3, H, W): local max - min
+    return 1 + edge_weight * (spread.sum(1, keepdim=True) > 0.2).float()
+
+
+def refine_decoder(vae, images: torch.Tensor, cfg: StageConfig, edge_weight: float, gen: torch.Generator,
+                   log: list):
+    """Decoder-only fine-tuning with MSE + L1 weighted towards shape outlines, since the outline is what
+    tells a square from a circle. The encoder is frozen, so the flow models' latent space is unchanged."""
+    vae.requires_grad_(False).decoder.requires_grad_(True).train()
+    vae.post_quant_conv.requires_grad_(True)
+
+    def loss_fn(step):
+        x = images[torch.randint(len(images), (cfg.batch,), generator=gen)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        w = _edge_weights(x, edge_weight)
+        err = (rec - x).abs()
+        return (w * (err + err ** 2)).mean() / w.mean()
+
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    _fit("vae decoder", params, cfg, loss_fn, log)
+    vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Unscaled posterior modes (N, C, h, w)."""

@@ -41,6 +41,8 @@ class Run:
         self.out, self.resume = out, resume
         (out / "stages").mkdir(parents=True, exist_ok=True)
         self.log: dict = {}
+        log_file = out / "train_log.json"
+        self.previous = json.loads(log_file.read_text()) if resume and log_file.exists() else {}
 
     def save_log(self) -> None:
         (self.out / "train_log.json").write_text(json.dumps(self.log, indent=2, default=str) + "\n")
@@ -56,7 +58,8 @@ class Run:
                     t.load_state_dict({k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")})
                 else:
                     templates[key] = flat[key]
-            self.log.setdefault(name, {})["resumed"] = True
+            # Keep the losses and timings the cached stage logged when it ran.
+            self.log[name] = {**self.log.get(name, {}), **self.previous.get(name, {}), "resumed": True}
             return templates
         result = fn()
         flat = {}
@@ -86,9 +89,25 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 64, 64) in [-1, 1]
 
 
+def refine_decoder_stage(cfg: TrainConfig, run: Run, vae, pixels: torch.Tensor) -> None:
+    """Sharpen the decoder; independent of the flow stages, which only see encoder latents."""
+    run.log["vae_decoder"] = {"loss": []}
+
+    def refine():
+        stages.refine_decoder(vae, pixels, cfg.decoder, cfg.decoder_edge_weight, gen_for(cfg, 7),
+                              run.log["vae_decoder"]["loss"])
+        return {"vae": vae}
+    run.stage("vae_decoder", refine, {"vae": vae})
+
+
+def gen_for(cfg: TrainConfig, stage: int) -> torch.Generator:
+    """One random stream per stage, so a cached stage never shifts the others."""
+    return torch.Generator().manual_seed(cfg.seed * 1000 + stage)
+
+
 def train(cfg: TrainConfig, run: Run) -> dict:
     torch.manual_seed(cfg.seed)
-    gen = lambda k: torch.Generator().manual_seed(cfg.seed * 1000 + k)  # noqa: E731 one stream per stage
+    gen = lambda k: gen_for(cfg, k)  # noqa: E731
     log = run.log
     log["config"] = dataclasses.asdict(cfg)
     tokenizer = build_tokenizer()
@@ -107,6 +126,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     vae_out = run.stage("vae", vae_stage, {"vae": vae, "scaling_factor": None})
     vae.register_to_config(scaling_factor=float(vae_out["scaling_factor"][0]))
     vae.eval().requires_grad_(False)
+    refine_decoder_stage(cfg, run, vae, pixels)
     held, held_scenes, _ = make_batch(cfg.seed + 7, 256, held_out=True)
     recon = decode(vae, stages.encode_latents(vae, to_tensor(held)) * vae.config.scaling_factor)
     log["vae"].update(scaling_factor=vae.config.scaling_factor, checker_on_reconstructions=check(recon, held_scenes))
@@ -181,10 +201,13 @@ def main() -> None:
                               "threads": args.threads, "date": datetime.now(timezone.utc).isoformat()}
     folders = train(cfg, run)
     run.log["train_seconds"] = round(time.perf_counter() - start, 1)
+    # With --resume, the wall time above excludes cached stages; this sums what each stage took when it ran.
+    run.log["stage_seconds_total"] = round(sum(v.get("seconds", 0) for v in run.log.values() if isinstance(v, dict)), 1)
     run.log["eval"] = evaluate_checkpoints(folders, cfg.eval_samples)
     run.log["total_seconds"] = round(time.perf_counter() - start, 1)
     run.save_log()
-    print(json.dumps({k: run.log[k] for k in ("train_seconds", "checkpoint_mb", "eval")}, indent=2))
+    print(json.dumps({k: run.log[k] for k in ("train_seconds", "stage_seconds_total", "checkpoint_mb", "eval")},
+                     indent=2))
 
 
 if __name__ == "__main__":
