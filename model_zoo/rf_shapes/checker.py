@@ -18,6 +18,7 @@ _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (K, 
 CONFIDENT_DIST = 70.0  # RGB distance under which a pixel counts as "that palette colour"
 MIN_BLOB_AREA = 8  # pixels; smaller blobs are edge noise
 MIN_BLOB_FRACTION = 0.2  # of the largest blob; smaller ones are fragments
+FEATURE_DIM = 16  # colours 6, blob counts/areas 3, shape IoUs 3, centre 2, coverage 2
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ def label_pixels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dist = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - _PALETTE_RGB, axis=-1)  # (H, W, K)
     return dist.argmin(-1), dist.min(-1)
 
-
-FEATURE_DIM = 16
 
 
 def read(image: np.ndarray) -> Reading:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from model_zoo.rf_shapes.checker import check, read
+from model_zoo.rf_shapes.checker import FEATURE_DIM, check, read
 from model_zoo.rf_shapes.data import HELD_OUT, SHAPES, Scene, all_scenes, make_batch, parse_caption, render
 from model_zoo.rf_shapes.tokenizer import build_tokenizer
 
@@ -45,6 +45,8 @@ def test_checker_accuracy_on_procedural_images(held_out):
     images, scenes, _ = make_batch(77, 150, held_out=held_out)
     acc = check(images, scenes)
     assert acc["all"] >= 0.98, acc
+    features = read(images[0]).features
+    assert features.shape == (FEATURE_DIM,) and np.isfinite(features).all()
 
 
 def test_checker_rejects_the_wrong_caption():
