@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile-mode", default=d.compile_mode, help="torch.compile mode")
     serve.add_argument("--batch-buckets", default=",".join(map(str, d.batch_buckets)),
                        help="batch sizes captured by the fast path, comma-separated")
+    serve.add_argument("--cpu-threads", type=int, default=None,
+                       help="torch threads when serving on CPU (default: cores - 1)")
     serve.add_argument("--no-warmup", action="store_true")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info")
@@ -107,7 +109,7 @@ def serve(args) -> None:
                           fault_injection=args.enable_fault_injection, log_prompts=args.log_prompts,
                           api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
                           cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,
-                          batch_buckets=_buckets(args.batch_buckets))
+                          batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads)
     engine = Engine(config)
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
     server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)

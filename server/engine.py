@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -53,6 +54,10 @@ class Engine:
         if len(set(names)) != len(names):
             raise ValueError(f"model served twice: {names}")
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            # On a small CPU the event loop, PNG encoding and the model compete for cores;
+            # oversubscribing them measured slower than leaving one core to serving.
+            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.models: dict[str, LoadedModel] = {}
         self.plans: dict[str, BucketPlan] = {}

@@ -125,6 +125,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._image_seconds: dict[str, float] = {m: 0.0 for m in models}   # EWMA of batch time per image
+        self._last_arrival: dict[str, float] = {}
+        self._arrival_gap: dict[str, float] = {m: 0.0 for m in models}     # EWMA of seconds between jobs
 
     # -- producer side (event loop) ------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -136,7 +138,15 @@ class Batcher:
             if time.monotonic() + self.estimated_wait(job.model, len(job.specs)) > job.deadline:
                 raise QueueFull(self.retry_after(job.model), would_miss_deadline=True)
             queue.append(job)
+            self._note_arrival(job.model, job.arrival)
             self._cond.notify()
+
+    def _note_arrival(self, model: str, now: float) -> None:
+        last = self._last_arrival.get(model)
+        self._last_arrival[model] = now
+        if last is not None:
+            gap, prev = now - last, self._arrival_gap[model]
+            self._arrival_gap[model] = gap if prev == 0 else 0.8 * prev + 0.2 * gap
 
     def depth(self, model: str) -> int:
         return len(self._queues[model])
@@ -202,8 +212,11 @@ class Batcher:
         """Wait (releasing the lock) until the head job has company or waited long enough."""
         queue = self._queues[model]
         head = queue[0]
+        # Waiting only pays when company is likely to arrive in time: with sparse traffic
+        # (one client in a closed loop, say) the lone job runs at once.
+        patience = self.max_wait if self._arrival_gap[model] < self.max_wait else 0.0
         while not self._closed:
-            ready_at = head.arrival + self.max_wait
+            ready_at = head.arrival + patience
             if self._compatible_images(queue, head.key) >= self.max_batch or time.monotonic() >= ready_at:
                 break
             self._cond.wait(ready_at - time.monotonic())

@@ -127,3 +127,14 @@ def test_job_cancelled_exception_type():
     assert b.next_batch(timeout=0) is None
     with pytest.raises(JobCancelled):
         j.future.result(timeout=0)
+
+
+def test_sparse_arrivals_do_not_wait_for_company():
+    b = make(max_wait_ms=200)
+    b.submit(job())
+    b.next_batch(timeout=0.5)
+    time.sleep(0.3)                              # one client at a time: arrivals far apart
+    b.submit(job())
+    start = time.monotonic()
+    assert b.next_batch(timeout=1).size == 1
+    assert time.monotonic() - start < 0.1
