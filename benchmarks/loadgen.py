@@ -73,6 +73,7 @@ async def open_loop(url: str, body: dict, rate: float, requests: int, *, disconn
     statuses: dict[str, int] = {}
     latencies: list[float] = []
     aborted = lost = images = 0
+    errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def one(i: int):
@@ -93,8 +94,9 @@ async def open_loop(url: str, body: dict, rate: float, requests: int, *, disconn
                     images += body.get("n", 1)
             except asyncio.CancelledError:
                 aborted += 1
-            except httpx.HTTPError:
+            except httpx.HTTPError as err:
                 lost += 1
+                errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
             finally:
                 on_done()
 
@@ -105,7 +107,8 @@ async def open_loop(url: str, body: dict, rate: float, requests: int, *, disconn
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - wall
     return {"offered_rate": rate, "achieved_rate": requests / wall, "requests": requests, "wall_s": wall,
-            "statuses": statuses, "aborted": aborted, "lost": lost, "images_per_s": images / wall,
+            "statuses": statuses, "aborted": aborted, "lost": lost, "lost_by_error": errors,
+            "images_per_s": images / wall,
             "p50_ms": percentile(latencies, 0.5) * 1000, "p90_ms": percentile(latencies, 0.9) * 1000,
             "p99_ms": percentile(latencies, 0.99) * 1000}
 
