@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def _footer(fig, report: dict) -> None:
     env = report["env"]
-    fig.text(0.01, 0.01, f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=7, color="gray")
+    fig.text(0.01, -0.04, f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=7, color="gray")
 
 
 def plot_latency(report: dict, path: Path) -> None:
