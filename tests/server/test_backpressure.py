@@ -14,7 +14,7 @@ SLOW = {"model": "instaflow-2rf", "prompt": "slow", "size": "32x32", "num_infere
 @pytest.fixture(scope="module")
 def server(tiny_sd):
     srv = ServerProcess("--model", f"instaflow-2rf={tiny_sd}", "--max-batch", "1", "--max-queue", "2",
-                        "--max-wait-ms", "0", "--request-timeout", "30")
+                        "--max-wait-ms", "0", "--request-timeout", "30", "--enable-fault-injection")
     yield srv
     srv.stop()
 
@@ -44,9 +44,10 @@ def test_full_queue_answers_429_with_retry_after(server):
 def test_disconnected_client_is_dropped_before_it_runs(server):
     images_before = server.metric("rfserve_images_total", model="instaflow-2rf")
     dropped_before = server.metric("rfserve_jobs_dropped_total", reason="client_gone")
-    running = threading.Thread(target=post, args=(server, {**SLOW, "seed": 1}))
+    hold = {**SLOW, "prompt": "__rfserve_fault__:hang=2", "num_inference_steps": 1, "seed": 1}
+    running = threading.Thread(target=post, args=(server, hold))
     running.start()
-    time.sleep(0.3)                       # the first job is now on the worker
+    time.sleep(0.3)                       # the first job now holds the worker for 2 s
     with pytest.raises(httpx.TimeoutException):
         post(server, {**SLOW, "seed": 2}, timeout=0.5)   # queued behind it, then the client leaves
     running.join()
