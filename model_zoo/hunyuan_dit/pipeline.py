@@ -14,7 +14,8 @@ from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
 from model_zoo.hunyuan_dit.noise import seeded_noise
 from model_zoo.hunyuan_dit.schedulers import make_scheduler, scheduler_name, step_kwargs
-from model_zoo.hunyuan_dit.text import TextCache, TextEmbeddings
+from model_zoo.hunyuan_dit.text import TextEmbeddings
+from model_zoo.text_cache import TextEncoderCache
 from model_zoo.samplers import guidance_tensor
 from model_zoo.sd_components import to_uint8
 
@@ -31,7 +32,9 @@ class HunyuanPipeline:
         self.parts = parts
         self.scheduler = scheduler_name(parts.scheduler_config, scheduler)
         self.guidance_rescale = guidance_rescale
-        self.text = TextCache(parts.encode_text)
+        # A real entry is about 1.2 MB in bf16, so the cache stays small.
+        self.text = TextEncoderCache(parts.encode_text, capacity=64, row=TextEmbeddings.row,
+                                     cat=TextEmbeddings.cat)
         kernels.install_attention(parts.transformer, backend=attention_backend)
 
     @classmethod
