@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from benchmarks.loadgen import closed_loop, environment, open_loop, spawn, wait_ready
