@@ -15,9 +15,7 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import diffusers
@@ -25,6 +23,7 @@ import torch
 import transformers
 from diffusers import HunyuanDiTPipeline
 
+from benchmarks.timing import median_ms
 from model_zoo.base import ImageSpec, parse_size
 from model_zoo.hunyuan_dit import HunyuanPipeline
 from model_zoo.hunyuan_dit.arch import HunyuanArchConfig, build_random_hunyuan
@@ -34,26 +33,6 @@ from model_zoo.hunyuan_dit.noise import seeded_noise
 
 PROMPT = "a photo of a cat on a red square, high quality"
 TARGETS = "H100 targets: ≤ 60 ms per CFG step at 1024², ≤ 3.0 s end to end for 50 steps"
-
-
-def measure(fn, device: torch.device, warmup: int, repeat: int) -> float:
-    """Median milliseconds of `fn()`; CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def bench_diffusers(parts: dict, width: int, height: int, steps: int, ms) -> dict:
@@ -155,7 +134,7 @@ def main(argv=None):
     width, height = parse_size(scaled_size("1024x1024", cfg.transformer["sample_size"]))
 
     def ms(fn):
-        return measure(fn, device, warmup=1, repeat=args.repeat)
+        return median_ms(fn, device, warmup=1, repeat=args.repeat)
 
     with tempfile.TemporaryDirectory() as scratch:
         parts = build_random_hunyuan(cfg, seed=0, scratch=Path(scratch), device=device, dtype=dtype)

@@ -14,13 +14,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.timing import median_ms
 
 # (name, B, H, Lq, Lk, D, causal): anchors.md's table, SD cross-attention, Hunyuan-DiT, JanusFlow.
 GPU_ATTENTION = [
@@ -47,25 +47,6 @@ GPU_VELOCITY = [("SD1.5 512² bs16", (16, 4, 64, 64)), ("Hunyuan-DiT 1024² bs1"
 CPU_VELOCITY = [("tiny bs2", (2, 4, 16, 16))]
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def timer(device: torch.device, warmup: int, repeat: int):
-    def cuda_ms(fn):
-        from kernels.dispatch import time_ms
-
-        return time_ms(fn)
-
-    def cpu_ms(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cuda_ms if device.type == "cuda" else cpu_ms
 
 
 def matmul_peak_tflops(device, dtype, ms) -> float:
@@ -194,7 +175,11 @@ def main(argv=None):
     if not use_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = torch.bfloat16 if use_cuda else torch.float32  # the interpreter's bf16 dot is broken
-    ms = timer(device, warmup=3 if use_cuda else 1, repeat=10 if use_cuda else 3)
+    warmup, repeat = (3, 10) if use_cuda else (1, 3)
+
+    def ms(fn):
+        return median_ms(fn, device, warmup=warmup, repeat=repeat)
+
     peak = matmul_peak_tflops(device, dtype, ms)
     report = dict(
         environment=environment(device), dtype=str(dtype).removeprefix("torch."), peak_tflops=peak,

@@ -10,33 +10,17 @@ from __future__ import annotations
 import itertools
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import call_ms
 from model_zoo.base import ImageSpec, StageTimer, parse_size
 from model_zoo.fast_path import accelerate, finish_capture
 from model_zoo.loading import resolve_source
 from model_zoo.registry import load_model, parse_spec
 from model_zoo.sd_components import SDComponents
 from model_zoo.sd_config import save_random_sd
-
-
-def _timer(device: torch.device):
-    """Milliseconds for one call: CUDA events on GPU, wall clock on CPU."""
-    def run(fn) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1000
-    return run
 
 
 class PlainLoop:
@@ -115,7 +99,7 @@ def bench(spec_text: str | None, *, arch: str, batches: list[int], sizes: list[s
                          getattr(pipe, "scheduler", None))
         if dev.type == "cuda":
             accelerate(pipe.parts, compile_mode=compile_mode)
-        timer, rows = _timer(dev), []
+        timer, rows = (lambda fn: call_ms(fn, dev)), []
         d = card.defaults
         for size in sizes or [d.size]:
             w, h = parse_size(size)
