@@ -3,9 +3,8 @@ the source of the live /metrics scrape that the monitoring configs are checked a
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
 
-from tests.server.serving import ServerProcess
+from tests.server.serving import ServerProcess, openai_client
 
 RF_SHAPES = Path(__file__).parents[2] / "model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
 
@@ -22,7 +21,7 @@ def served_model(tiny_sd) -> tuple[str, str, str]:
 def single_node(served_model):
     spec, name, size = served_model
     server = ServerProcess("--model", spec, "--no-warmup")
-    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    client = openai_client(server)
     client.images.generate(model=name, prompt="a red circle", size=size, extra_body={"seed": 0})
     yield server
     server.stop()

@@ -1,18 +1,14 @@
 """Hunyuan-DiT end to end: a `rfserve serve` subprocess on the tiny checkpoint, driven through
 the official `openai` client."""
-import base64
-import io
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from openai import OpenAI
-from PIL import Image
 
 from model_zoo.base import ImageSpec
 from model_zoo.hunyuan_dit import HunyuanPipeline
-from tests.server.serving import ServerProcess
+from tests.server.serving import ServerProcess, decode_png, openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +25,15 @@ def server(tiny_hunyuan):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def test_served_images_match_the_in_process_pipeline(client, tiny_hunyuan):
     resp = client.images.generate(model="hunyuan-dit-v1.2", prompt="a red circle", n=2, size="160x96",
                                   response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 3})
     assert resp.seed == 42 and len(resp.data) == 2
-    served = [decode(d.b64_json) for d in resp.data]
+    served = [decode_png(d.b64_json) for d in resp.data]
     specs = [ImageSpec("a red circle", "", s, 160, 96, 3, 5.0) for s in (42, 43)]
     local = HunyuanPipeline.from_pretrained(tiny_hunyuan).run(specs).images
     for got, want in zip(served, local):

@@ -7,10 +7,10 @@ import json
 import httpx
 import numpy as np
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError
 from PIL import Image
 
-from tests.server.serving import ServerProcess
+from tests.server.serving import ServerProcess, openai_client
 
 pytestmark = pytest.mark.slow
 MODEL = "janusflow-1.3b"
@@ -25,7 +25,7 @@ def server(tiny_janus):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def data_url(img: Image.Image, fmt="PNG") -> str:

@@ -1,6 +1,9 @@
-"""Start `rfserve serve` as a subprocess on 127.0.0.1 and wait for /ready."""
+"""Start `rfserve serve` as a subprocess on 127.0.0.1 and wait for /ready; the official
+client for it, and PNG decoding of its answers."""
 from __future__ import annotations
 
+import base64
+import io
 import os
 import socket
 import subprocess
@@ -8,6 +11,9 @@ import sys
 import time
 
 import httpx
+import numpy as np
+from openai import OpenAI
+from PIL import Image
 
 
 def free_port() -> int:
@@ -56,3 +62,12 @@ class ServerProcess:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def openai_client(server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def decode_png(b64: str) -> np.ndarray:
+    """A `b64_json` image as (H, W, 3) uint8."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from openai import OpenAI
 from PIL import Image
 
-from tests.server.serving import ServerProcess
+from tests.server.serving import ServerProcess, openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_serve_with_no_model_serves_rf_shapes_offline():
     srv = ServerProcess()
     try:
-        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        client = openai_client(srv)
         assert [m.id for m in client.models.list().data] == ["rf-shapes"]
         resp = client.images.generate(prompt="two red circles on a blue background", n=2, extra_body={"seed": 1})
         images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in resp.data]

@@ -1,16 +1,14 @@
 """End to end against a real server process, through the official `openai` client."""
-import base64
 import io
 import threading
 
 import httpx
 import numpy as np
 import pytest
-from openai import OpenAI
 from PIL import Image
 
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
-from tests.server.serving import ServerProcess
+from tests.server.serving import ServerProcess, decode_png, openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +23,15 @@ def server(tiny_sd):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def test_b64_json_matches_in_process_pipeline_for_the_same_seed(client, tiny_sd):
     resp = client.images.generate(model="instaflow-2rf", prompt="a red circle", n=2, size="16x16",
                                   response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 2})
     assert resp.seed == 42 and len(resp.data) == 2
-    served = [decode(d.b64_json) for d in resp.data]
+    served = [decode_png(d.b64_json) for d in resp.data]
     pipe = InstaFlowPipeline.from_pretrained(tiny_sd)
     local = pipe.generate(["a red circle"] * 2, [42, 43], steps=2, guidance=1.5,
                           negative_prompts=["painting, unreal, twisted"] * 2)
