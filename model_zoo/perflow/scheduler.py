@@ -81,8 +81,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         n_train = self.config.num_train_timesteps
         t_c = timestep / n_train
         t_s, t_e = self.window(t_c)
-        ts = [int(t) for t in self.timesteps.tolist()]
-        t_next = ts[ts.index(int(timestep)) + 1] if ts.index(int(timestep)) + 1 < len(ts) else 0
+        ts = self.timesteps.tolist()
+        nxt = ts.index(int(timestep)) + 1
+        t_next = ts[nxt] if nxt < len(ts) else 0
         dt = (t_next - timestep) / n_train
         inv_span = 1.0 / (t_e - t_c)
         kind = self.config.prediction_type
