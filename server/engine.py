@@ -58,6 +58,8 @@ class Engine:
             # On a small CPU the event loop, PNG encoding and the model compete for cores;
             # oversubscribing them measured slower than leaving one core to serving.
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+        elif self.device.type == "cuda":
+            self.metrics.track_cuda(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.models: dict[str, LoadedModel] = {}
         self.plans: dict[str, BucketPlan] = {}

@@ -31,5 +31,14 @@ class Metrics:
                                   ["model"], registry=r)
         self.ready = Gauge("rfserve_ready", "1 once every model is loaded and warmed.", registry=r)
 
+    def track_cuda(self, device) -> None:
+        """Allocator gauges for the serving device, so a leak (memory not returning to its idle level after
+        aborted or failed batches) shows on the dashboard; DCGM sees only the whole card."""
+        import torch
+
+        for kind, read in (("allocated", torch.cuda.memory_allocated), ("reserved", torch.cuda.memory_reserved)):
+            Gauge(f"rfserve_cuda_memory_{kind}_bytes", f"Bytes the CUDA caching allocator has {kind}.",
+                  registry=self.registry).set_function(lambda read=read: read(device))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
