@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("ok", "requests", "answered", "aborted", "lost", "statuses",
-                                             "capacity_img_s", "achieved_rate", "rss_growth", "wall_s")}, indent=1))
+                                             "capacity_img_s", "arrival_rate", "achieved_rate", "rss_growth",
+                                             "wall_s")}, indent=1))
     return report
 
 
