@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-buckets", default=",".join(map(str, d.batch_buckets)),
                        help="batch sizes captured by the fast path, comma-separated")
     serve.add_argument("--cpu-threads", type=int, default=None,
-                       help="torch threads when serving on CPU (default: cores - 1)")
+                       help="fixed torch threads when serving on CPU (default: cores - 1, and all cores "
+                            "for the batch sizes warm-up measures faster on them)")
     serve.add_argument("--no-warmup", action="store_true")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info")

@@ -23,7 +23,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     image_store_items: int = 256      # `url` results kept for GET /v1/images/{id}
     image_store_ttl_s: float = 3600.0
-    cpu_threads: int | None = None    # torch threads on CPU; default leaves one core to HTTP and PNG work
+    cpu_threads: int | None = None    # fixed torch threads on CPU; default: cores - 1, all cores for the
+                                      # batch sizes warm-up measures faster on them
     warmup: bool = True
     compile: str = "auto"             # auto (on for CUDA) | on | off: the compiled fast path
     compile_mode: str = "reduce-overhead"   # torch.compile mode; reduce-overhead adds CUDA graphs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import replace
@@ -20,6 +19,7 @@ from server.config import ServerConfig
 from server.metrics import Metrics
 from server.scheduler import Batcher, Job
 from server.security import confine
+from server.threads import ThreadPlan, usable_cores
 from server.worker import Worker
 
 log = logging.getLogger("rfserve.engine")
@@ -55,14 +55,15 @@ class Engine:
             raise ValueError(f"model served twice: {names}")
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
-            # On a small CPU the event loop, PNG encoding and the model compete for cores;
-            # oversubscribing them measured slower than leaving one core to serving.
-            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            # On a small CPU the event loop, PNG encoding and the model compete for cores:
+            # small batches leave one core to serving; warm-up finds the sizes that pay for all.
+            torch.set_num_threads(config.cpu_threads or max(1, usable_cores() - 1))
         elif self.device.type == "cuda":
             self.metrics.track_cuda(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.models: dict[str, LoadedModel] = {}
         self.plans: dict[str, BucketPlan] = {}
+        self.thread_plans: dict[str, ThreadPlan] = {}
         self.batcher = Batcher(names, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                max_queue=config.max_queue,
                                on_drop=lambda m, why: self.metrics.dropped.labels(m, why).inc())
@@ -94,7 +95,8 @@ class Engine:
             for name, model in self.models.items():
                 self._warm(name, model, progress)
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
-                             fault_injection=self.config.fault_injection, plans=self.plans)
+                             fault_injection=self.config.fault_injection, plans=self.plans,
+                             threads=self.thread_plans)
         self.worker.start()
         self.metrics.ready.set(1)
         self.ready.set()
@@ -108,6 +110,8 @@ class Engine:
         if not (isinstance(pipe, SDFlowPipeline) and self.device.type == "cuda"):
             for _ in tqdm(range(1), desc=f"warming {name}", disable=not progress):
                 pipe.run([self.default_spec(card, "warm-up", 0)])
+            if self.device.type == "cpu" and self.config.cpu_threads is None:
+                self._plan_threads(name, pipe, card)
             return
         accelerate(pipe.parts, compile_mode=self.config.compile_mode if self.compiling else None)
         buckets = tuple(b for b in self.config.batch_buckets if b <= self.config.max_batch) or (1,)
@@ -119,6 +123,28 @@ class Engine:
             self.plans[name] = BucketPlan.measure(buckets, lambda n: self._time_batch(pipe, card, n))
         except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
             drop_compiled(pipe.parts, f"{type(err).__name__}: {err}")
+
+    def _plan_threads(self, name: str, pipe, card: ModelCard) -> None:
+        base, wide = torch.get_num_threads(), usable_cores()
+        warmed: set[int] = set()
+
+        def seconds(n: int, threads: int) -> float:
+            specs = [self.default_spec(card, "warm-up", i) for i in range(n)]
+            if n not in warmed:
+                pipe.run(specs)
+                warmed.add(n)
+            torch.set_num_threads(threads)
+            try:
+                start = time.perf_counter()
+                pipe.run(specs)
+                return time.perf_counter() - start
+            finally:
+                torch.set_num_threads(base)
+
+        sizes = tuple(b for b in self.config.batch_buckets if b <= self.config.max_batch) or (1,)
+        plan = ThreadPlan.measure(sizes, base, wide, seconds, single_image_s=seconds(1, base))
+        self.thread_plans[name] = plan
+        log.info("%s on CPU: %s", name, plan.describe())
 
     def _time_batch(self, pipe, card: ModelCard, n: int, repeats: int = 3) -> float:
         specs = [self.default_spec(card, "warm-up", i) for i in range(n)]

@@ -18,6 +18,7 @@ from server import faults
 from server.buckets import BucketPlan
 from server.metrics import Metrics
 from server.scheduler import Batch, Batcher, JobCancelled
+from server.threads import ThreadPlan
 
 log = logging.getLogger("rfserve.worker")
 
@@ -35,9 +36,11 @@ Rows = list[tuple[np.ndarray, bool] | PipelineError]   # per spec: (image, trunc
 
 class Worker:
     def __init__(self, batcher: Batcher, pipelines: dict[str, object], metrics: Metrics,
-                 *, fault_injection: bool = False, plans: dict[str, BucketPlan] | None = None):
+                 *, fault_injection: bool = False, plans: dict[str, BucketPlan] | None = None,
+                 threads: dict[str, ThreadPlan] | None = None):
         self.batcher, self.pipelines, self.metrics = batcher, pipelines, metrics
         self.plans = plans or {}
+        self.threads = threads or {}
         self.fault_injection = fault_injection
         self._thread = threading.Thread(target=self._loop, name="rfserve-worker", daemon=True)
         self.busy_since: float | None = None
@@ -97,6 +100,8 @@ class Worker:
             if self.fault_injection:
                 faults.inject(specs)
             padded = self._pad(model, specs)
+            if model in self.threads:
+                self.threads[model].apply(len(padded))
             out = self.pipelines[model].run(padded)
         except torch.OutOfMemoryError:
             _release_memory()

@@ -9,7 +9,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.server.serving import free_port
+from tests.server.serving import free_fixed_port
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def ray_url(served_model):
     from deploy.ray_serve import build_app
 
     spec, _, _ = served_model
-    port = free_port()
+    port = free_fixed_port()   # Ray's own processes bind ephemeral ports while it starts
     # address="local" always starts a private instance, never joins a cluster found on the machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

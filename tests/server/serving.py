@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,6 +21,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_fixed_port(low: int = 20000, high: int = 32000) -> int:
+    """A free port below Linux's ephemeral range, for servers that start many processes:
+    their own ephemeral binds can then never take it before the server listens."""
+    for port in random.sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 class ServerProcess:

@@ -1,0 +1,73 @@
+"""How many torch threads each batch size runs on, when serving on CPU.
+
+On a CPU the HTTP loop, PNG encoding and the model share a few cores. A small batch is
+mostly per-op dispatch overhead: extra intra-op threads add synchronisation and take the
+core that serving needs. A large batch is arithmetic, and every core pays. Where that line
+falls depends on the model and the image size, so warm-up measures it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import os
+
+import torch
+
+# Under load the extra threads compete with the HTTP loop, so in a quiet warm-up they must
+# be clearly faster, not just faster.
+WIDE_MARGIN = 0.85
+# A single image slower than this is compute-bound: every size runs wide, unmeasured.
+COMPUTE_BOUND_S = 0.25
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                      # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    base: int                       # threads for batches below `wide_from`
+    wide: int                       # threads from `wide_from` images up (all cores)
+    wide_from: int | None = None    # None: never wide
+
+    def threads_for(self, n: int) -> int:
+        return self.wide if self.wide_from is not None and n >= self.wide_from else self.base
+
+    def apply(self, n: int) -> None:
+        threads = self.threads_for(n)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def describe(self) -> str:
+        if self.wide_from is None:
+            return f"{self.base} thread(s) at every batch size"
+        if self.wide_from == 1:
+            return f"{self.wide} threads at every batch size"
+        return f"{self.base} thread(s) below {self.wide_from} images, {self.wide} from {self.wide_from}"
+
+    @classmethod
+    def measure(cls, sizes: tuple[int, ...], base: int, wide: int, seconds: Callable[[int, int], float],
+                single_image_s: float, rounds: int = 5) -> "ThreadPlan":
+        """`seconds(n, threads)` times one batch of n. The two thread counts alternate for
+        `rounds` and each keeps its best time, so a burst of noise cannot decide. Sizes are
+        tried from the largest down, stopping at the first where wide threads do not pay:
+        a smaller batch has even less work to share."""
+        if wide <= base:
+            return cls(base, base)
+        if single_image_s >= COMPUTE_BOUND_S:
+            return cls(base, wide, 1)
+        wide_from = None
+        for n in sorted(set(sizes), reverse=True):
+            best = {base: float("inf"), wide: float("inf")}
+            for _ in range(rounds):
+                for threads in best:
+                    best[threads] = min(best[threads], seconds(n, threads))
+            if best[wide] > WIDE_MARGIN * best[base]:
+                break
+            wide_from = n
+        return cls(base, wide, wide_from)

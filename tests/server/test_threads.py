@@ -1,0 +1,99 @@
+"""CPU thread plans: measured at warm-up, applied per batch by the worker."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model_zoo.base import BatchOutput, ImageSpec
+from server.config import ServerConfig
+from server.engine import Engine
+from server.metrics import Metrics
+from server.scheduler import Batcher, Job
+from server.threads import ThreadPlan
+from server.worker import Worker
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def costs(table):
+    """A `seconds(n, threads)` that looks up `table` and records every call."""
+    calls = []
+
+    def seconds(n, threads):
+        calls.append((n, threads))
+        return table[n, threads]
+
+    return seconds, calls
+
+
+def test_wide_from_the_smallest_size_where_all_cores_pay():
+    seconds, calls = costs({(16, 2): 5.0, (16, 1): 9.0, (8, 2): 3.0, (8, 1): 4.0,
+                            (4, 2): 2.0, (4, 1): 2.1, (2, 2): 1.0, (2, 1): 2.0})
+    plan = ThreadPlan.measure((1, 2, 4, 8, 16), 1, 2, seconds, single_image_s=0.01)
+    assert plan.wide_from == 8                      # at 4 the gain is under the margin
+    assert {n for n, _ in calls} == {16, 8, 4}      # the search stops there: 2 and 1 are never timed
+    assert [plan.threads_for(n) for n in (1, 4, 7, 8, 13, 16)] == [1, 1, 1, 2, 2, 2]
+
+
+def test_one_noisy_run_cannot_decide():
+    runs = iter([2.0, 9.0] + [2.0, 1.0] * 4)          # base, wide alternate; wide's first run hit a burst
+
+    plan = ThreadPlan.measure((8,), 1, 2, lambda n, t: next(runs), single_image_s=0.01)
+    assert plan.wide_from == 8
+
+
+def test_never_wide_when_it_does_not_pay_or_there_is_one_core():
+    seconds, calls = costs({(8, 2): 1.0, (8, 1): 1.0})
+    assert ThreadPlan.measure((1, 4, 8), 1, 2, seconds, single_image_s=0.01).wide_from is None
+    assert calls and {n for n, _ in calls} == {8}
+    alone = ThreadPlan.measure((1, 8), 1, 1, seconds, single_image_s=1.0)
+    assert alone.threads_for(8) == 1 and alone.wide_from is None
+
+
+def test_a_compute_bound_model_runs_wide_everywhere_unmeasured():
+    seconds, calls = costs({})
+    plan = ThreadPlan.measure((1, 8), 1, 4, seconds, single_image_s=2.0)
+    assert plan.threads_for(1) == 4 and not calls
+
+
+class ThreadRecordingPipeline:
+    def __init__(self):
+        self.threads = []
+
+    def run(self, specs):
+        self.threads.append((len(specs), torch.get_num_threads()))
+        return BatchOutput(np.zeros((len(specs), 2, 2, 3), np.uint8), [False] * len(specs), {})
+
+
+def test_worker_sets_threads_per_batch(restore_threads):
+    pipe = ThreadRecordingPipeline()
+    batcher = Batcher(["m"], max_batch=8, max_wait_ms=0, max_queue=10)
+    worker = Worker(batcher, {"m": pipe}, Metrics(), threads={"m": ThreadPlan(1, 2, wide_from=4)})
+    for n in (2, 4, 1):
+        batcher.submit(Job("m", [ImageSpec("p", "", s, 8, 8, 1, 0.0) for s in range(n)], time.monotonic() + 60))
+        worker.run_batch(batcher.next_batch(timeout=0))
+    assert pipe.threads == [(2, 1), (4, 2), (1, 1)]
+
+
+def test_engine_plans_threads_on_cpu_unless_fixed(tiny_sd, restore_threads):
+    spec = f"instaflow-0.9b={tiny_sd}"
+    measured = Engine(ServerConfig(models=[spec], device="cpu", max_batch=4))
+    try:
+        measured.load(progress=False)
+    finally:
+        measured.shutdown()
+    plan = measured.thread_plans["instaflow-0.9b"]
+    assert plan.base == max(1, plan.wide - 1) and plan.wide_from in (None, 1, 2, 4)
+    assert torch.get_num_threads() == plan.base          # measuring leaves the serving default
+    fixed = Engine(ServerConfig(models=[spec], device="cpu", max_batch=4, cpu_threads=1))
+    try:
+        fixed.load(progress=False)
+    finally:
+        fixed.shutdown()
+    assert fixed.thread_plans == {} and torch.get_num_threads() == 1
