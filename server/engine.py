@@ -126,15 +126,15 @@ class Engine:
 
     def _plan_threads(self, name: str, pipe, card: ModelCard) -> None:
         base, wide = torch.get_num_threads(), usable_cores()
-        warmed: set[int] = set()
+        warmed: set[tuple[int, int]] = set()
 
         def seconds(n: int, threads: int) -> float:
             specs = [self.default_spec(card, "warm-up", i) for i in range(n)]
-            if n not in warmed:
-                pipe.run(specs)
-                warmed.add(n)
             torch.set_num_threads(threads)
             try:
+                if (n, threads) not in warmed:          # first runs allocate and start the thread pool
+                    pipe.run(specs)
+                    warmed.add((n, threads))
                 start = time.perf_counter()
                 pipe.run(specs)
                 return time.perf_counter() - start

@@ -16,7 +16,7 @@ import torch
 
 # Under load the extra threads compete with the HTTP loop, so in a quiet warm-up they must
 # be clearly faster, not just faster.
-WIDE_MARGIN = 0.85
+WIDE_MARGIN = 0.9
 # A single image slower than this is compute-bound: every size runs wide, unmeasured.
 COMPUTE_BOUND_S = 0.25
 
@@ -52,22 +52,23 @@ class ThreadPlan:
 
     @classmethod
     def measure(cls, sizes: tuple[int, ...], base: int, wide: int, seconds: Callable[[int, int], float],
-                single_image_s: float, rounds: int = 5) -> "ThreadPlan":
-        """`seconds(n, threads)` times one batch of n. The two thread counts alternate for
-        `rounds` and each keeps its best time, so a burst of noise cannot decide. Sizes are
-        tried from the largest down, stopping at the first where wide threads do not pay:
-        a smaller batch has even less work to share."""
+                single_image_s: float, rounds: int = 7) -> "ThreadPlan":
+        """`seconds(n, threads)` times one batch of n. Every size and thread count is timed
+        once per round and keeps its best time, so a burst of other work (the HTTP server
+        starting beside warm-up, say) spoils rounds, not decisions. Wide threads start at
+        the smallest size from which every larger one gains from them."""
         if wide <= base:
             return cls(base, base)
         if single_image_s >= COMPUTE_BOUND_S:
             return cls(base, wide, 1)
+        sizes = sorted(set(sizes))
+        best = {(n, t): float("inf") for n in sizes for t in (base, wide)}
+        for _ in range(rounds):
+            for n, threads in best:
+                best[n, threads] = min(best[n, threads], seconds(n, threads))
         wide_from = None
-        for n in sorted(set(sizes), reverse=True):
-            best = {base: float("inf"), wide: float("inf")}
-            for _ in range(rounds):
-                for threads in best:
-                    best[threads] = min(best[threads], seconds(n, threads))
-            if best[wide] > WIDE_MARGIN * best[base]:
+        for n in reversed(sizes):
+            if best[n, wide] > WIDE_MARGIN * best[n, base]:
                 break
             wide_from = n
         return cls(base, wide, wide_from)

@@ -35,25 +35,27 @@ def costs(table):
 def test_wide_from_the_smallest_size_where_all_cores_pay():
     seconds, calls = costs({(16, 2): 5.0, (16, 1): 9.0, (8, 2): 3.0, (8, 1): 4.0,
                             (4, 2): 2.0, (4, 1): 2.1, (2, 2): 1.0, (2, 1): 2.0})
-    plan = ThreadPlan.measure((1, 2, 4, 8, 16), 1, 2, seconds, single_image_s=0.01)
-    assert plan.wide_from == 8                      # at 4 the gain is under the margin
-    assert {n for n, _ in calls} == {16, 8, 4}      # the search stops there: 2 and 1 are never timed
+    plan = ThreadPlan.measure((2, 4, 8, 16), 1, 2, seconds, single_image_s=0.01, rounds=3)
+    assert plan.wide_from == 8        # 4 gains under the margin, so 2's gain does not count
+    assert len(calls) == 3 * 8        # every size and thread count, once per round
     assert [plan.threads_for(n) for n in (1, 4, 7, 8, 13, 16)] == [1, 1, 1, 2, 2, 2]
 
 
-def test_one_noisy_run_cannot_decide():
-    runs = iter([2.0, 9.0] + [2.0, 1.0] * 4)          # base, wide alternate; wide's first run hit a burst
+def test_a_burst_of_noise_cannot_decide():
+    burst = iter(range(8))            # the first two rounds of wide runs are slowed
 
-    plan = ThreadPlan.measure((8,), 1, 2, lambda n, t: next(runs), single_image_s=0.01)
-    assert plan.wide_from == 8
+    def seconds(n, threads):
+        return 2.0 if threads == 1 else (9.0 if next(burst, 8) < 4 else 1.0)
+
+    assert ThreadPlan.measure((4, 8), 1, 2, seconds, single_image_s=0.01, rounds=5).wide_from == 4
 
 
 def test_never_wide_when_it_does_not_pay_or_there_is_one_core():
-    seconds, calls = costs({(8, 2): 1.0, (8, 1): 1.0})
-    assert ThreadPlan.measure((1, 4, 8), 1, 2, seconds, single_image_s=0.01).wide_from is None
-    assert calls and {n for n, _ in calls} == {8}
+    seconds, calls = costs({(8, 2): 1.0, (8, 1): 1.0, (4, 2): 0.5, (4, 1): 1.0})
+    assert ThreadPlan.measure((4, 8), 1, 2, seconds, single_image_s=0.01).wide_from is None
+    calls.clear()
     alone = ThreadPlan.measure((1, 8), 1, 1, seconds, single_image_s=1.0)
-    assert alone.threads_for(8) == 1 and alone.wide_from is None
+    assert alone.threads_for(8) == 1 and alone.wide_from is None and not calls
 
 
 def test_a_compute_bound_model_runs_wide_everywhere_unmeasured():
