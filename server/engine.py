@@ -129,7 +129,9 @@ class Engine:
         warmed: set[tuple[int, int]] = set()
 
         def seconds(n: int, threads: int) -> float:
-            specs = [self.default_spec(card, "warm-up", i) for i in range(n)]
+            # One sampling step: the choice depends on how much work each op has (batch and
+            # image size), not on how many steps repeat it, and many-step models stay cheap to time.
+            specs = [replace(self.default_spec(card, "warm-up", i), steps=1) for i in range(n)]
             torch.set_num_threads(threads)
             try:
                 if (n, threads) not in warmed:          # first runs allocate and start the thread pool

@@ -19,6 +19,9 @@ import torch
 WIDE_MARGIN = 0.9
 # A single image slower than this is compute-bound: every size runs wide, unmeasured.
 COMPUTE_BOUND_S = 0.25
+# Timed seconds after which no new round starts (at least two always run), so a slow or
+# oversubscribed CPU cannot stretch warm-up.
+BUDGET_S = 5.0
 
 
 def usable_cores() -> int:
@@ -52,7 +55,7 @@ class ThreadPlan:
 
     @classmethod
     def measure(cls, sizes: tuple[int, ...], base: int, wide: int, seconds: Callable[[int, int], float],
-                single_image_s: float, rounds: int = 7) -> "ThreadPlan":
+                single_image_s: float, rounds: int = 7, budget_s: float = BUDGET_S) -> "ThreadPlan":
         """`seconds(n, threads)` times one batch of n. Every size and thread count is timed
         once per round and keeps its best time, so a burst of other work (the HTTP server
         starting beside warm-up, say) spoils rounds, not decisions. Wide threads start at
@@ -63,9 +66,14 @@ class ThreadPlan:
             return cls(base, wide, 1)
         sizes = sorted(set(sizes))
         best = {(n, t): float("inf") for n in sizes for t in (base, wide)}
-        for _ in range(rounds):
+        spent = 0.0
+        for done in range(rounds):
+            if done >= 2 and spent >= budget_s:
+                break
             for n, threads in best:
-                best[n, threads] = min(best[n, threads], seconds(n, threads))
+                took = seconds(n, threads)
+                best[n, threads] = min(best[n, threads], took)
+                spent += took
         wide_from = None
         for n in reversed(sizes):
             if best[n, wide] > WIDE_MARGIN * best[n, base]:

@@ -35,7 +35,8 @@ def costs(table):
 def test_wide_from_the_smallest_size_where_all_cores_pay():
     seconds, calls = costs({(16, 2): 5.0, (16, 1): 9.0, (8, 2): 3.0, (8, 1): 4.0,
                             (4, 2): 2.0, (4, 1): 2.1, (2, 2): 1.0, (2, 1): 2.0})
-    plan = ThreadPlan.measure((2, 4, 8, 16), 1, 2, seconds, single_image_s=0.01, rounds=3)
+    plan = ThreadPlan.measure((2, 4, 8, 16), 1, 2, seconds, single_image_s=0.01, rounds=3,
+                              budget_s=float("inf"))
     assert plan.wide_from == 8        # 4 gains under the margin, so 2's gain does not count
     assert len(calls) == 3 * 8        # every size and thread count, once per round
     assert [plan.threads_for(n) for n in (1, 4, 7, 8, 13, 16)] == [1, 1, 1, 2, 2, 2]
@@ -47,7 +48,14 @@ def test_a_burst_of_noise_cannot_decide():
     def seconds(n, threads):
         return 2.0 if threads == 1 else (9.0 if next(burst, 8) < 4 else 1.0)
 
-    assert ThreadPlan.measure((4, 8), 1, 2, seconds, single_image_s=0.01, rounds=5).wide_from == 4
+    plan = ThreadPlan.measure((4, 8), 1, 2, seconds, single_image_s=0.01, rounds=5, budget_s=float("inf"))
+    assert plan.wide_from == 4
+
+
+def test_a_slow_cpu_stops_timing_after_two_rounds_past_the_budget():
+    seconds, calls = costs({(8, 2): 3.0, (8, 1): 4.0})
+    plan = ThreadPlan.measure((8,), 1, 2, seconds, single_image_s=0.01, rounds=7, budget_s=1.0)
+    assert len(calls) == 2 * 2 and plan.wide_from == 8
 
 
 def test_never_wide_when_it_does_not_pay_or_there_is_one_core():
