@@ -7,15 +7,14 @@ falls depends on the model and the image size, so warm-up measures it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
-import os
-
 import torch
 
-# Under load the extra threads compete with the HTTP loop, so in a quiet warm-up they must
-# be clearly faster, not just faster.
+# Extra threads must be clearly faster, not just faster: warm-up timings are noisy, and under
+# load the threads also compete with the HTTP loop.
 WIDE_MARGIN = 0.9
 # A single image slower than this is compute-bound: every size runs wide, unmeasured.
 COMPUTE_BOUND_S = 0.25
