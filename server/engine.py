@@ -102,6 +102,11 @@ class Engine:
         self.ready.set()
 
     @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes warm-up prepares: the configured buckets up to `--max-batch`."""
+        return tuple(b for b in self.config.batch_buckets if b <= self.config.max_batch) or (1,)
+
+    @property
     def compiling(self) -> bool:
         return self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
 
@@ -114,7 +119,7 @@ class Engine:
                 self._plan_threads(name, pipe, card)
             return
         accelerate(pipe.parts, compile_mode=self.config.compile_mode if self.compiling else None)
-        buckets = tuple(b for b in self.config.batch_buckets if b <= self.config.max_batch) or (1,)
+        buckets = self.buckets
         try:
             for b in tqdm(buckets, desc=f"capturing {name}", unit="bucket", disable=not progress):
                 for _ in range(2):                  # compile, then record the CUDA graph
@@ -143,8 +148,7 @@ class Engine:
             finally:
                 torch.set_num_threads(base)
 
-        sizes = tuple(b for b in self.config.batch_buckets if b <= self.config.max_batch) or (1,)
-        plan = ThreadPlan.measure(sizes, base, wide, seconds, single_image_s=seconds(1, base))
+        plan = ThreadPlan.measure(self.buckets, base, wide, seconds, single_image_s=seconds(1, base))
         self.thread_plans[name] = plan
         log.info("%s on CPU: %s", name, plan.describe())
 
