@@ -62,45 +62,33 @@ def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, ema: EMA
             running = []
 
 
-def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, gen: torch.Generator, log: list):
-    """images: (N, 3, 64, 64) in [-1, 1]. Reconstruction MSE + a small KL, as for the SD autoencoder."""
-    vae.train()
-
-    def loss_fn(step):
-        x = images[torch.randint(len(images), (cfg.batch,), generator=gen)]
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=gen)).sample
-        return F.mse_loss(rec, x) + kl_weight * post.kl().mean()
-
-    _fit("vae", list(vae.parameters()), cfg, loss_fn, log)
-    vae.eval()
-
-
 def _edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
     """(B, 1, H, W): 1 + edge_weight where a 3x3 neighbourhood holds two colours (shape outlines)."""
     spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)  # (B, 3, H, W): local max - min
     return 1 + edge_weight * (spread.sum(1, keepdim=True) > 0.2).float()
 
 
-def refine_decoder(vae, images: torch.Tensor, cfg: StageConfig, edge_weight: float, gen: torch.Generator,
-                   log: list):
-    """Decoder-only fine-tuning with MSE + L1 weighted towards shape outlines, since the outline is what
-    tells a square from a circle. The encoder is frozen, so the flow models' latent space is unchanged."""
-    vae.requires_grad_(False).decoder.requires_grad_(True).train()
-    vae.post_quant_conv.requires_grad_(True)
+def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, edge_weight: float,
+              gen: torch.Generator, log: list):
+    """images: (N, 3, 64, 64) in [-1, 1]. L1 + L2 reconstruction weighted towards shape outlines, since the
+    outline is what tells a square from a circle (plain MSE learns flat colour first and edges last), plus the
+    small KL of the SD autoencoder."""
+    vae.train()
 
     def loss_fn(step):
         x = images[torch.randint(len(images), (cfg.batch,), generator=gen)]
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample(generator=gen)
-        rec = vae.decode(z).sample
-        w = _edge_weights(x, edge_weight)
-        err = (rec - x).abs()
-        return (w * (err + err ** 2)).mean() / w.mean()
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        return _outline_loss(rec, x, edge_weight) + kl_weight * post.kl().mean()
 
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    _fit("vae decoder", params, cfg, loss_fn, log)
-    vae.eval().requires_grad_(False)
+    _fit("vae", list(vae.parameters()), cfg, loss_fn, log)
+    vae.eval()
+
+
+def _outline_loss(rec: torch.Tensor, x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    w = _edge_weights(x, edge_weight)
+    err = (rec - x).abs()
+    return (w * (err + err ** 2)).mean() / w.mean()
 
 
 @torch.no_grad()
