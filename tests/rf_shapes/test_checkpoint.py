@@ -50,7 +50,7 @@ def test_layout_matches_instaflow(name):
 def test_loads_through_the_serving_loader_at_64px(pipes):
     for name, pipe in pipes.items():
         assert pipe.default_size == (64, 64), name
-        assert pipe.parts.latent_shape(64, 64) == (4, 16, 16)
+        assert pipe.parts.latent_shape(64, 64) == (8, 16, 16)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -66,9 +66,9 @@ def test_training_sampler_matches_serving_pipeline(pipes, name):
 
 
 # Regression floors, below what the shipped one-step model measured on 384 held-out prompts
-# (colour 0.88, background 1.00, count 0.51, shape 0.27; benchmarks/RESULTS.md). They are not the
-# issue's targets (colour 0.95, shape 0.90, count 0.85), which this checkpoint misses.
-FLOORS = {"colour": 0.75, "background": 0.95, "count": 0.25, "shape": 0.1}
+# (colour 0.98, background 1.00, count 0.66, shape 0.67; benchmarks/RESULTS.md), with room for 64 prompts'
+# sampling noise. The issue's shape and count targets (0.90, 0.85) are above what this checkpoint reaches.
+FLOORS = {"colour": 0.9, "background": 0.95, "count": 0.45, "shape": 0.45}
 
 
 def test_one_step_images_pass_the_checker_on_held_out_prompts(pipes):
