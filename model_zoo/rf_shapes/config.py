@@ -20,10 +20,6 @@ class ModelConfig:
     text_layers: int = 2
     text_heads: int = 4
     attention_head_dim: int = 8
-    # Every caption attribute is global (one colour, kind and count per image), so the pooled caption also
-    # enters the time embedding, which scales and shifts every ResNet block, the 16x16 level included; the
-    # cross-attention reaches only the two coarser levels.
-    pooled_text_embedding: bool = True
     # GroupNorm removes each group's spatial mean; flat-colour images carry their colour in
     # the differences between channel means, so groups must span several channels.
     norm_groups: int = 8

@@ -22,17 +22,19 @@ def latent_size(cfg: ModelConfig) -> int:
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
-    """No attention at the full latent resolution (cost); cross-attention on the coarser levels."""
+    """No attention at the full latent resolution (cost); cross-attention on the coarser levels.
+
+    Every caption attribute is global (one colour, kind and count per image), so the pooled caption also enters
+    the time embedding, which scales and shifts every ResNet block, the finest level included."""
     levels = len(cfg.unet_channels)
-    pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=cfg.text_heads,
-                  resnet_time_scale_shift="scale_shift") if cfg.pooled_text_embedding else {}
     return UNet2DConditionModel(
         sample_size=latent_size(cfg), in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         block_out_channels=cfg.unet_channels, layers_per_block=1,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         cross_attention_dim=cfg.text_width, attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_groups, **pooled)
+        norm_num_groups=cfg.norm_groups, addition_embed_type="text",
+        addition_embed_type_num_heads=cfg.text_heads, resnet_time_scale_shift="scale_shift")
 
 
 def build_text_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
