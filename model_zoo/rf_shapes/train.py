@@ -1,7 +1,7 @@
 """End-to-end recipe for the shipped rf-shapes weights: VAE -> 1-RF teacher -> reflow pairs -> 2-RF
 -> one-step distillation, then export (fp16, InstaFlow layout) and evaluation.
 
-    python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~1 h on a shared 2-core CPU
+    python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, about 85 min on a quiet 2-core CPU
     python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
 
 Every stage is seeded; stage results are cached under OUT/stages so `--resume` skips finished stages.
@@ -123,7 +123,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
 
     def teacher_eval(unet, te, steps, guidance):
         comps = {"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tokenizer}
-        imgs, scenes, caps = make_batch(cfg.seed + 11, 128, held_out=True)
+        _, scenes, caps = make_batch(cfg.seed + 11, 128, held_out=True)
         out = generate(comps, caps, list(range(len(caps))), steps=steps, guidance=guidance)
         return {"steps": steps, "guidance": guidance, "held_out_adherence": check(out, scenes)}
 
