@@ -68,6 +68,12 @@ def _edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
     return 1 + edge_weight * (spread.sum(1, keepdim=True) > 0.2).float()
 
 
+def _outline_loss(rec: torch.Tensor, x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    w = _edge_weights(x, edge_weight)
+    err = (rec - x).abs()
+    return (w * (err + err ** 2)).mean() / w.mean()
+
+
 def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, edge_weight: float,
               gen: torch.Generator, log: list):
     """images: (N, 3, 64, 64) in [-1, 1]. L1 + L2 reconstruction weighted towards shape outlines, since the
@@ -83,12 +89,6 @@ def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, edg
 
     _fit("vae", list(vae.parameters()), cfg, loss_fn, log)
     vae.eval()
-
-
-def _outline_loss(rec: torch.Tensor, x: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    w = _edge_weights(x, edge_weight)
-    err = (rec - x).abs()
-    return (w * (err + err ** 2)).mean() / w.mean()
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """End-to-end recipe for the shipped rf-shapes weights: VAE -> 1-RF teacher -> reflow pairs -> 2-RF
 -> one-step distillation, then export (fp16, InstaFlow layout) and evaluation.
 
-    python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, about 85 min on a quiet 2-core CPU
+    python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~85 min on a quiet 2-core CPU
     python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
 
 Every stage is seeded; stage results are cached under OUT/stages so `--resume` skips finished stages.
