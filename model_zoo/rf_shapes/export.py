@@ -24,7 +24,7 @@ def save_pipeline(folder: Path, components: dict, dtype=torch.float16) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "vae", "text_encoder"):
-        copy.deepcopy(components[name]).to(dtype).save_pretrained(folder / name, safe_serialization=True)
+        copy.deepcopy(components[name]).to("cpu", dtype).save_pretrained(folder / name, safe_serialization=True)
     components["tokenizer"].save_pretrained(folder / "tokenizer")
     # Only init_noise_sigma (1.0 for PNDM) is read, as in the official 2-RF checkpoint.
     PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,

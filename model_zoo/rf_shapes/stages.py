@@ -2,6 +2,9 @@
 
 RF convention throughout (matches the sampler): t in [0, 1] with 0 = noise,
 x_t = t * x_data + (1 - t) * noise, UNet timestep (1 - t) * 1000, target v = x_data - noise.
+
+Random numbers come from CPU generators on every device and are then moved, so a CPU run is bit-for-bit
+reproducible and a GPU run draws the same noise, batches and timesteps.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from tqdm import tqdm
 
 from .config import StageConfig
 from .sampling import euler_sample
+
+
+def _randn(shape, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(device)
 
 
 def _schedule(cfg: StageConfig, step: int) -> float:
@@ -98,7 +105,7 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 def _rf_loss(unet, x_data, noise, emb, gen) -> torch.Tensor:
-    t = torch.rand(len(x_data), generator=gen)  # (B,), 0 = noise
+    t = torch.rand(len(x_data), generator=gen).to(x_data.device)  # (B,), 0 = noise
     tb = t.view(-1, 1, 1, 1)
     x_t = tb * x_data + (1 - tb) * noise
     v = unet(x_t, (1 - t) * 1000, encoder_hidden_states=emb).sample
@@ -107,7 +114,7 @@ def _rf_loss(unet, x_data, noise, emb, gen) -> torch.Tensor:
 
 def _drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, p: float, gen) -> torch.Tensor:
     """Replace each row of token ids by the empty caption with probability p (for CFG)."""
-    drop = torch.rand(len(ids), generator=gen) < p
+    drop = (torch.rand(len(ids), generator=gen) < p).to(ids.device)
     return torch.where(drop[:, None], empty_ids[None], ids)
 
 
@@ -120,7 +127,7 @@ def train_teacher(unet, text_encoder, latents, ids, empty_ids, cfg: StageConfig,
         idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
         x = latents[idx]
         emb = text_encoder(_drop_captions(ids[idx], empty_ids, dropout, gen))[0]
-        loss = _rf_loss(unet, x, torch.randn(x.shape, generator=gen), emb, gen)
+        loss = _rf_loss(unet, x, _randn(x.shape, gen, x.device), emb, gen)
         return loss
 
     _fit("1-rf teacher", list(both.parameters()), cfg, loss_fn, log, ema)
@@ -132,7 +139,7 @@ def make_pairs(unet, text_encoder, ids, empty_ids, ode_steps: int, guidance: flo
     """Reflow pairs (noise, ODE endpoint) from a teacher, with CFG against the empty caption."""
     unet.eval()
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    noise = torch.randn((len(ids), *shape), generator=gen)
+    noise = _randn((len(ids), *shape), gen, unet.device)
     uncond = text_encoder(empty_ids[None])[0]  # (1, L, D)
     ends = []
     for i in tqdm(range(0, len(ids), batch), desc=f"pairs ({ode_steps}-step ODE)", mininterval=5):
@@ -153,7 +160,7 @@ def train_reflow(unet, text_encoder, noise, ends, ids, empty_ids, cfg: StageConf
     def loss_fn(step):
         idx = torch.randint(len(noise), (cfg.batch,), generator=gen)
         b = max(0.0, 1.0 - step / anneal_steps)
-        z = math.sqrt(1 - b * b) * noise[idx] + b * torch.randn(noise[idx].shape, generator=gen)
+        z = math.sqrt(1 - b * b) * noise[idx] + b * _randn(noise[idx].shape, gen, noise.device)
         with torch.no_grad():
             emb = text_encoder(_drop_captions(ids[idx], empty_ids, dropout, gen))[0]
         loss = _rf_loss(unet, ends[idx], z, emb, gen)
@@ -173,7 +180,7 @@ def train_one_step(unet, text_encoder, noise, ends, ids, cfg: StageConfig, gen, 
         with torch.no_grad():
             emb = text_encoder(ids[idx])[0]
         z = noise[idx]
-        v = unet(z, torch.full((len(idx),), 1000.0), encoder_hidden_states=emb).sample
+        v = unet(z, torch.full((len(idx),), 1000.0, device=z.device), encoder_hidden_states=emb).sample
         loss = F.mse_loss(z + v, ends[idx])
         return loss
 

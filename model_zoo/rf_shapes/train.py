@@ -3,6 +3,7 @@
 
     python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~85 min on a quiet 2-core CPU
     python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
+    python -m model_zoo.rf_shapes.train --out /tmp/rfshapes_gpu --device cuda   # same stages on a GPU
 
 Every stage is seeded; stage results are cached under OUT/stages so `--resume` skips finished stages.
 Losses, timings and evaluation figures go to OUT/train_log.json.
@@ -37,8 +38,8 @@ from .tokenizer import build_tokenizer
 class Run:
     """Output folder, JSON log and per-stage cache of one training run."""
 
-    def __init__(self, out: Path, resume: bool):
-        self.out, self.resume = out, resume
+    def __init__(self, out: Path, resume: bool, device: torch.device):
+        self.out, self.resume, self.device = out, resume, device
         (out / "stages").mkdir(parents=True, exist_ok=True)
         self.log: dict = {}
         log_file = out / "train_log.json"
@@ -57,7 +58,7 @@ class Run:
                 if isinstance(t, torch.nn.Module):
                     t.load_state_dict({k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")})
                 else:
-                    templates[key] = flat[key]
+                    templates[key] = flat[key].to(self.device)
             # Keep the losses and timings the cached stage logged when it ran.
             self.log[name] = {**self.log.get(name, {}), **self.previous.get(name, {}), "resumed": True}
             return templates
@@ -65,7 +66,7 @@ class Run:
         flat = {}
         for key, t in result.items():
             items = t.state_dict().items() if isinstance(t, torch.nn.Module) else [(None, t)]
-            flat.update({(key if k is None else f"{key}.{k}"): v.detach().contiguous().clone() for k, v in items})
+            flat.update({(key if k is None else f"{key}.{k}"): v.detach().cpu().contiguous() for k, v in items})
         save_file(flat, path)
         self.log.setdefault(name, {})["seconds"] = round(time.perf_counter() - start, 1)
         self.save_log()
@@ -97,15 +98,16 @@ def gen_for(cfg: TrainConfig, stage: int) -> torch.Generator:
 def train(cfg: TrainConfig, run: Run) -> dict:
     torch.manual_seed(cfg.seed)
     gen = lambda k: gen_for(cfg, k)  # noqa: E731
-    log = run.log
+    log, dev = run.log, run.device
     log["config"] = dataclasses.asdict(cfg)
     tokenizer = build_tokenizer()
-    empty_ids = tokenize(tokenizer, [""])[0]
+    empty_ids = tokenize(tokenizer, [""])[0].to(dev)
 
     images, captions = render_dataset(cfg.seed, cfg.dataset_size)
-    pixels, ids = to_tensor(images), tokenize(tokenizer, captions)
+    pixels, ids = to_tensor(images).to(dev), tokenize(tokenizer, captions).to(dev)
+    build = lambda builder, *a: builder(*a).to(dev)  # noqa: E731
 
-    vae = build_vae(cfg.model)
+    vae = build(build_vae, cfg.model)
     log["vae"] = {"loss": []}
 
     def vae_stage():
@@ -116,7 +118,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     vae.register_to_config(scaling_factor=float(vae_out["scaling_factor"][0]))
     vae.eval().requires_grad_(False)
     held, held_scenes, _ = make_batch(cfg.seed + 7, 256, held_out=True)
-    recon = decode(vae, stages.encode_latents(vae, to_tensor(held)) * vae.config.scaling_factor)
+    recon = decode(vae, stages.encode_latents(vae, to_tensor(held).to(dev)) * vae.config.scaling_factor)
     log["vae"].update(scaling_factor=vae.config.scaling_factor, checker_on_reconstructions=check(recon, held_scenes))
     latents = stages.encode_latents(vae, pixels) * vae.config.scaling_factor  # (N, C, h, w), unit std
     del pixels
@@ -127,18 +129,18 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         out = generate(comps, caps, list(range(len(caps))), steps=steps, guidance=guidance)
         return {"steps": steps, "guidance": guidance, "held_out_adherence": check(out, scenes)}
 
-    unet, te = build_unet(cfg.model), build_text_encoder(cfg.model, tokenizer)
+    unet, te = build(build_unet, cfg.model), build(build_text_encoder, cfg.model, tokenizer)
     log["teacher"] = {"loss": []}
     t_out = run.stage("teacher", lambda: dict(zip(("unet", "text_encoder"), stages.train_teacher(
         unet, te, latents, ids, empty_ids, cfg.teacher, cfg.caption_dropout, gen(2), log["teacher"]["loss"]))),
-        {"unet": build_unet(cfg.model), "text_encoder": build_text_encoder(cfg.model, tokenizer)})
+        {"unet": build(build_unet, cfg.model), "text_encoder": build(build_text_encoder, cfg.model, tokenizer)})
     teacher, te = t_out["unet"].eval(), t_out["text_encoder"].eval().requires_grad_(False)
     log["teacher"]["eval"] = teacher_eval(teacher, te, cfg.reflow_ode_steps, cfg.reflow_guidance)
     run.save_log()
 
     def pair_captions(seed: int, n: int) -> torch.Tensor:
         rng = np.random.default_rng(seed)
-        return tokenize(tokenizer, [sample_scene(rng).caption(rng) for _ in range(n)])
+        return tokenize(tokenizer, [sample_scene(rng).caption(rng) for _ in range(n)]).to(dev)
 
     pair_ids = pair_captions(cfg.seed + 3, cfg.reflow_pairs)
     pairs = run.stage("reflow_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
@@ -149,7 +151,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     rf2 = run.stage("rf2", lambda: {"unet": stages.train_reflow(
         copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pair_ids, empty_ids, cfg.rf2,
         cfg.caption_dropout, cfg.anneal_fraction, gen(4), log["rf2"]["loss"])},
-        {"unet": build_unet(cfg.model)})["unet"].eval()
+        {"unet": build(build_unet, cfg.model)})["unet"].eval()
     log["rf2"]["eval"] = teacher_eval(rf2, te, cfg.distill_ode_steps, cfg.reflow_guidance)
     run.save_log()
 
@@ -161,7 +163,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log["one_step"] = {"loss": []}
     one_step = run.stage("one_step", lambda: {"unet": stages.train_one_step(
         copy.deepcopy(rf2), te, dpairs["noise"], dpairs["ends"], distill_ids, cfg.distill, gen(6),
-        log["one_step"]["loss"])}, {"unet": build_unet(cfg.model)})["unet"].eval()
+        log["one_step"]["loss"])}, {"unet": build(build_unet, cfg.model)})["unet"].eval()
 
     shared = {"vae": vae, "text_encoder": te, "tokenizer": tokenizer}
     folders = {"rf-shapes": run.out / "rf-shapes", "rf-shapes-2rf": run.out / "rf-shapes-2rf"}
@@ -181,13 +183,15 @@ def main() -> None:
     # weights differ in the last bits. On a quiet 2-core CPU two threads measured 1.55x faster than one.
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="reuse finished stages cached under OUT/stages")
+    ap.add_argument("--device", default="cpu", help="torch device for training; evaluation runs on the CPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset, seed=args.seed)
-    run = Run(args.out, args.resume)
+    run = Run(args.out, args.resume, torch.device(args.device))
     start = time.perf_counter()
     run.log["environment"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                              "threads": args.threads, "date": datetime.now(timezone.utc).isoformat()}
+                              "threads": args.threads, "device": args.device,
+                              "date": datetime.now(timezone.utc).isoformat()}
     folders = train(cfg, run)
     run.log["train_seconds"] = round(time.perf_counter() - start, 1)
     # With --resume, the wall time above excludes cached stages; this sums what each stage took when it ran.

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 STAGES = ("vae", "teacher", "reflow_pairs", "rf2", "distill_pairs", "one_step")
 
 
-def _train(out):
-    subprocess.run([sys.executable, "-m", "model_zoo.rf_shapes.train", "--out", str(out), "--preset", "tiny"],
+def _train(out, *extra):
+    subprocess.run([sys.executable, "-m", "model_zoo.rf_shapes.train", "--out", str(out), "--preset", "tiny", *extra],
                    check=True, capture_output=True)
     return json.loads((out / "train_log.json").read_text())
 
@@ -31,4 +31,15 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
     assert {"adherence", "fd_to_real"} <= set(first["eval"]["rf-shapes"])
     pipe = InstaFlowPipeline.from_pretrained(tmp_path / "a" / "rf-shapes")
     image = pipe.generate(["two red circles on a blue background"], [0], steps=1, guidance=0.0)
+    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+
+
+@pytest.mark.gpu
+def test_tiny_recipe_trains_on_cuda_and_serves_on_cpu(tmp_path):
+    log = _train(tmp_path, "--device", "cuda")
+    assert log["environment"]["device"] == "cuda"
+    assert all(log[stage]["seconds"] > 0 for stage in STAGES)
+    assert np.isfinite(log["one_step"]["loss"][-1]["loss"])
+    pipe = InstaFlowPipeline.from_pretrained(tmp_path / "rf-shapes")
+    image = pipe.generate(["a green square on a white background"], [0], steps=1, guidance=0.0)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
