@@ -105,9 +105,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
 
     images, captions = render_dataset(cfg.seed, cfg.dataset_size)
     pixels, ids = to_tensor(images).to(dev), tokenize(tokenizer, captions).to(dev)
-    build = lambda builder, *a: builder(*a).to(dev)  # noqa: E731
 
-    vae = build(build_vae, cfg.model)
+    vae = build_vae(cfg.model).to(dev)
     log["vae"] = {"loss": []}
 
     def vae_stage():
@@ -129,11 +128,11 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         out = generate(comps, caps, list(range(len(caps))), steps=steps, guidance=guidance)
         return {"steps": steps, "guidance": guidance, "held_out_adherence": check(out, scenes)}
 
-    unet, te = build(build_unet, cfg.model), build(build_text_encoder, cfg.model, tokenizer)
+    unet, te = build_unet(cfg.model).to(dev), build_text_encoder(cfg.model, tokenizer).to(dev)
     log["teacher"] = {"loss": []}
     t_out = run.stage("teacher", lambda: dict(zip(("unet", "text_encoder"), stages.train_teacher(
         unet, te, latents, ids, empty_ids, cfg.teacher, cfg.caption_dropout, gen(2), log["teacher"]["loss"]))),
-        {"unet": build(build_unet, cfg.model), "text_encoder": build(build_text_encoder, cfg.model, tokenizer)})
+        {"unet": build_unet(cfg.model).to(dev), "text_encoder": build_text_encoder(cfg.model, tokenizer).to(dev)})
     teacher, te = t_out["unet"].eval(), t_out["text_encoder"].eval().requires_grad_(False)
     log["teacher"]["eval"] = teacher_eval(teacher, te, cfg.reflow_ode_steps, cfg.reflow_guidance)
     run.save_log()
@@ -151,7 +150,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     rf2 = run.stage("rf2", lambda: {"unet": stages.train_reflow(
         copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pair_ids, empty_ids, cfg.rf2,
         cfg.caption_dropout, cfg.anneal_fraction, gen(4), log["rf2"]["loss"])},
-        {"unet": build(build_unet, cfg.model)})["unet"].eval()
+        {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
     log["rf2"]["eval"] = teacher_eval(rf2, te, cfg.distill_ode_steps, cfg.reflow_guidance)
     run.save_log()
 
@@ -163,7 +162,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log["one_step"] = {"loss": []}
     one_step = run.stage("one_step", lambda: {"unet": stages.train_one_step(
         copy.deepcopy(rf2), te, dpairs["noise"], dpairs["ends"], distill_ids, cfg.distill, gen(6),
-        log["one_step"]["loss"])}, {"unet": build(build_unet, cfg.model)})["unet"].eval()
+        log["one_step"]["loss"])}, {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 
     shared = {"vae": vae, "text_encoder": te, "tokenizer": tokenizer}
     folders = {"rf-shapes": run.out / "rf-shapes", "rf-shapes-2rf": run.out / "rf-shapes-2rf"}
