@@ -61,5 +61,6 @@ def generate(components: dict, prompts: list[str], seeds: list[int], *, steps: i
         p, s = prompts[i:i + batch], seeds[i:i + batch]
         cond = encode_text(tok, te, p)
         uncond = encode_text(tok, te, [negative_prompt] * len(p)) if guidance > 1.0 else None
-        out.append(decode(vae, euler_sample(unet, seeded_noise(s, shape).to(unet.device), cond, uncond, steps, guidance)))
+        noise = seeded_noise(s, shape).to(unet.device)
+        out.append(decode(vae, euler_sample(unet, noise, cond, uncond, steps, guidance)))
     return np.concatenate(out)
