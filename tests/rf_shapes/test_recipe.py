@@ -19,6 +19,11 @@ def _train(out, *extra):
     return json.loads((out / "train_log.json").read_text())
 
 
+def _assert_serves(folder, prompt):
+    image = InstaFlowPipeline.from_pretrained(folder).generate([prompt], [0], steps=1, guidance=0.0)
+    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+
+
 def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
     first, second = _train(tmp_path / "a"), _train(tmp_path / "b")
     for stage in STAGES:
@@ -29,9 +34,7 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
                (tmp_path / "a", tmp_path / "b")]
     assert all(np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
     assert {"adherence", "fd_to_real"} <= set(first["eval"]["rf-shapes"])
-    pipe = InstaFlowPipeline.from_pretrained(tmp_path / "a" / "rf-shapes")
-    image = pipe.generate(["two red circles on a blue background"], [0], steps=1, guidance=0.0)
-    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+    _assert_serves(tmp_path / "a" / "rf-shapes", "two red circles on a blue background")
 
 
 @pytest.mark.gpu
@@ -40,6 +43,4 @@ def test_tiny_recipe_trains_on_cuda_and_serves_on_cpu(tmp_path):
     assert log["environment"]["device"] == "cuda"
     assert all(log[stage]["seconds"] > 0 for stage in STAGES)
     assert np.isfinite(log["one_step"]["loss"][-1]["loss"])
-    pipe = InstaFlowPipeline.from_pretrained(tmp_path / "rf-shapes")
-    image = pipe.generate(["a green square on a white background"], [0], steps=1, guidance=0.0)
-    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+    _assert_serves(tmp_path / "rf-shapes", "a green square on a white background")
