@@ -11,10 +11,9 @@ Rows with every key masked return zeros, as SDPA does.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.launch import check_device, interpreting
+from kernels.triton_lang import tl, triton
 
 LOG2E = 1.4426950408889634
 # Interpreter programs run one after another in numpy; small tiles still exercise every mask path.

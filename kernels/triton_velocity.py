@@ -7,10 +7,9 @@ The model output is (2B, ...) in one buffer, so the two halves sit `numel` eleme
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.launch import check_device
+from kernels.triton_lang import tl, triton
 
 BLOCK = 1024
 

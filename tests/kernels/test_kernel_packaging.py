@@ -30,9 +30,9 @@ x = torch.randn(2, 3)
 assert kernels.cfg_euler_step(x, torch.randn(4, 3), 0.1, 2.0).shape == x.shape
 try:
     kernels.attention(q, q, q, backend="triton")
-except ImportError:
-    print("ok")
+except ImportError as err:
+    print(err)
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.strip() == "the Triton kernels need the gpu extra: pip install 'rfserve[gpu]'"
