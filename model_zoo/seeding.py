@@ -8,7 +8,10 @@ import secrets
 
 import torch
 
-MAX_SEED = 2**63 - 1
+# The largest integer a JSON number carries exactly to every client: JavaScript, and any schema validator
+# that parses numbers as doubles, would round a larger seed. Image i's seed + i may pass it; torch's
+# generators take any integer below 2**64.
+MAX_SEED = 2**53 - 1
 
 
 def random_seed() -> int:

@@ -1,0 +1,4 @@
+"""The HTTP gateway and engine of rfserve."""
+from importlib.metadata import version
+
+__version__ = version("rfserve")

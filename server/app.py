@@ -12,17 +12,22 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import server
+
 from model_zoo.base import ImageSpec, ModelCard, parse_size
-from model_zoo.seeding import MAX_SEED, random_seed
+from model_zoo.seeding import random_seed
+from server import contract
 from server.chat import chat_router
 from server.encoding import encode_all
 from server.engine import Engine, ShuttingDown
-from server.errors import APIError, api_error_handler, error_response, validation_handler
+from server.errors import (APIError, api_error_handler, documented, http_error_handler, not_ready, shutting_down,
+                           validation_handler)
 from server.image_store import ImageStore
 from server.limits import BodyLimitMiddleware
 from server.playground import playground_router
 from server.scheduler import DeadlineExceeded, Job, JobCancelled, JobResult, QueueFull
-from server.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject
+from server.schemas import (Health, ImageData, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject,
+                            Readiness)
 from server.security import APIKeyMiddleware
 from server.worker import OutOfMemory, PipelineError
 
@@ -33,7 +38,8 @@ STARTED = int(time.time())
 
 def create_app(engine: Engine) -> FastAPI:
     config = engine.config
-    app = FastAPI(title="rfserve", version="0.1.0", summary="OpenAI-compatible rectified-flow image server")
+    app = FastAPI(title="rfserve", version=server.__version__,
+                  summary="OpenAI-compatible rectified-flow image server")
     app.state.engine = engine
     store = ImageStore(config.image_store_items, config.image_store_ttl_s)
     metrics = engine.metrics
@@ -44,21 +50,18 @@ def create_app(engine: Engine) -> FastAPI:
                            allow_headers=["authorization", "content-type"])
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=documented(400, 404, 413, 429, 499, 500, 503, 504, 507))
     async def generate_images(body: ImageGenerationRequest, request: Request):
         start = time.perf_counter()
-        name = body.model or (engine.specs[0].name if engine.specs else "")
+        name = body.model if body.model is not None else (engine.specs[0].name if engine.specs else "")
         try:
             if engine.draining.is_set():
-                raise APIError(503, "the server is shutting down", code="shutting_down")
+                raise shutting_down()
             if not engine.ready.is_set():
-                raise APIError(503, "models are still loading; retry shortly", code="not_ready",
-                               headers={"Retry-After": "5"})
+                raise not_ready()
             card = engine.cards.get(name)
             if card is None:
                 raise APIError(404, f"model {name!r} is not served here; available: {sorted(engine.cards)}",
@@ -98,7 +101,9 @@ def create_app(engine: Engine) -> FastAPI:
         return ImagesResponse(created=int(time.time()), data=data, model=name, seed=specs[0].seed,
                               prompt_truncated=result.prompt_truncated, timings=timings)
 
-    @app.get("/v1/images/{image_id}")
+    @app.get("/v1/images/{image_id}", response_class=Response, responses={
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "a `url` result, kept for an hour"}, **documented(404)})
     async def get_image(image_id: str):
         png = store.get(image_id)
         if png is None:
@@ -109,25 +114,30 @@ def create_app(engine: Engine) -> FastAPI:
     async def list_models():
         return ModelList(data=[_model_object(c) for c in engine.cards.values()])
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, response_model_exclude_none=True,
+             responses={503: {"model": Health, "description": "the worker stopped, or a batch is stuck"}})
     async def health():
         ok, why = engine.healthy
-        return {"status": "ok"} if ok else JSONResponse({"status": "unhealthy", "error": why}, 503)
+        return Health(status="ok") if ok else JSONResponse({"status": "unhealthy", "error": why}, 503)
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=Readiness, response_model_exclude_none=True,
+             responses={503: {"model": Readiness, "description": "loading, or draining"}})
     async def ready():
         if engine.draining.is_set():
             return JSONResponse({"status": "draining"}, 503)
         if engine.ready.is_set():
-            return {"status": "ready", "models": sorted(engine.cards)}
+            return Readiness(status="ready", models=sorted(engine.cards))
         return JSONResponse({"status": "loading"}, 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus text exposition format"}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(chat_router(engine))
     app.include_router(playground_router(engine))
+    contract.install(app, engine)
     return app
 
 
@@ -136,7 +146,7 @@ def _specs(body: ImageGenerationRequest, card: ModelCard, max_n: int) -> list[Im
     d = card.defaults
     if body.n > max_n:
         raise APIError(400, f"n must be between 1 and {max_n}", param="n")
-    size = (body.size or d.size).lower()
+    size = d.size if body.size is None else body.size
     if size not in card.sizes:
         raise APIError(400, f"size {body.size!r} is not supported by {card.name}; allowed: {list(card.sizes)}",
                        param="size")
@@ -148,8 +158,6 @@ def _specs(body: ImageGenerationRequest, card: ModelCard, max_n: int) -> list[Im
     if guidance > card.max_guidance:
         raise APIError(400, f"guidance_scale must be between 0 and {card.max_guidance}", param="guidance_scale")
     seed = random_seed() if body.seed is None else body.seed
-    if seed + body.n - 1 > MAX_SEED:
-        raise APIError(400, f"seed + n - 1 must not exceed {MAX_SEED}", param="seed")
     if body.negative_prompt is not None and not card.supports_negative_prompt:
         raise APIError(400, f"{card.name} does not take a negative_prompt", param="negative_prompt")
     negative = d.negative_prompt if body.negative_prompt is None else body.negative_prompt

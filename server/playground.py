@@ -13,8 +13,11 @@ import time
 from collections import deque
 from pathlib import Path
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
+from pydantic import BaseModel
 
 from server.errors import APIError
 
@@ -25,6 +28,19 @@ HTML_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' b
                 "Cache-Control": "no-cache"}
 
 Buckets = dict[str, list[tuple[float, float]]]     # model → [(upper bound, cumulative count)]
+
+
+class ModelStatus(BaseModel):
+    queue_depth: int
+    requests: int
+    p50_ms: float | None
+
+
+class ServerStatus(BaseModel):
+    status: Literal["ready", "loading", "draining"]
+    healthy: bool
+    window_s: float
+    models: dict[str, ModelStatus]
 
 
 def quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -89,7 +105,7 @@ def playground_router(engine) -> APIRouter:
             raise APIError(404, f"no static file {name!r}", param="name")
         return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
-    @router.get("/v1/status")
+    @router.get("/v1/status", response_model=ServerStatus)
     async def status():
         """Readiness, and per model the queue depth and the p50 request latency of the last minute."""
         covered, recent = latency.window()
@@ -101,9 +117,9 @@ def playground_router(engine) -> APIRouter:
         for spec in engine.specs:
             buckets = recent.get(spec.name, [])
             p50 = quantile(0.5, buckets)
-            models[spec.name] = {"queue_depth": engine.batcher.depth(spec.name),
-                                 "requests": int(buckets[-1][1]) if buckets else 0,
-                                 "p50_ms": None if p50 is None else round(p50 * 1000, 1)}
-        return {"status": state, "healthy": engine.healthy[0], "window_s": round(covered, 1), "models": models}
+            models[spec.name] = ModelStatus(queue_depth=engine.batcher.depth(spec.name),
+                                            requests=int(buckets[-1][1]) if buckets else 0,
+                                            p50_ms=None if p50 is None else round(p50 * 1000, 1))
+        return ServerStatus(status=state, healthy=engine.healthy[0], window_s=round(covered, 1), models=models)
 
     return router

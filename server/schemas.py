@@ -1,33 +1,48 @@
 """Request and response bodies of the OpenAI Images API, with our extensions."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model_zoo.seeding import MAX_SEED
 
+# A prompt needs one character that is not whitespace. The schema publishes the same expression the
+# validator runs (Python's `re`), so a client's schema check and the server never disagree.
+NON_BLANK = r"\S"
+
+
+def whole_numbers(*fields: str):
+    """A validator for a strict model's integer fields: JSON Schema counts 39.0 as an integer, so the
+    server does too, while strings and bools stay refused."""
+    def whole(cls, value):
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+    return field_validator(*fields, mode="before")(whole)
+
 
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(max_length=20_000)
-    model: str | None = None
+    prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
+    model: str | None = Field(None, description="a served model; the first one when left out")
     n: int = Field(1, ge=1)
-    size: str | None = None
+    size: str | None = Field(None, description="WxH, one of the model's sizes; the model's default when left out")
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = Field(None, max_length=256)
     # extensions
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when left out")
     negative_prompt: str | None = Field(None, max_length=20_000)
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0)
     timeout: float | None = Field(None, gt=0.0, description="seconds; capped by the server")
 
+    _whole = whole_numbers("n", "seed", "num_inference_steps")
+
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if not re.search(NON_BLANK, v):
             raise ValueError("must not be empty")
         return v
 
@@ -63,3 +78,13 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining"]
+    models: list[str] | None = None

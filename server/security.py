@@ -16,6 +16,13 @@ OPEN_PATHS = ("/health", "/ready", "/", "/playground", "/favicon.ico")
 OPEN_PREFIXES = ("/static/",)
 
 
+def is_open(path: str, protect_metrics: bool) -> bool:
+    """Whether `path` is served without a key."""
+    if path == "/metrics":
+        return not protect_metrics
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 def load_keys(keys: list[str], key_file: str | None) -> list[str]:
     found = [k.strip() for k in keys if k.strip()]
     if key_file:
@@ -29,13 +36,8 @@ class APIKeyMiddleware:
         self.app, self.keys = app, [k.encode() for k in keys]
         self.protect_metrics = protect_metrics
 
-    def _open(self, path: str) -> bool:
-        if path == "/metrics":
-            return not self.protect_metrics
-        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys or self._open(scope["path"]):
+        if scope["type"] != "http" or not self.keys or is_open(scope["path"], self.protect_metrics):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")

@@ -27,9 +27,11 @@ from server.chat.messages import Conversation, check_remote, decode_data_url, op
 from server.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                                  Choice, ChunkChoice, Delta, ImageContent, ImageURL, Usage)
 from server.encoding import encode_all
-from server.errors import APIError
+from server.errors import APIError, documented, not_ready
 from server.scheduler import DeadlineExceeded, JobCancelled, QueueFull
 from server.worker import PipelineError
+
+CHAT_FAMILIES = ("janusflow",)
 
 
 class ChatModels:
@@ -41,17 +43,22 @@ class ChatModels:
         self._batchers: dict[str, ContinuousBatcher] = {}
         self._lock = threading.Lock()
 
-    def pipeline(self, name: str):
+    def pipeline(self, name: str | None):
+        """The named chat model's pipeline; the first served chat model when `name` is None."""
         if not self.engine.ready.is_set():
-            raise APIError(503, "models are still loading; retry shortly", code="not_ready",
-                           headers={"Retry-After": "5"})
+            raise not_ready()
+        chat = [n for n, m in self.engine.models.items() if m.card.family in CHAT_FAMILIES]
+        if name is None:
+            if not chat:
+                raise APIError(404, "no served model supports chat", param="model", code="model_not_found")
+            name = chat[0]
         model = self.engine.models.get(name)
         if model is None:
             raise APIError(404, f"model {name!r} is not served here; available: {sorted(self.engine.models)}",
                            param="model", code="model_not_found")
-        if model.card.family != "janusflow":
-            raise APIError(400, f"model {name!r} does not support chat; use a janusflow model", param="model")
-        return model.pipeline
+        if name not in chat:
+            raise APIError(400, f"model {name!r} does not support chat; chat models served: {chat}", param="model")
+        return name, model.pipeline
 
     def max_len(self, pipe) -> int:
         return min(self.config.max_len or pipe.parts.context_length, pipe.parts.context_length)
@@ -69,10 +76,12 @@ def chat_router(engine) -> APIRouter:
     router = APIRouter()
     models = ChatModels(engine)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", response_model=ChatCompletion,
+                 responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                  "description": "JSON, or with `stream` server-sent events ending in [DONE]"},
+                            **documented(400, 404, 413, 429, 499, 500, 503, 504)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        name = body.model or (engine.specs[0].name if engine.specs else "")
-        pipe = models.pipeline(name)
+        name, pipe = models.pipeline(body.model)
         proc = pipe.parts.processor
         conv = parse_conversation(body.messages, proc, models.config)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -7,22 +7,23 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from model_zoo.seeding import MAX_SEED
+from server.schemas import whole_numbers
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -31,27 +32,29 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class ImageOptions(BaseModel):
     """Extension: settings for `modalities: ["image"]`."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     size: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0)
 
+    _whole = whole_numbers("num_inference_steps")
+
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -68,6 +71,8 @@ class ChatCompletionRequest(BaseModel):
     # extension
     modalities: list[Literal["text", "image"]] | None = None
     image: ImageOptions | None = None
+
+    _whole = whole_numbers("max_tokens", "max_completion_tokens", "seed", "n")
 
     @property
     def stops(self) -> list[str]:

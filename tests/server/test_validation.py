@@ -2,6 +2,7 @@
 import pytest
 
 from model_zoo.base import ImageDefaults, ModelCard
+from model_zoo.seeding import MAX_SEED
 from server.app import _specs
 from server.errors import APIError
 from server.schemas import ImageGenerationRequest
@@ -22,9 +23,19 @@ def test_defaults_fill_in_and_seeds_count_up():
     ({"size": "512x512"}, "size"),
     ({"num_inference_steps": 51}, "num_inference_steps"),
     ({"guidance_scale": 31.0}, "guidance_scale"),
-    ({"seed": 2**63 - 2, "n": 3}, "seed"),
 ])
 def test_out_of_range_fields_are_named(fields, param):
     with pytest.raises(APIError) as err:
         _specs(ImageGenerationRequest(prompt="a cat", **fields), CARD, max_n=4)
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_the_largest_seed_counts_up_past_the_limit():
+    """Only the request's seed is bounded; its images may use seeds beyond it."""
+    specs = _specs(ImageGenerationRequest(prompt="a cat", n=3, seed=MAX_SEED), CARD, max_n=4)
+    assert [s.seed for s in specs] == [MAX_SEED, MAX_SEED + 1, MAX_SEED + 2]
+
+
+def test_a_seed_past_the_limit_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        ImageGenerationRequest(prompt="a cat", seed=MAX_SEED + 1)
