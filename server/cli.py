@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import sys
 import threading
+import time
 from pathlib import Path
 
 from model_zoo.loading import CheckpointError
+from server import __version__
 from server.config import ServerConfig
+
+# What the first-run banner's curl line asks for: a prompt every model draws something sensible for.
+TRY_PROMPT = "a red circle on a blue background"
 
 
 def _add_engine_args(p: argparse.ArgumentParser, *, many_models: bool) -> None:
@@ -25,6 +32,7 @@ def _add_engine_args(p: argparse.ArgumentParser, *, many_models: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rfserve", description="Rectified-flow image server.")
+    parser.add_argument("--version", action="version", version=f"rfserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI Images API")
@@ -125,6 +133,12 @@ def serve(args) -> None:
             failure.append(str(err).splitlines()[0])
             engine.load_error = failure[0]
             server.should_exit = True
+            return
+        while not server.started and not server.should_exit:    # /ready answers once uvicorn listens
+            time.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(banner(config, [s.name for s in engine.specs], engine.device.type, port), flush=True)
 
     threading.Thread(target=load, name="rfserve-loader", daemon=True).start()
     server.run()
@@ -132,6 +146,23 @@ def serve(args) -> None:
     engine.shutdown()
     if failure:
         _fail(failure[0])
+
+
+def banner(config: ServerConfig, models: list[str], device: str, port: int) -> str:
+    """What a first run needs once /ready is true: where the playground is, and one request that works."""
+    host = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else config.host
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    body = json.dumps({"model": models[0], "prompt": TRY_PROMPT, "seed": 7})
+    auth = ' -H "authorization: Bearer $RFSERVE_API_KEY"' if config.api_keys else ""
+    save = ("python3 -c 'import sys,json,base64; "
+            "open(\"out.png\",\"wb\").write(base64.b64decode(json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))'")
+    lines = [f"rfserve {__version__} is ready: {', '.join(models)} on {device}",
+             f"  playground: {base}/",
+             f"  try it:     curl -s {base}/v1/images/generations{auth} -H 'content-type: application/json' "
+             f"-d {shlex.quote(body)} | {save}"]
+    if config.api_keys:
+        lines.append("              (with RFSERVE_API_KEY set to one of the server's keys)")
+    return "\n".join(lines)
 
 
 def _buckets(text: str) -> tuple[int, ...]:

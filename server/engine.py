@@ -88,7 +88,9 @@ class Engine:
             start = time.perf_counter()
             model = load_model(spec, self.device, self.dtype)
             if self.config.max_steps:
-                model.card = replace(model.card, max_steps=min(model.card.max_steps, self.config.max_steps))
+                # The cap binds the model's default too: a request that names no steps stays valid.
+                cap, d = min(model.card.max_steps, self.config.max_steps), model.card.defaults
+                model.card = replace(model.card, max_steps=cap, defaults=replace(d, steps=min(d.steps, cap)))
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
         if self.config.warmup:
