@@ -12,11 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import server
-
 from model_zoo.base import ImageSpec, ModelCard, parse_size
 from model_zoo.seeding import random_seed
-from server import contract
+from server import __version__, contract
 from server.chat import chat_router
 from server.encoding import encode_all
 from server.engine import Engine, ShuttingDown
@@ -38,8 +36,7 @@ STARTED = int(time.time())
 
 def create_app(engine: Engine) -> FastAPI:
     config = engine.config
-    app = FastAPI(title="rfserve", version=server.__version__,
-                  summary="OpenAI-compatible rectified-flow image server")
+    app = FastAPI(title="rfserve", version=__version__, summary="OpenAI-compatible rectified-flow image server")
     app.state.engine = engine
     store = ImageStore(config.image_store_items, config.image_store_ttl_s)
     metrics = engine.metrics

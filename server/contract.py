@@ -3,7 +3,8 @@ models this server really serves.
 
 FastAPI alone documents a 422 that never comes (validation errors are 400s in the OpenAI shape)
 and knows nothing of the statuses raised by handlers and middleware. Routes declare theirs with
-`server.errors.documented(...)`. The rest depends on what is served, so `install` builds the document per server:
+`server.errors.documented(...)`. The rest depends on what is served, so `install` builds the
+document per server:
 - the image request becomes one schema per served model, with that model's sizes, step and guidance
   limits (the first is the default when `model` is left out);
 - chat is documented only when a served model chats;

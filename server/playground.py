@@ -12,7 +12,6 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-
 from typing import Literal
 
 from fastapi import APIRouter
