@@ -1,7 +1,6 @@
 """The HTTP gateway: validates, queues, awaits the worker, encodes off the loop."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -12,22 +11,20 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_zoo.base import ImageSpec, ModelCard, parse_size
-from model_zoo.seeding import random_seed
-from server import __version__, contract
-from server.chat import chat_router
+from model_zoo.base import ModelCard
+from server import __version__, contract, jobs
+from server.chat.routes import chat_router
 from server.encoding import encode_all
-from server.engine import Engine, ShuttingDown
+from server.engine import Engine
 from server.errors import (APIError, api_error_handler, documented, http_error_handler, not_ready, shutting_down,
                            validation_handler)
 from server.image_store import ImageStore
 from server.limits import BodyLimitMiddleware
 from server.playground import playground_router
-from server.scheduler import DeadlineExceeded, Job, JobCancelled, JobResult, QueueFull
 from server.schemas import (Health, ImageData, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject,
                             Readiness)
 from server.security import APIKeyMiddleware
-from server.worker import OutOfMemory, PipelineError
+from server.specs import image_specs
 
 log = logging.getLogger("rfserve.api")
 
@@ -63,20 +60,16 @@ def create_app(engine: Engine) -> FastAPI:
             if card is None:
                 raise APIError(404, f"model {name!r} is not served here; available: {sorted(engine.cards)}",
                                param="model", code="model_not_found")
-            specs = _specs(body, card, config.max_images_per_request)
+            specs = image_specs(card, body.prompt, max_n=config.max_images_per_request, n=body.n, size=body.size,
+                                steps=body.num_inference_steps, guidance=body.guidance_scale, seed=body.seed,
+                                negative_prompt=body.negative_prompt)
             if body.timeout is not None and body.timeout > config.max_request_timeout_s:
                 raise APIError(400, f"timeout must be at most {config.max_request_timeout_s:g} seconds",
                                param="timeout")
             if config.log_prompts:
                 log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, body.prompt)
-            try:
-                job = engine.submit(name, specs, timeout_s=body.timeout)
-            except QueueFull as full:
-                why = ("it would not finish before its deadline" if full.would_miss_deadline
-                       else "the queue is full")
-                raise APIError(429, f"{name} is overloaded ({why}); retry after {full.retry_after}s",
-                               code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
-            result = await _await_job(job, request)
+            job = jobs.submit(engine, name, specs, timeout_s=body.timeout)
+            result = await jobs.wait(job, request)
             images = await encode_all(result.images, as_base64=body.response_format == "b64_json")
         except APIError as err:
             metrics.requests.labels(name if name in engine.cards else "unknown", str(err.status)).inc()
@@ -136,64 +129,6 @@ def create_app(engine: Engine) -> FastAPI:
     app.include_router(playground_router(engine))
     contract.install(app, engine)
     return app
-
-
-def _specs(body: ImageGenerationRequest, card: ModelCard, max_n: int) -> list[ImageSpec]:
-    """Fill defaults from the model card and check every field against it."""
-    d = card.defaults
-    if body.n > max_n:
-        raise APIError(400, f"n must be between 1 and {max_n}", param="n")
-    size = d.size if body.size is None else body.size
-    if size not in card.sizes:
-        raise APIError(400, f"size {body.size!r} is not supported by {card.name}; allowed: {list(card.sizes)}",
-                       param="size")
-    steps = body.num_inference_steps or d.steps
-    if steps > card.max_steps:
-        raise APIError(400, f"num_inference_steps must be between 1 and {card.max_steps}",
-                       param="num_inference_steps")
-    guidance = d.guidance if body.guidance_scale is None else body.guidance_scale
-    if guidance > card.max_guidance:
-        raise APIError(400, f"guidance_scale must be between 0 and {card.max_guidance}", param="guidance_scale")
-    seed = random_seed() if body.seed is None else body.seed
-    if body.negative_prompt is not None and not card.supports_negative_prompt:
-        raise APIError(400, f"{card.name} does not take a negative_prompt", param="negative_prompt")
-    negative = d.negative_prompt if body.negative_prompt is None else body.negative_prompt
-    width, height = parse_size(size)
-    return [ImageSpec(body.prompt, negative, seed + i, width, height, steps, guidance) for i in range(body.n)]
-
-
-async def _await_job(job: Job, request: Request) -> JobResult:
-    """Wait for the worker, the deadline or the client leaving, whichever comes first."""
-    result = asyncio.wrap_future(job.future)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, timeout=max(0.0, job.deadline - time.monotonic()),
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if result not in done:
-        job.cancel()
-        result.cancel()
-        if gone in done:
-            raise APIError(499, "client closed the request", code="client_closed")
-        raise APIError(504, "the request passed its deadline before it finished", code="deadline_exceeded")
-    try:
-        return result.result()
-    except DeadlineExceeded:
-        raise APIError(504, "the request passed its deadline while queued", code="deadline_exceeded") from None
-    except JobCancelled:
-        raise APIError(499, "client closed the request", code="client_closed") from None
-    except ShuttingDown as err:
-        raise APIError(503, str(err), code="shutting_down") from None
-    except OutOfMemory as err:
-        raise APIError(507, str(err), code="out_of_memory") from None
-    except PipelineError as err:
-        raise APIError(500, str(err), code="generation_failed") from None
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _model_object(card: ModelCard) -> ModelObject:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from model_zoo.loading import CheckpointError
 from server import __version__
+from server.chat.config import INT_SETTINGS, ChatConfig
 from server.config import ServerConfig
 
 # What the first-run banner's curl line asks for: a prompt every model draws something sensible for.
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cpu-threads", type=int, default=None,
                        help="fixed torch threads when serving on CPU (default: cores - 1, and all cores "
                             "for the batch sizes warm-up measures faster on them)")
+    chat = serve.add_argument_group("chat", "JanusFlow chat; each flag falls back to its RFSERVE_CHAT_* variable")
+    for name, variable, meaning in INT_SETTINGS:
+        chat.add_argument(f"--chat-{name.replace('_', '-')}", type=int, default=None, metavar="N",
+                          help=f"{meaning}; ${variable}")
+    chat.add_argument("--chat-image-host", action="append", default=[], metavar="HOST",
+                      help="a host whose http(s) image URLs may be fetched; repeatable ($RFSERVE_CHAT_IMAGE_HOSTS)")
     serve.add_argument("--no-warmup", action="store_true")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info")
@@ -118,7 +125,8 @@ def serve(args) -> None:
                           fault_injection=args.enable_fault_injection, log_prompts=args.log_prompts,
                           api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
                           cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,
-                          batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads)
+                          batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads,
+                          chat=_chat_config(args))
     engine = Engine(config)
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
     server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
@@ -165,6 +173,17 @@ def banner(config: ServerConfig, models: list[str], device: str, port: int) -> s
     return "\n".join(lines)
 
 
+def _chat_config(args) -> ChatConfig:
+    flags = {name: getattr(args, f"chat_{name}") for name, _, _ in INT_SETTINGS}
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            _fail(f"--chat-{name.replace('_', '-')} must be at least 1")
+    try:
+        return ChatConfig.resolve(flags, args.chat_image_host)
+    except ValueError as err:
+        _fail(str(err))
+
+
 def _buckets(text: str) -> tuple[int, ...]:
     try:
         buckets = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
@@ -182,11 +201,16 @@ def uvicorn_config(app, config: ServerConfig, log_level: str):
                           timeout_graceful_shutdown=int(config.shutdown_grace_s) + 30)
 
 
+# `rfserve generate`'s flag for each request field the spec builder may refuse.
+GENERATE_FLAGS = {"n": "--n", "size": "--size", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+                  "negative_prompt": "--negative-prompt"}
+
+
 def generate(args) -> None:
-    from model_zoo.base import ImageSpec, parse_size
-    from model_zoo.seeding import random_seed
     from server.encoding import png_bytes
     from server.engine import Engine
+    from server.errors import APIError
+    from server.specs import image_specs
 
     config = ServerConfig(models=args.models or ["rf-shapes"], device=args.device, dtype=args.dtype,
                           warmup=False, max_batch=max(1, args.n))
@@ -194,25 +218,21 @@ def generate(args) -> None:
     engine.load(progress=True)
     try:
         card = next(iter(engine.cards.values()))
-        d = card.defaults
-        size = (args.size or d.size).lower()
-        if size not in card.sizes:
-            _fail(f"--size {size} is not supported by {card.name}; allowed: {', '.join(card.sizes)}")
-        width, height = parse_size(size)
-        seed = random_seed() if args.seed is None else args.seed
-        negative = d.negative_prompt if args.negative_prompt is None else args.negative_prompt
-        guidance = d.guidance if args.guidance is None else args.guidance
-        specs = [ImageSpec(args.prompt, negative, seed + i, width, height, args.steps or d.steps, guidance)
-                 for i in range(args.n)]
+        try:
+            specs = image_specs(card, args.prompt, max_n=args.n, n=args.n,
+                                size=None if args.size is None else args.size.lower(), steps=args.steps,
+                                guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt)
+        except APIError as err:
+            _fail(f"{GENERATE_FLAGS.get(err.param, err.param)}: {err.message}")
         result = engine.submit(card.name, specs).future.result()
     finally:
         engine.shutdown()
     paths = [args.output] if args.n == 1 else [
         args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
-    for path, image in zip(paths, result.images):
+    for path, image, spec in zip(paths, result.images, specs):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png_bytes(image))
-        print(f"{path} (seed {seed + paths.index(path)})")
+        print(f"{path} (seed {spec.seed})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.chat.config import ChatConfig
+
 
 @dataclass
 class ServerConfig:
@@ -35,3 +37,4 @@ class ServerConfig:
     protect_metrics: bool = False
     model_root: str | None = None     # local model paths must resolve inside it
     cors_origins: list[str] = field(default_factory=list)
+    chat: ChatConfig = field(default_factory=lambda: ChatConfig.resolve({}, []))   # the environment's, else defaults

@@ -1,4 +1,5 @@
-"""The engine: loads the models, warms them, and owns the batcher and the worker.
+"""The engine: loads the models, warms them, and owns everything that runs them: the image batcher and
+worker, and one chat batcher per chat model. Draining, the watchdog and shutdown see all of them.
 `rfserve serve` puts HTTP in front of it; `rfserve generate` calls it in-process."""
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from tqdm.auto import tqdm
 
 from model_zoo.base import ImageSpec, ModelCard, parse_size
 from model_zoo.fast_path import accelerate, drop_compiled, finish_capture
+from model_zoo.janusflow.decoder import SlotDecoder
 from model_zoo.registry import LoadedModel, ModelSpec, load_model, parse_spec, resolve_dtype
 from model_zoo.sd_pipeline import SDFlowPipeline
 from server.buckets import BucketPlan
+from server.chat.batcher import ContinuousBatcher
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.scheduler import Batcher, Job
@@ -76,6 +79,8 @@ class Engine:
         self.stuck_reason: str | None = None
         self._inflight: set[Job] = set()
         self._inflight_lock = threading.Lock()
+        self.chat_batchers: dict[str, ContinuousBatcher] = {}
+        self._chat_lock = threading.Lock()
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -197,14 +202,42 @@ class Engine:
         with self._inflight_lock:
             self._inflight.discard(job)
 
+    def chat_max_len(self, name: str) -> int:
+        """Tokens per KV slot: `--chat-max-len`, never past the model's context."""
+        context = self.models[name].pipeline.parts.context_length
+        return min(self.config.chat.max_len or context, context)
+
+    def chat_batcher(self, name: str) -> ContinuousBatcher:
+        """The chat model's batcher, started on first use (its KV cache is allocated then)."""
+        with self._chat_lock:
+            if name not in self.chat_batchers:
+                parts = self.models[name].pipeline.parts
+                decoder = SlotDecoder(parts, self.config.chat.slots_on(self.device.type), self.chat_max_len(name))
+                self.chat_batchers[name] = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,
+                                                             max_waiting=self.config.chat.max_waiting).start()
+            return self.chat_batchers[name]
+
     def busy(self) -> bool:
-        """Any accepted job not yet answered."""
+        """Any accepted image job not yet answered, or any chat sequence running or waiting."""
         with self._inflight_lock:
-            return bool(self._inflight)
+            if self._inflight:
+                return True
+        return any(sum(b.load) for b in list(self.chat_batchers.values()))
+
+    @property
+    def busy_since(self) -> float | None:
+        """When the oldest forward now running began (image batch or chat step); None when idle."""
+        starts = [self.worker.busy_since if self.worker else None,
+                  *(b.busy_since for b in list(self.chat_batchers.values()))]
+        return min((s for s in starts if s is not None), default=None)
 
     def fail_queued(self, message: str) -> None:
+        """The end of a drain: queued images get `message` (503); chat streams still open end with an
+        error event, which the route turns into an error chunk and `data: [DONE]`."""
         for job in self.batcher.drain():
             job.fail(ShuttingDown(message))
+        for batcher in list(self.chat_batchers.values()):
+            batcher.close()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.fail_queued("the server is shutting down")

@@ -40,8 +40,8 @@ class DrainingServer(uvicorn.Server):
 
 
 class Watchdog:
-    """Marks the engine unhealthy while one batch has run longer than `limit_s`, so the
-    orchestrator's liveness probe (/health) restarts the pod."""
+    """Marks the engine unhealthy while one image batch or chat step has run longer than `limit_s`, so
+    the orchestrator's liveness probe (/health) restarts the pod."""
 
     def __init__(self, engine: Engine, limit_s: float, period_s: float = 0.5):
         self.engine, self.limit, self.period = engine, limit_s, period_s
@@ -56,9 +56,8 @@ class Watchdog:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period):
-            worker = self.engine.worker
-            since = worker.busy_since if worker else None
+            since = self.engine.busy_since
             stuck = since is not None and time.monotonic() - since > self.limit
             if stuck and not self.engine.stuck_reason:
-                log.error("a batch has run for over %.0fs: reporting unhealthy", self.limit)
-            self.engine.stuck_reason = (f"a batch has run for over {self.limit:.0f}s" if stuck else None)
+                log.error("a forward has run for over %.0fs: reporting unhealthy", self.limit)
+            self.engine.stuck_reason = (f"a forward has run for over {self.limit:.0f}s" if stuck else None)

@@ -1,4 +1,4 @@
 """The chat route: OpenAI Chat Completions over JanusFlow, with token-level continuous batching."""
-from server.chat.routes import CHAT_FAMILIES, chat_router
 
-__all__ = ["CHAT_FAMILIES", "chat_router"]
+# The families whose models chat; the others only make images.
+CHAT_FAMILIES = ("janusflow",)

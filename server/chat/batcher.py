@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +31,10 @@ class ChatQueueFull(Exception):
     pass
 
 
+class ChatClosed(Exception):
+    """The batcher has stopped (the server is draining or shutting down)."""
+
+
 @dataclass
 class ChatEvent:
     delta: str = ""
@@ -37,6 +42,7 @@ class ChatEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    out_of_memory: bool = False               # the prefill did not fit: this request alone fails (507)
 
 
 @dataclass(eq=False)
@@ -70,6 +76,7 @@ class ContinuousBatcher:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="rfserve-chat", daemon=True)
         self.steps = 0
+        self.busy_since: float | None = None      # when the running prefill/decode turn began; the watchdog reads it
 
     def start(self) -> "ContinuousBatcher":
         self._thread.start()
@@ -83,6 +90,8 @@ class ContinuousBatcher:
 
     def submit(self, seq: ChatSequence) -> None:
         with self._cond:
+            if self._closed:
+                raise ChatClosed()
             if len(self.waiting) >= self.max_waiting:
                 raise ChatQueueFull()
             self.waiting.append(seq)
@@ -101,6 +110,7 @@ class ContinuousBatcher:
                     self._cond.wait(timeout=1.0)
                 if self._closed:
                     break
+            self.busy_since = time.monotonic()
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -111,7 +121,11 @@ class ContinuousBatcher:
                 for seq in self.running:
                     seq.emit(ChatEvent(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
                 self.running.clear()
-        for seq in [*self.running, *self.waiting]:
+            finally:
+                self.busy_since = None
+        with self._cond:
+            left, self.running, self.waiting = [*self.running, *self.waiting], [], deque()
+        for seq in left:
             seq.emit(ChatEvent(finish_reason="error", error="server shutting down"))
 
     def _drop_cancelled(self) -> None:
@@ -130,6 +144,15 @@ class ContinuousBatcher:
             try:
                 embeds = self.decoder.embed(seq.ids, seq.pixel_values, seq.image_positions)
                 logits = self.decoder.prefill(row, embeds)
+            except torch.OutOfMemoryError:
+                self.running.pop()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("a chat prefill of %d tokens does not fit in memory", len(seq.ids))
+                seq.emit(ChatEvent(finish_reason="error", out_of_memory=True,
+                                   error="out of memory: this prompt does not fit on the device; send fewer "
+                                         "images or a shorter conversation"))
+                continue
             except Exception as exc:  # noqa: BLE001 — a bad prompt fails only itself
                 self.running.pop()
                 log.exception("chat prefill failed")

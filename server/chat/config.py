@@ -1,29 +1,29 @@
-"""Chat settings. They come from the environment so the chat route needs no new CLI flags:
-
-| variable | default | meaning |
-|---|---|---|
-| RFSERVE_CHAT_SLOTS | 32 on CUDA, 4 on CPU | sequences decoded together (KV slots preallocated) |
-| RFSERVE_CHAT_MAX_LEN | the model's context | tokens per slot (prompt + completion) |
-| RFSERVE_CHAT_MAX_WAITING | 256 | sequences queued for a slot before 429 |
-| RFSERVE_CHAT_MAX_IMAGES | 4 | image parts per request |
-| RFSERVE_CHAT_MAX_IMAGE_PIXELS | 16777216 | width·height cap, checked before decoding |
-| RFSERVE_CHAT_IMAGE_HOSTS | (empty: remote URLs off) | comma-separated hosts whose http(s) image URLs may be fetched |
-| RFSERVE_CHAT_DEFAULT_MAX_TOKENS | 512 | completion budget when the request sets none |
-"""
+"""Chat settings. Each is a `rfserve serve` flag, `--chat-<name>` (INT_SETTINGS says what each means); a
+flag not given falls back to its RFSERVE_CHAT_* variable, for deployments configured that way, then to
+the default. `--chat-image-host` (repeatable) or RFSERVE_CHAT_IMAGE_HOSTS (comma-separated) lists the
+hosts whose http(s) image URLs may be fetched; with none, remote URLs are off."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+# (field, variable, meaning) of the integer settings; the flag is --chat-<field with dashes>.
+INT_SETTINGS = (
+    ("slots", "RFSERVE_CHAT_SLOTS", "sequences decoded together (default: 32 on CUDA, 4 on CPU)"),
+    ("max_len", "RFSERVE_CHAT_MAX_LEN", "tokens per slot, prompt and completion (default: the model's context)"),
+    ("max_waiting", "RFSERVE_CHAT_MAX_WAITING", "sequences queued for a slot before 429 (default: 256)"),
+    ("max_images", "RFSERVE_CHAT_MAX_IMAGES", "image parts per request (default: 4)"),
+    ("max_image_pixels", "RFSERVE_CHAT_MAX_IMAGE_PIXELS", "width x height cap, checked before decoding "
+                                                          "(default: 4096²)"),
+    ("default_max_tokens", "RFSERVE_CHAT_DEFAULT_MAX_TOKENS", "completion budget when a request sets none "
+                                                              "(default: 512)"),
+)
+HOSTS_VARIABLE = "RFSERVE_CHAT_IMAGE_HOSTS"
 
 
 @dataclass(frozen=True)
 class ChatConfig:
-    slots: int
+    slots: int | None = None                  # None: by device (see `slots_on`)
     max_len: int | None = None
     max_waiting: int = 256
     max_images: int = 4
@@ -32,13 +32,22 @@ class ChatConfig:
     image_hosts: frozenset[str] = field(default_factory=frozenset)
     default_max_tokens: int = 512
 
+    def slots_on(self, device_type: str) -> int:
+        """Slots are KV memory: many on a GPU, few where each decode step costs CPU time."""
+        return self.slots or (32 if device_type == "cuda" else 4)
+
     @classmethod
-    def from_env(cls, on_cuda: bool) -> "ChatConfig":
-        hosts = os.environ.get("RFSERVE_CHAT_IMAGE_HOSTS", "")
-        max_len = _int("RFSERVE_CHAT_MAX_LEN", 0)
-        return cls(slots=_int("RFSERVE_CHAT_SLOTS", 32 if on_cuda else 4), max_len=max_len or None,
-                   max_waiting=_int("RFSERVE_CHAT_MAX_WAITING", 256),
-                   max_images=_int("RFSERVE_CHAT_MAX_IMAGES", 4),
-                   max_image_pixels=_int("RFSERVE_CHAT_MAX_IMAGE_PIXELS", 4096 * 4096),
-                   image_hosts=frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()),
-                   default_max_tokens=_int("RFSERVE_CHAT_DEFAULT_MAX_TOKENS", 512))
+    def resolve(cls, flags: dict[str, int | None], hosts: list[str]) -> "ChatConfig":
+        """Flags first, then the environment, then the defaults."""
+        values: dict = {}
+        for name, variable, _ in INT_SETTINGS:
+            raw = os.environ.get(variable, "").strip()
+            if flags.get(name) is not None:
+                values[name] = flags[name]
+            elif raw:
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
+        hosts = hosts or os.environ.get(HOSTS_VARIABLE, "").split(",")
+        return cls(**values, image_hosts=frozenset(h.strip().lower() for h in hosts if h.strip()))

@@ -1,7 +1,7 @@
 """`POST /v1/chat/completions` for JanusFlow: validation, the continuous batcher, SSE.
 
-Text answers come from the model's `ContinuousBatcher` (one per served chat model, started
-on first use). With `modalities: ["image"]` the last user message's text becomes a
+Text answers come from the model's `ContinuousBatcher`, which the engine owns (one per served
+chat model, started on first use). With `modalities: ["image"]` the last user message's text becomes a
 text-to-image request on the ordinary image queue, and the answer carries the PNG as an
 `image_url` content part (a data: URL).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 
@@ -17,87 +16,67 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from model_zoo.base import ImageSpec, parse_size
-from model_zoo.janusflow.decoder import SlotDecoder
 from model_zoo.janusflow.processor import sft_prompt
-from model_zoo.seeding import random_seed
-from server.chat.batcher import ChatEvent, ChatQueueFull, ChatSequence, ContinuousBatcher
+from server.chat import CHAT_FAMILIES
+from server.chat.batcher import ChatClosed, ChatEvent, ChatQueueFull, ChatSequence
 from server.chat.config import ChatConfig
 from server.chat.messages import Conversation, check_remote, decode_data_url, open_image, parse_conversation
 from server.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                                 Choice, ChunkChoice, Delta, ImageContent, ImageURL, Usage)
+                                 Choice, ChunkChoice, Delta, ImageContent, ImageOptions, ImageURL, Usage)
+from server import jobs
 from server.encoding import encode_all
-from server.errors import APIError, documented, not_ready
-from server.scheduler import DeadlineExceeded, JobCancelled, QueueFull
-from server.worker import PipelineError
-
-CHAT_FAMILIES = ("janusflow",)
+from server.errors import APIError, documented, not_ready, shutting_down
+from server.specs import image_specs
 
 
-class ChatModels:
-    """The served models that chat, and their batchers (started lazily, one per model)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.config = ChatConfig.from_env(on_cuda=engine.device.type == "cuda")
-        self._batchers: dict[str, ContinuousBatcher] = {}
-        self._lock = threading.Lock()
-
-    def pipeline(self, name: str | None):
-        """The named chat model's pipeline; the first served chat model when `name` is None."""
-        if not self.engine.ready.is_set():
-            raise not_ready()
-        chat = [n for n, m in self.engine.models.items() if m.card.family in CHAT_FAMILIES]
-        if name is None:
-            if not chat:
-                raise APIError(404, "no served model supports chat", param="model", code="model_not_found")
-            name = chat[0]
-        model = self.engine.models.get(name)
-        if model is None:
-            raise APIError(404, f"model {name!r} is not served here; available: {sorted(self.engine.models)}",
-                           param="model", code="model_not_found")
-        if name not in chat:
-            raise APIError(400, f"model {name!r} does not support chat; chat models served: {chat}", param="model")
-        return name, model.pipeline
-
-    def max_len(self, pipe) -> int:
-        return min(self.config.max_len or pipe.parts.context_length, pipe.parts.context_length)
-
-    def batcher(self, name: str, pipe) -> ContinuousBatcher:
-        with self._lock:
-            if name not in self._batchers:
-                decoder = SlotDecoder(pipe.parts, self.config.slots, self.max_len(pipe))
-                self._batchers[name] = ContinuousBatcher(decoder, pipe.parts.tokenizer, pipe.parts.processor.eos_id,
-                                                         max_waiting=self.config.max_waiting).start()
-            return self._batchers[name]
+def _chat_model(engine, name: str | None):
+    """(name, pipeline) of the named chat model; the first served chat model when `name` is None."""
+    if engine.draining.is_set():
+        raise shutting_down()
+    if not engine.ready.is_set():
+        raise not_ready()
+    chat = [n for n, m in engine.models.items() if m.card.family in CHAT_FAMILIES]
+    if name is None:
+        if not chat:
+            raise APIError(404, "no served model supports chat", param="model", code="model_not_found")
+        name = chat[0]
+    model = engine.models.get(name)
+    if model is None:
+        raise APIError(404, f"model {name!r} is not served here; available: {sorted(engine.models)}",
+                       param="model", code="model_not_found")
+    if name not in chat:
+        raise APIError(400, f"model {name!r} does not support chat; chat models served: {chat}", param="model")
+    return name, model.pipeline
 
 
 def chat_router(engine) -> APIRouter:
     router = APIRouter()
-    models = ChatModels(engine)
+    cfg = engine.config.chat
 
     @router.post("/v1/chat/completions", response_model=ChatCompletion,
                  responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                   "description": "JSON, or with `stream` server-sent events ending in [DONE]"},
-                            **documented(400, 404, 413, 429, 499, 500, 503, 504)})
+                            **documented(400, 404, 413, 429, 499, 500, 503, 504, 507)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        name, pipe = models.pipeline(body.model)
+        name, pipe = _chat_model(engine, body.model)
         proc = pipe.parts.processor
-        conv = parse_conversation(body.messages, proc, models.config)
+        conv = parse_conversation(body.messages, proc, cfg)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.modalities and "image" in body.modalities:
             return await _image_answer(engine, name, pipe, conv, body, request, rid, created)
-        images = [await _load_image(field, url, models.config) for field, url in conv.image_urls]
+        images = [await _load_image(field, url, cfg) for field, url in conv.image_urls]
         ids, positions = proc.chat_ids(sft_prompt(conv.turns, conv.system))
-        max_tokens = _budget(len(ids), body, models.max_len(pipe), models.config.default_max_tokens)
+        max_tokens = _budget(len(ids), body, engine.chat_max_len(name), cfg.default_max_tokens)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seq = ChatSequence(ids, proc.pixels(images) if images else None, positions, max_tokens, body.temperature,
                            body.top_p, body.stops, body.seed, emit=_bridge(loop, events))
         try:
-            models.batcher(name, pipe).submit(seq)
+            engine.chat_batcher(name).submit(seq)
         except ChatQueueFull:
             raise APIError(429, f"the chat queue for {name} is full; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except ChatClosed:
+            raise shutting_down() from None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(seq, events, rid, created, name, usage), media_type="text/event-stream")
@@ -160,7 +139,7 @@ def _usage(event: ChatEvent) -> Usage:
 
 async def _collect(seq, events, request, rid, created, name, seed) -> ChatCompletion:
     text = []
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(jobs.disconnected(request))
     try:
         while True:
             nxt = asyncio.ensure_future(events.get())
@@ -170,6 +149,8 @@ async def _collect(seq, events, request, rid, created, name, seed) -> ChatComple
                 seq.cancel()
                 raise APIError(499, "client closed the request", code="client_closed")
             event = nxt.result()
+            if event.out_of_memory:
+                raise APIError(507, event.error, code="out_of_memory")
             if event.error:
                 raise APIError(500, f"generation failed: {event.error}", code="generation_failed")
             text.append(event.delta)
@@ -195,7 +176,8 @@ async def _sse(seq, events, rid, created, name, include_usage):
         while True:
             event = await events.get()
             if event.error:
-                error = {"message": f"generation failed: {event.error}", "type": "server_error"}
+                error = {"message": f"generation failed: {event.error}", "type": "server_error",
+                         "code": "out_of_memory" if event.out_of_memory else "generation_failed"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
             if event.delta:
@@ -214,37 +196,10 @@ async def _image_answer(engine, name, pipe, conv: Conversation, body, request, r
     """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text."""
     if conv.image_urls:
         raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
-    card, opts = engine.models[name].card, body.image
-    size = ((opts and opts.size) or card.defaults.size).lower()
-    if size not in card.sizes:
-        raise APIError(400, f"image.size {size!r} is not supported; allowed: {list(card.sizes)}", param="image.size")
-    steps = (opts and opts.num_inference_steps) or card.defaults.steps
-    if steps > card.max_steps:
-        raise APIError(400, f"image.num_inference_steps must be at most {card.max_steps}",
-                       param="image.num_inference_steps")
-    guidance = card.defaults.guidance if not opts or opts.guidance_scale is None else opts.guidance_scale
-    seed = random_seed() if body.seed is None else body.seed
-    width, height = parse_size(size)
-    try:
-        job = engine.submit(name, [ImageSpec(conv.last_user_text, "", seed, width, height, steps, guidance)])
-    except QueueFull as full:
-        raise APIError(429, f"the image queue for {name} is full; retry after {full.retry_after}s",
-                       code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
-    result = asyncio.wrap_future(job.future)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if result not in done:
-        job.cancel()
-        raise APIError(499, "client closed the request", code="client_closed")
-    try:
-        images = result.result().images
-    except (DeadlineExceeded, JobCancelled) as err:
-        raise APIError(504, f"image generation did not finish: {type(err).__name__}", code="deadline_exceeded") from None
-    except PipelineError as err:
-        raise APIError(500, str(err), code="generation_failed") from None
+    opts = body.image or ImageOptions()
+    specs = image_specs(engine.models[name].card, conv.last_user_text, max_n=1, size=opts.size,
+                        steps=opts.num_inference_steps, guidance=opts.guidance_scale, seed=body.seed, prefix="image.")
+    images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
     (b64,) = await encode_all(images, as_base64=True)
     part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64}"))
     prompt_tokens = len(pipe.parts.processor.t2i_prefix(conv.last_user_text))
@@ -257,10 +212,5 @@ async def _image_answer(engine, name, pipe, conv: Conversation, body, request, r
             yield f"data: {msg.model_dump_json(exclude_none=True)}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(one_chunk(), media_type="text/event-stream")
-    return ChatCompletion(id=rid, created=created, model=name, usage=usage, seed=seed,
+    return ChatCompletion(id=rid, created=created, model=name, usage=usage, seed=specs[0].seed,
                           choices=[Choice(message=AssistantMessage(content=[part]), finish_reason="stop")])
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -3,7 +3,7 @@ import pytest
 
 from model_zoo.base import ImageDefaults, ModelCard
 from model_zoo.seeding import MAX_SEED
-from server.app import _specs
+from server.specs import image_specs
 from server.errors import APIError
 from server.schemas import ImageGenerationRequest
 
@@ -12,7 +12,7 @@ CARD = ModelCard("m", "janusflow", ImageDefaults(steps=30, guidance=2.0, size="3
 
 
 def test_defaults_fill_in_and_seeds_count_up():
-    specs = _specs(ImageGenerationRequest(prompt="a cat", n=3, seed=10), CARD, max_n=4)
+    specs = image_specs(CARD, "a cat", n=3, seed=10, max_n=4)
     assert [s.seed for s in specs] == [10, 11, 12]
     assert {(s.width, s.height, s.steps, s.guidance) for s in specs} == {(384, 384, 30, 2.0)}
 
@@ -20,22 +20,32 @@ def test_defaults_fill_in_and_seeds_count_up():
 @pytest.mark.parametrize("fields,param", [
     ({"negative_prompt": "blurry"}, "negative_prompt"),
     ({"n": 5}, "n"),
+    ({"n": 0}, "n"),
     ({"size": "512x512"}, "size"),
-    ({"num_inference_steps": 51}, "num_inference_steps"),
-    ({"guidance_scale": 31.0}, "guidance_scale"),
+    ({"size": "384X384"}, "size"),
+    ({"steps": 51}, "num_inference_steps"),
+    ({"steps": 0}, "num_inference_steps"),
+    ({"guidance": 31.0}, "guidance_scale"),
+    ({"guidance": -1.0}, "guidance_scale"),
 ])
 def test_out_of_range_fields_are_named(fields, param):
     with pytest.raises(APIError) as err:
-        _specs(ImageGenerationRequest(prompt="a cat", **fields), CARD, max_n=4)
+        image_specs(CARD, "a cat", max_n=4, **fields)
     assert err.value.status == 400 and err.value.param == param
 
 
 def test_the_largest_seed_counts_up_past_the_limit():
     """Only the request's seed is bounded; its images may use seeds beyond it."""
-    specs = _specs(ImageGenerationRequest(prompt="a cat", n=3, seed=MAX_SEED), CARD, max_n=4)
+    specs = image_specs(CARD, "a cat", n=3, seed=MAX_SEED, max_n=4)
     assert [s.seed for s in specs] == [MAX_SEED, MAX_SEED + 1, MAX_SEED + 2]
 
 
 def test_a_seed_past_the_limit_is_refused():
     with pytest.raises(ValueError, match="seed"):
         ImageGenerationRequest(prompt="a cat", seed=MAX_SEED + 1)
+
+
+def test_chat_names_its_nested_fields():
+    with pytest.raises(APIError) as err:
+        image_specs(CARD, "a cat", max_n=1, size="1x1", prefix="image.")
+    assert err.value.param == "image.size" and err.value.message.startswith("image.size '1x1'")
