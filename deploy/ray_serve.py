@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from ray import serve
 
 from server.app import create_app
+from server.chat.config import ChatConfig
 from server.config import ServerConfig
 from server.engine import Engine
 
@@ -54,7 +55,8 @@ class RaySettings:
 
     def engine_config(self) -> ServerConfig:
         return ServerConfig(models=self.models, device=self.device, dtype=self.dtype, max_batch=self.max_batch,
-                            max_wait_ms=self.max_wait_ms, max_queue=self.max_queue, warmup=self.warmup)
+                            max_wait_ms=self.max_wait_ms, max_queue=self.max_queue, warmup=self.warmup,
+                            chat=ChatConfig.resolve({}, []))
 
 
 def _parse(raw: str, kind: type):

@@ -37,4 +37,4 @@ class ServerConfig:
     protect_metrics: bool = False
     model_root: str | None = None     # local model paths must resolve inside it
     cors_origins: list[str] = field(default_factory=list)
-    chat: ChatConfig = field(default_factory=lambda: ChatConfig.resolve({}, []))   # the environment's, else defaults
+    chat: ChatConfig = field(default_factory=ChatConfig)   # the CLI and Ray Serve resolve flags and environment

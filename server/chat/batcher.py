@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from model_zoo.janusflow.decoder import SlotDecoder
+from server import faults
 from server.chat.detok import TextStream
 from server.chat.sampling import choose
 
@@ -61,6 +62,7 @@ class ChatSequence:
     length: int = 0                           # KV entries written
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    fault: faults.Fault | None = None         # set only under --enable-fault-injection
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -142,6 +144,7 @@ class ContinuousBatcher:
             row = len(self.running)
             self.running.append(seq)
             try:
+                faults.inject_chat(seq.fault, "prefill")
                 embeds = self.decoder.embed(seq.ids, seq.pixel_values, seq.image_positions)
                 logits = self.decoder.prefill(row, embeds)
             except torch.OutOfMemoryError:
@@ -168,6 +171,8 @@ class ContinuousBatcher:
     def _decode_step(self) -> None:
         tokens = [s.generated[-1] for s in self.running]
         lengths = [s.length for s in self.running]
+        for seq in self.running:
+            faults.inject_chat(seq.fault, "decode")
         logits = self.decoder.decode(tokens, lengths)                   # (n, V)
         self.steps += 1
         greedy = logits.argmax(-1).tolist()                             # one sync for the greedy rows

@@ -23,7 +23,7 @@ from server.chat.config import ChatConfig
 from server.chat.messages import Conversation, check_remote, decode_data_url, open_image, parse_conversation
 from server.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                                  Choice, ChunkChoice, Delta, ImageContent, ImageOptions, ImageURL, Usage)
-from server import jobs
+from server import faults, jobs
 from server.encoding import encode_all
 from server.errors import APIError, documented, not_ready, shutting_down
 from server.specs import image_specs
@@ -69,7 +69,8 @@ def chat_router(engine) -> APIRouter:
         max_tokens = _budget(len(ids), body, engine.chat_max_len(name), cfg.default_max_tokens)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seq = ChatSequence(ids, proc.pixels(images) if images else None, positions, max_tokens, body.temperature,
-                           body.top_p, body.stops, body.seed, emit=_bridge(loop, events))
+                           body.top_p, body.stops, body.seed, emit=_bridge(loop, events),
+                           fault=faults.find(conv.last_user_text) if engine.config.fault_injection else None)
         try:
             engine.chat_batcher(name).submit(seq)
         except ChatQueueFull:

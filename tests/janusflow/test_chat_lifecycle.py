@@ -1,0 +1,115 @@
+"""Chat under the engine's one lifecycle, against server processes: out of memory in a prefill, the
+watchdog on a hung decode step, and SIGTERM while a stream is open."""
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.serving import ServerProcess
+
+pytestmark = pytest.mark.slow
+MODEL = "janusflow-1.3b"
+FAULT = "__rfserve_fault__"
+
+
+def chat(url, text, **fields):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 8,
+            **fields}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def stream_events(url, text, events, **fields):
+    """Collect the SSE `data:` payloads of one streamed chat into `events`."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "temperature": 0, "stream": True,
+            **fields}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+
+
+def open_stream(url, text, **fields):
+    events: list[str] = []
+    thread = threading.Thread(target=stream_events, args=(url, text, events), kwargs=fields)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while len(events) < 2 and time.monotonic() < deadline:     # the role chunk and a first token
+        time.sleep(0.02)
+    assert len(events) >= 2, events
+    return thread, events
+
+
+@pytest.fixture(scope="module")
+def server(tiny_janus):
+    srv = ServerProcess("--model", f"{MODEL}={tiny_janus}", "--enable-fault-injection", "--watchdog-timeout", "2")
+    yield srv
+    srv.stop()
+
+
+def test_a_prefill_out_of_memory_fails_only_its_request_with_507(server):
+    results = {}
+
+    def call(key, text):
+        results[key] = chat(server.url, text)
+
+    threads = [threading.Thread(target=call, args=(k, t)) for k, t in
+               (("a", "hello"), ("oom", f"hello {FAULT}:oom"), ("b", "a story"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["oom"].status_code == 507
+    assert results["oom"].json()["error"]["code"] == "out_of_memory"
+    assert results["a"].status_code == results["b"].status_code == 200
+    assert results["a"].json()["usage"]["completion_tokens"] == 8
+
+
+def test_the_watchdog_sees_a_hung_decode_step_then_recovers(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    hung = threading.Thread(target=chat, args=(server.url, f"hello {FAULT}:hang=3"), kwargs={"max_tokens": 2})
+    hung.start()
+    time.sleep(2.6)
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503 and "over 2s" in health.json()["error"]
+    hung.join()
+    time.sleep(1.0)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_sigterm_lets_an_open_stream_finish_and_refuses_new_chat(tiny_janus):
+    srv = ServerProcess("--model", f"{MODEL}={tiny_janus}", "--enable-fault-injection", "--shutdown-grace", "30")
+    try:
+        thread, events = open_stream(srv.url, f"a story {FAULT}:hang=0.2", max_tokens=20)   # about 4 s
+        srv.proc.send_signal(signal.SIGTERM)
+        before = len(events)
+        time.sleep(0.3)
+        late = chat(srv.url, "hello")
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert late.json()["error"]["code"] == "shutting_down"
+        thread.join()
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+        assert len(events) - before >= 3, events       # tokens kept coming while the server drained
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
+
+
+def test_a_stream_longer_than_the_grace_ends_with_an_error_chunk(tiny_janus):
+    srv = ServerProcess("--model", f"{MODEL}={tiny_janus}", "--enable-fault-injection", "--shutdown-grace", "1")
+    try:
+        thread, events = open_stream(srv.url, f"a story {FAULT}:hang=0.5", max_tokens=40)   # about 20 s
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        thread.join()
+        assert time.monotonic() - started < 10
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "shutting down" in error["message"]
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
