@@ -29,7 +29,7 @@ from model_zoo.hunyuan_dit import HunyuanPipeline
 from model_zoo.hunyuan_dit.arch import HunyuanArchConfig, build_random_hunyuan
 from model_zoo.hunyuan_dit.components import HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import scaled_size
-from model_zoo.hunyuan_dit.noise import seeded_noise
+from model_zoo.seeding import seeded_noise
 
 PROMPT = "a photo of a cat on a red square, high quality"
 TARGETS = "H100 targets: ≤ 60 ms per CFG step at 1024², ≤ 3.0 s end to end for 50 steps"

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.timing import call_ms
 from model_zoo.base import ImageSpec, StageTimer, parse_size
-from model_zoo.fast_path import accelerate, finish_capture
+from model_zoo.fast_path import SDFastPath
 from model_zoo.loading import resolve_source
 from model_zoo.registry import load_model, parse_spec
 from model_zoo.sd_components import SDComponents
@@ -98,7 +98,7 @@ def bench(spec_text: str | None, *, arch: str, batches: list[int], sizes: list[s
         base = PlainLoop(resolve_source(spec.source), dev, dtype, card.family,
                          getattr(pipe, "scheduler", None))
         if dev.type == "cuda":
-            accelerate(pipe.parts, compile_mode=compile_mode)
+            SDFastPath(pipe.parts).prepare(compile_mode)
         timer, rows = (lambda fn: call_ms(fn, dev)), []
         d = card.defaults
         for size in sizes or [d.size]:
@@ -120,5 +120,5 @@ def bench(spec_text: str | None, *, arch: str, batches: list[int], sizes: list[s
                 row["baseline_img_s"] = b / (row["e2e"]["baseline_ms"] / 1000)
                 rows.append(row)
         if dev.type == "cuda":
-            finish_capture(pipe.parts)
+            SDFastPath(pipe.parts).finish_capture()
     return rows

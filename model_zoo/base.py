@@ -1,10 +1,11 @@
-"""What every image pipeline offers the server: a card describing its limits and
-defaults, and `run()` over a batch of compatible image specs."""
+"""What every image pipeline offers the server: a card describing its limits and defaults, and the
+`Pipeline` protocol, whose `run()` makes a batch of compatible image specs. `server/` calls only this."""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -56,11 +57,82 @@ class BatchOutput:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
 
+class FastPath(Protocol):
+    """A family's compiled path: prepared, then captured per batch bucket during warm-up on CUDA."""
+
+    def prepare(self, compile_mode: str | None) -> None: ...
+
+    def finish_capture(self) -> None: ...
+
+    def drop(self, reason: str) -> None: ...
+
+
+class Pipeline(Protocol):
+    """One family's pipeline, as the server drives it (each family's pipeline.py implements it)."""
+    family: str
+
+    def run(self, specs: list[ImageSpec]) -> BatchOutput:
+        """Images for specs that share `batch_key()`; image i follows `specs[i]` alone (its own seed)."""
+        ...
+
+    def kept_prompt(self, prompt: str) -> str:
+        """The part of an over-long prompt the model actually reads (the response's `revised_prompt`)."""
+        ...
+
+    def fast_path(self) -> FastPath | None:
+        """The compiled path to capture during warm-up, or None where the family has none yet."""
+        ...
+
+
+class ChatDecoder(Protocol):
+    """Token-level decoding over a fixed pool of KV slots, which the continuous batcher steps."""
+    slots: int
+    max_len: int
+
+    def embed(self, ids: list[int], pixel_values: Any, image_positions: list[int]) -> Any:
+        """A prompt's embeddings (L, D), image features in place."""
+        ...
+
+    def prefill(self, row: int, embeds: Any) -> Any:
+        """Write a prompt into slot `row`; the next-token logits (V,)."""
+        ...
+
+    def decode(self, tokens: list[int], lengths: list[int]) -> Any:
+        """One step for rows 0..n−1; logits (n, V)."""
+        ...
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence's KV from row src to row dst when a row is freed."""
+        ...
+
+
+class ChatParts(Protocol):
+    """What the chat route and its batcher use of a model that also chats."""
+
+    @property
+    def processor(self) -> Any: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def decoder(self, slots: int, max_len: int) -> ChatDecoder: ...
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    pipeline: Pipeline
+    chat: ChatParts | None = None             # set for the models that also chat
+
+
 class StageTimer:
     """Wall-clock per stage; the device is synchronised at stage ends so GPU work
     is attributed to the stage that queued it."""
 
-    def __init__(self, sync=None):
+    def __init__(self, sync: Callable[[], None] | None = None):
         self.timings: dict[str, float] = {}
         self._sync = sync or (lambda: None)
 

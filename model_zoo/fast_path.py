@@ -46,26 +46,31 @@ def enable_compile_cache(folder: Path = DEFAULT_CACHE) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def accelerate(parts, *, compile_mode: str | None) -> None:
-    """channels_last + our attention everywhere; compile UNet and decoder when asked."""
-    for module in (parts.unet, parts.vae):
-        module.to(memory_format=torch.channels_last)
-        kernels.install_attention(module)
-    if compile_mode:
-        enable_compile_cache()
-        parts.compiled = Compiled(
-            unet=torch.compile(parts.unet, mode=compile_mode, fullgraph=True, dynamic=False),
-            decode=torch.compile(parts.vae.decode, mode=compile_mode, fullgraph=True, dynamic=False))
+@dataclass
+class SDFastPath:
+    """The SD-UNet families' `FastPath` (model_zoo.base)."""
+    parts: object                          # SDComponents: the pipeline's UNet, VAE and the compiled slot
 
+    def prepare(self, compile_mode: str | None) -> None:
+        """channels_last + our attention everywhere; compile UNet and decoder when asked."""
+        parts = self.parts
+        for module in (parts.unet, parts.vae):
+            module.to(memory_format=torch.channels_last)
+            kernels.install_attention(module)
+        if compile_mode:
+            enable_compile_cache()
+            parts.compiled = Compiled(
+                unet=torch.compile(parts.unet, mode=compile_mode, fullgraph=True, dynamic=False),
+                decode=torch.compile(parts.vae.decode, mode=compile_mode, fullgraph=True, dynamic=False))
 
-def finish_capture(parts) -> None:
-    if parts.compiled is not None:
-        parts.compiled.capturing = False
-        log.info("captured UNet shapes %s, decoder shapes %s",
-                 sorted(parts.compiled.unet_shapes), sorted(parts.compiled.decode_shapes))
+    def finish_capture(self) -> None:
+        compiled = self.parts.compiled
+        if compiled is not None:
+            compiled.capturing = False
+            log.info("captured UNet shapes %s, decoder shapes %s",
+                     sorted(compiled.unet_shapes), sorted(compiled.decode_shapes))
 
-
-def drop_compiled(parts, why: str) -> None:
-    """Fall back to eager for good when capture fails, so the server still serves."""
-    log.error("compiled path disabled, serving eagerly: %s", why)
-    parts.compiled = None
+    def drop(self, reason: str) -> None:
+        """Fall back to eager for good when capture fails, so the server still serves."""
+        log.error("compiled path disabled, serving eagerly: %s", reason)
+        self.parts.compiled = None

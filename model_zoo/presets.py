@@ -52,3 +52,15 @@ PRESETS: dict[str, Preset] = {
                ImageDefaults(steps=30, guidance=2.0, size="384x384"), size_factors=((1.0, 1.0),)),
     ]
 }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `--model` SPEC, parsed: the preset's name, where its weights are, and the `?` options."""
+    name: str
+    source: str
+    options: dict
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.name]

@@ -5,40 +5,23 @@ Each family registers one loader in `FAMILY_LOADERS`: `(spec, root, device, dtyp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
 import torch
 
-from model_zoo.base import ModelCard
+from model_zoo.base import LoadedModel, ModelCard
 from model_zoo.hunyuan_dit import load_hunyuan
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
 from model_zoo.janusflow import load_janusflow
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.pipeline import PeRFlowPipeline
 from model_zoo.perflow.scheduler import PREDICTION_TYPES
-from model_zoo.presets import PRESETS, Preset
+from model_zoo.presets import PRESETS, ModelSpec, Preset
 
 SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    source: str
-    options: dict
-
-    @property
-    def preset(self) -> Preset:
-        return PRESETS[self.name]
-
-
-@dataclass
-class LoadedModel:
-    card: ModelCard
-    pipeline: object
 
 
 def parse_spec(text: str) -> ModelSpec:

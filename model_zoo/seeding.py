@@ -18,11 +18,18 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], *, dtype: torch.dtype,
+                 device: torch.device | str) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """`shape` is one image's latent shape (C, h, w); returns ((B, C, h, w) noise, the B generators).
+
+    Samplers that keep drawing after the initial noise (DDPM's per-step variance noise) continue from
+    each image's own generator, as diffusers does with a list of them."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    draws = [torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]
+    return torch.cat(draws, dim=0).to(device), generators
+
+
 def initial_noise(seeds: list[int], shape: tuple[int, ...], *, dtype: torch.dtype,
                   device: torch.device | str) -> torch.Tensor:
-    """`shape` is one image's latent shape (C, h, w); returns (len(seeds), C, h, w)."""
-    draws = [
-        torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype)
-        for s in seeds
-    ]
-    return torch.cat(draws, dim=0).to(device)
+    """The initial noise alone, for samplers that draw nothing more."""
+    return seeded_noise(seeds, shape, dtype=dtype, device=device)[0]

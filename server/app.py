@@ -42,9 +42,9 @@ def create_app(engine: Engine) -> FastAPI:
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
-    app.add_exception_handler(RequestValidationError, validation_handler)
-    app.add_exception_handler(APIError, api_error_handler)
-    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.exception_handler(RequestValidationError)(validation_handler)
+    app.exception_handler(APIError)(api_error_handler)
+    app.exception_handler(StarletteHTTPException)(http_error_handler)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
               responses=documented(400, 404, 413, 429, 499, 500, 503, 504, 507))
@@ -78,9 +78,8 @@ def create_app(engine: Engine) -> FastAPI:
             data = [ImageData(url=f"{request.base_url}v1/images/{store.put(png)}") for png in images]
         else:
             data = [ImageData(b64_json=b64) for b64 in images]
-        kept = getattr(engine.models[name].pipeline, "kept_prompt", None)
-        if result.prompt_truncated and kept is not None:
-            text = kept(body.prompt)
+        if result.prompt_truncated:
+            text = engine.models[name].pipeline.kept_prompt(body.prompt)
             for d in data:
                 d.revised_prompt = text
         timings = {k: round(v * 1000, 3) for k, v in result.timings.items()}

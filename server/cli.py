@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from model_zoo.loading import CheckpointError
 from server import __version__
@@ -101,7 +102,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"rfserve: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -223,7 +224,7 @@ def generate(args) -> None:
                                 size=None if args.size is None else args.size.lower(), steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt)
         except APIError as err:
-            _fail(f"{GENERATE_FLAGS.get(err.param, err.param)}: {err.message}")
+            _fail(f"{GENERATE_FLAGS.get(err.param or '', err.param)}: {err.message}")
         result = engine.submit(card.name, specs).future.result()
     finally:
         engine.shutdown()

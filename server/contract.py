@@ -20,7 +20,6 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from model_zoo.base import ModelCard
-from server.chat import CHAT_FAMILIES
 from server.errors import WHY
 from server.security import is_open
 
@@ -35,9 +34,12 @@ def install(app: FastAPI, engine) -> None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         _drop_unsent_422(schema)
         cards = list(engine.cards.values())
+        chat = [name for name, model in engine.models.items() if model.chat is not None]
         if cards:
             _narrow_image_request(schema, cards, engine.config)
-        if not [c for c in cards if c.family in CHAT_FAMILIES]:
+        if chat:
+            _narrow_chat_request(schema, chat)
+        else:
             schema["paths"].pop(CHAT_PATH, None)
         if engine.config.api_keys:
             _document_auth(schema, engine.config.protect_metrics)
@@ -45,7 +47,7 @@ def install(app: FastAPI, engine) -> None:
             app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
 
 
 def _drop_unsent_422(schema: dict) -> None:
@@ -94,11 +96,12 @@ def _narrow_image_request(schema: dict, cards: list[ModelCard], config) -> None:
         refs.append({"$ref": f"#/components/schemas/{name}"})
     body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
     body["schema"] = refs[0] if len(refs) == 1 else {"oneOf": refs}
-    chat = [c.name for c in cards if c.family in CHAT_FAMILIES]
-    request = components.get("ChatCompletionRequest")
-    if chat and request:
-        request["properties"]["model"] = {"anyOf": [{"type": "string", "enum": chat}, {"type": "null"}],
-                                          "default": None, "description": f"{chat[0]} when left out"}
+
+
+def _narrow_chat_request(schema: dict, chat: list[str]) -> None:
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]
+    request["properties"]["model"] = {"anyOf": [{"type": "string", "enum": chat}, {"type": "null"}],
+                                      "default": None, "description": f"{chat[0]} when left out"}
 
 
 def _document_auth(schema: dict, protect_metrics: bool) -> None:

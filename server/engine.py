@@ -11,11 +11,9 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from model_zoo.base import ImageSpec, ModelCard, parse_size
-from model_zoo.fast_path import accelerate, drop_compiled, finish_capture
-from model_zoo.janusflow.decoder import SlotDecoder
-from model_zoo.registry import LoadedModel, ModelSpec, load_model, parse_spec, resolve_dtype
-from model_zoo.sd_pipeline import SDFlowPipeline
+from model_zoo.base import ChatParts, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
+from model_zoo.presets import ModelSpec
+from model_zoo.registry import load_model, parse_spec, resolve_dtype
 from server.buckets import BucketPlan
 from server.chat.batcher import ContinuousBatcher
 from server.config import ServerConfig
@@ -119,24 +117,25 @@ class Engine:
 
     def _warm(self, name: str, model: LoadedModel, progress: bool) -> None:
         pipe, card = model.pipeline, model.card
-        if not (isinstance(pipe, SDFlowPipeline) and self.device.type == "cuda"):
+        fast = pipe.fast_path() if self.device.type == "cuda" else None
+        if fast is None:
             for _ in tqdm(range(1), desc=f"warming {name}", disable=not progress):
                 pipe.run([self.default_spec(card, "warm-up", 0)])
             if self.device.type == "cpu" and self.config.cpu_threads is None:
                 self._plan_threads(name, pipe, card)
             return
-        accelerate(pipe.parts, compile_mode=self.config.compile_mode if self.compiling else None)
+        fast.prepare(self.config.compile_mode if self.compiling else None)
         buckets = self.buckets
         try:
             for b in tqdm(buckets, desc=f"capturing {name}", unit="bucket", disable=not progress):
                 for _ in range(2):                  # compile, then record the CUDA graph
                     pipe.run([self.default_spec(card, "warm-up", i) for i in range(b)])
-            finish_capture(pipe.parts)
+            fast.finish_capture()
             self.plans[name] = BucketPlan.measure(buckets, lambda n: self._time_batch(pipe, card, n))
         except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
-            drop_compiled(pipe.parts, f"{type(err).__name__}: {err}")
+            fast.drop(f"{type(err).__name__}: {err}")
 
-    def _plan_threads(self, name: str, pipe, card: ModelCard) -> None:
+    def _plan_threads(self, name: str, pipe: Pipeline, card: ModelCard) -> None:
         base, wide = torch.get_num_threads(), usable_cores()
         warmed: set[tuple[int, int]] = set()
 
@@ -159,7 +158,7 @@ class Engine:
         self.thread_plans[name] = plan
         log.info("%s on CPU: %s", name, plan.describe())
 
-    def _time_batch(self, pipe, card: ModelCard, n: int, repeats: int = 3) -> float:
+    def _time_batch(self, pipe: Pipeline, card: ModelCard, n: int, repeats: int = 3) -> float:
         specs = [self.default_spec(card, "warm-up", i) for i in range(n)]
         pipe.run(specs)
         times = []
@@ -202,17 +201,22 @@ class Engine:
         with self._inflight_lock:
             self._inflight.discard(job)
 
+    def chat_parts(self, name: str) -> ChatParts:
+        parts = self.models[name].chat
+        assert parts is not None, f"{name} does not chat"   # the chat route only asks for models that do
+        return parts
+
     def chat_max_len(self, name: str) -> int:
         """Tokens per KV slot: `--chat-max-len`, never past the model's context."""
-        context = self.models[name].pipeline.parts.context_length
+        context = self.chat_parts(name).context_length
         return min(self.config.chat.max_len or context, context)
 
     def chat_batcher(self, name: str) -> ContinuousBatcher:
         """The chat model's batcher, started on first use (its KV cache is allocated then)."""
         with self._chat_lock:
             if name not in self.chat_batchers:
-                parts = self.models[name].pipeline.parts
-                decoder = SlotDecoder(parts, self.config.chat.slots_on(self.device.type), self.chat_max_len(name))
+                parts = self.chat_parts(name)
+                decoder = parts.decoder(self.config.chat.slots_on(self.device.type), self.chat_max_len(name))
                 self.chat_batchers[name] = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,
                                                              max_waiting=self.config.chat.max_waiting).start()
             return self.chat_batchers[name]

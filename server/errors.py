@@ -1,6 +1,8 @@
 """Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -77,7 +79,7 @@ def shutting_down(message: str = "the server is shutting down") -> APIError:
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)

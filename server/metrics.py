@@ -1,6 +1,8 @@
 """Prometheus metrics, named by the Prometheus conventions (`_total`, `_seconds`)."""
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 disable_created_metrics()
@@ -38,7 +40,7 @@ class Metrics:
 
         for kind, read in (("allocated", torch.cuda.memory_allocated), ("reserved", torch.cuda.memory_reserved)):
             Gauge(f"rfserve_cuda_memory_{kind}_bytes", f"Bytes the CUDA caching allocator has {kind}.",
-                  registry=self.registry).set_function(lambda read=read: read(device))
+                  registry=self.registry).set_function(partial(read, device))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

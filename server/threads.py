@@ -63,8 +63,8 @@ class ThreadPlan:
             return cls(base, base)
         if single_image_s >= COMPUTE_BOUND_S:
             return cls(base, wide, 1)
-        sizes = sorted(set(sizes))
-        best = {(n, t): float("inf") for n in sizes for t in (base, wide)}
+        ordered = sorted(set(sizes))
+        best = {(n, t): float("inf") for n in ordered for t in (base, wide)}
         spent = 0.0
         for done in range(rounds):
             if done >= 2 and spent >= budget_s:
@@ -74,7 +74,7 @@ class ThreadPlan:
                 best[n, threads] = min(best[n, threads], took)
                 spent += took
         wide_from = None
-        for n in reversed(sizes):
+        for n in reversed(ordered):
             if best[n, wide] > WIDE_MARGIN * best[n, base]:
                 break
             wide_from = n

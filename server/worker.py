@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from model_zoo.base import ImageSpec
+from model_zoo.base import ImageSpec, Pipeline
 from server import faults
 from server.buckets import BucketPlan
 from server.metrics import Metrics
@@ -35,7 +35,7 @@ Rows = list[tuple[np.ndarray, bool] | PipelineError]   # per spec: (image, trunc
 
 
 class Worker:
-    def __init__(self, batcher: Batcher, pipelines: dict[str, object], metrics: Metrics,
+    def __init__(self, batcher: Batcher, pipelines: dict[str, Pipeline], metrics: Metrics,
                  *, fault_injection: bool = False, plans: dict[str, BucketPlan] | None = None,
                  threads: dict[str, ThreadPlan] | None = None):
         self.batcher, self.pipelines, self.metrics = batcher, pipelines, metrics

@@ -12,12 +12,12 @@ from model_zoo.base import BatchOutput, ImageSpec, StageTimer
 from model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
-from model_zoo.hunyuan_dit.noise import seeded_noise
 from model_zoo.hunyuan_dit.schedulers import make_scheduler, scheduler_name, step_kwargs
 from model_zoo.hunyuan_dit.text import TextEmbeddings
-from model_zoo.text_cache import TextEncoderCache
 from model_zoo.samplers import guidance_tensor
 from model_zoo.sd_components import to_uint8
+from model_zoo.seeding import seeded_noise
+from model_zoo.text_cache import TextEncoderCache
 
 ORIGINAL_SIZE = (1024, 1024)   # HunyuanDiTPipeline's default `original_size`
 CROP_TOP_LEFT = (0, 0)
@@ -101,6 +101,10 @@ class HunyuanPipeline:
         with timer.stage("decode"):
             images = p.decode(latents)
         return images, truncated
+
+    def fast_path(self) -> None:
+        """Eager for now: the compiled transformer per bucket is the fast-path work still to land."""
+        return None
 
     def kept_prompt(self, prompt: str) -> str:
         """What the shorter encoder (BERT, 77 tokens) reads of an over-long prompt."""

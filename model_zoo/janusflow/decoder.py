@@ -7,10 +7,33 @@ A sequence's KV column j holds its token at position j, so positions are simply 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts
+
+
+@dataclass(frozen=True)
+class JanusFlowChat:
+    """JanusFlow's `ChatParts` (model_zoo.base): the processor, and the slot decoder chat batches over."""
+    parts: JanusFlowParts
+
+    @property
+    def processor(self):
+        return self.parts.processor
+
+    @property
+    def tokenizer(self):
+        return self.parts.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.parts.context_length
+
+    def decoder(self, slots: int, max_len: int) -> "SlotDecoder":
+        return SlotDecoder(self.parts, slots, max_len)
 
 
 class SlotDecoder:

@@ -61,11 +61,19 @@ class JanusFlowPipeline:
         proc, limit = self.parts.processor, self.max_prompt_tokens
         out, truncated = [], []
         for prompt in prompts:
-            ids = proc.text_tokens(prompt)
-            cut = len(ids) > limit
-            out.append(proc.t2i_prefix(proc.tokenizer.decode(ids[:limit]) if cut else prompt))
+            cut = len(proc.text_tokens(prompt)) > limit
+            out.append(proc.t2i_prefix(self.kept_prompt(prompt) if cut else prompt))
             truncated.append(cut)
         return out, truncated
+
+    def kept_prompt(self, prompt: str) -> str:
+        """The first `max_prompt_tokens` tokens of the prompt, as text."""
+        proc = self.parts.processor
+        return proc.tokenizer.decode(proc.text_tokens(prompt)[:self.max_prompt_tokens])
+
+    def fast_path(self) -> None:
+        """Eager for now: the captured per-step forward is the fast-path work still to land."""
+        return None
 
     @torch.inference_mode()
     def sample(self, prefixes: list[list[int]], z: torch.Tensor, steps: int,

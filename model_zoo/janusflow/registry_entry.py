@@ -7,24 +7,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from model_zoo.base import ModelCard
+from model_zoo.base import LoadedModel, ModelCard
+from model_zoo.janusflow.decoder import JanusFlowChat
 from model_zoo.janusflow.pipeline import JanusFlowPipeline
-
-if TYPE_CHECKING:
-    from model_zoo.presets import Preset
-    from model_zoo.registry import LoadedModel, ModelSpec
+from model_zoo.presets import ModelSpec, Preset
 
 
-def load_janusflow(spec: "ModelSpec", root: Path, device, dtype) -> "LoadedModel":
-    from model_zoo.registry import LoadedModel   # the registry imports this module
-
+def load_janusflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
     pipe = JanusFlowPipeline.from_pretrained(root, device=device, dtype=dtype, base=spec.options.get("base"))
-    return LoadedModel(janusflow_card(spec.preset, pipe), pipe)
+    return LoadedModel(janusflow_card(spec.preset, pipe), pipe, chat=JanusFlowChat(pipe.parts))
 
 
-def janusflow_card(preset: "Preset", pipe: JanusFlowPipeline) -> ModelCard:
+def janusflow_card(preset: Preset, pipe: JanusFlowPipeline) -> ModelCard:
     """One size: the checkpoint's native square (384² for JanusFlow-1.3B, smaller for test checkpoints)."""
     side, _ = pipe.default_size
     size = f"{side}x{side}"

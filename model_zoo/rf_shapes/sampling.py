@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from model_zoo.seeding import initial_noise
+
 
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
@@ -16,12 +18,6 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
-
-
-def seeded_noise(seeds: list[int], shape: tuple[int, int, int], dtype=torch.float32) -> torch.Tensor:
-    """(B, C, h, w) noise; row i comes from its own CPU generator seeded with seeds[i]."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=dtype)
-                      for s in seeds])
 
 
 @torch.no_grad()
@@ -61,6 +57,6 @@ def generate(components: dict, prompts: list[str], seeds: list[int], *, steps: i
         p, s = prompts[i:i + batch], seeds[i:i + batch]
         cond = encode_text(tok, te, p)
         uncond = encode_text(tok, te, [negative_prompt] * len(p)) if guidance > 1.0 else None
-        noise = seeded_noise(s, shape).to(unet.device)
+        noise = initial_noise(s, shape, dtype=torch.float32, device=unet.device)
         out.append(decode(vae, euler_sample(unet, noise, cond, uncond, steps, guidance)))
     return np.concatenate(out)

@@ -1,4 +1,2 @@
-"""The chat route: OpenAI Chat Completions over JanusFlow, with token-level continuous batching."""
-
-# The families whose models chat; the others only make images.
-CHAT_FAMILIES = ("janusflow",)
+"""The chat route: OpenAI Chat Completions over the served models that chat (JanusFlow), with token-level
+continuous batching."""

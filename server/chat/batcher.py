@@ -1,6 +1,6 @@
 """The token-level continuous batcher for JanusFlow chat.
 
-One thread owns a `SlotDecoder`. Each turn of its loop:
+One thread owns a `ChatDecoder` (JanusFlow's `SlotDecoder`). Each turn of its loop:
 1. drops sequences whose client left, freeing their KV rows;
 2. admits waiting sequences while rows are free: prefill (image encoder + prompt) into the
    next row and choose the first token;
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from model_zoo.janusflow.decoder import SlotDecoder
+from model_zoo.base import ChatDecoder
 from server import faults
 from server.chat.detok import TextStream
 from server.chat.sampling import choose
@@ -69,7 +69,7 @@ class ChatSequence:
 
 
 class ContinuousBatcher:
-    def __init__(self, decoder: SlotDecoder, tokenizer, eos_id: int, *, max_waiting: int = 256):
+    def __init__(self, decoder: ChatDecoder, tokenizer, eos_id: int, *, max_waiting: int = 256):
         self.decoder, self.tokenizer, self.eos_id = decoder, tokenizer, eos_id
         self.max_waiting = max_waiting
         self.waiting: deque[ChatSequence] = deque()
@@ -188,13 +188,15 @@ class ContinuousBatcher:
     def _accept(self, seq: ChatSequence, token: int) -> bool:
         """Record one token and release its text; True when the sequence is finished."""
         seq.generated.append(token)
+        stream = seq.stream
+        assert stream is not None                 # set at admission, before the first token
         if token == self.eos_id:
-            return self._finish(seq, "stop", seq.stream.flush())
-        delta, hit_stop = seq.stream.push(token)
+            return self._finish(seq, "stop", stream.flush())
+        delta, hit_stop = stream.push(token)
         if hit_stop:
             return self._finish(seq, "stop", delta)
         if len(seq.generated) >= seq.max_tokens or seq.length >= self.decoder.max_len:
-            return self._finish(seq, "length", delta + seq.stream.flush())
+            return self._finish(seq, "length", delta + stream.flush())
         if delta:
             seq.emit(ChatEvent(delta=delta))
         return False

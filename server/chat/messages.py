@@ -21,7 +21,7 @@ from PIL import Image
 
 from model_zoo.janusflow.processor import IMAGE_TAG, SYSTEM_PROMPT, JanusFlowProcessor
 from server.chat.config import ChatConfig
-from server.chat.schemas import ImagePart, Message
+from server.chat.schemas import Message, TextPart
 from server.errors import APIError
 
 
@@ -78,9 +78,10 @@ def parse_conversation(messages: list[Message], proc: JanusFlowProcessor, cfg: C
 def _text_only(msg: Message, field: str) -> str:
     if isinstance(msg.content, str):
         return msg.content
-    if any(isinstance(p, ImagePart) for p in msg.content):
+    texts = [p.text for p in msg.content if isinstance(p, TextPart)]
+    if len(texts) < len(msg.content):
         raise APIError(400, f"{field}: images are allowed only in user messages", param=f"{field}.content")
-    return "\n".join(p.text for p in msg.content)
+    return "\n".join(texts)
 
 
 def _checked(text: str, proc: JanusFlowProcessor, field: str) -> str:

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from model_zoo.janusflow.processor import sft_prompt
-from server.chat import CHAT_FAMILIES
 from server.chat.batcher import ChatClosed, ChatEvent, ChatQueueFull, ChatSequence
 from server.chat.config import ChatConfig
 from server.chat.messages import Conversation, check_remote, decode_data_url, open_image, parse_conversation
@@ -30,12 +29,12 @@ from server.specs import image_specs
 
 
 def _chat_model(engine, name: str | None):
-    """(name, pipeline) of the named chat model; the first served chat model when `name` is None."""
+    """(name, chat parts) of the named chat model; the first served chat model when `name` is None."""
     if engine.draining.is_set():
         raise shutting_down()
     if not engine.ready.is_set():
         raise not_ready()
-    chat = [n for n, m in engine.models.items() if m.card.family in CHAT_FAMILIES]
+    chat = [n for n, m in engine.models.items() if m.chat is not None]
     if name is None:
         if not chat:
             raise APIError(404, "no served model supports chat", param="model", code="model_not_found")
@@ -46,7 +45,7 @@ def _chat_model(engine, name: str | None):
                        param="model", code="model_not_found")
     if name not in chat:
         raise APIError(400, f"model {name!r} does not support chat; chat models served: {chat}", param="model")
-    return name, model.pipeline
+    return name, model.chat
 
 
 def chat_router(engine) -> APIRouter:
@@ -58,16 +57,16 @@ def chat_router(engine) -> APIRouter:
                                   "description": "JSON, or with `stream` server-sent events ending in [DONE]"},
                             **documented(400, 404, 413, 429, 499, 500, 503, 504, 507)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        name, pipe = _chat_model(engine, body.model)
-        proc = pipe.parts.processor
+        name, parts = _chat_model(engine, body.model)
+        proc = parts.processor
         conv = parse_conversation(body.messages, proc, cfg)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.modalities and "image" in body.modalities:
-            return await _image_answer(engine, name, pipe, conv, body, request, rid, created)
+            return await _image_answer(engine, name, conv, body, request, rid, created)
         images = [await _load_image(field, url, cfg) for field, url in conv.image_urls]
         ids, positions = proc.chat_ids(sft_prompt(conv.turns, conv.system))
         max_tokens = _budget(len(ids), body, engine.chat_max_len(name), cfg.default_max_tokens)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[ChatEvent]()
         seq = ChatSequence(ids, proc.pixels(images) if images else None, positions, max_tokens, body.temperature,
                            body.top_p, body.stops, body.seed, emit=_bridge(loop, events),
                            fault=faults.find(conv.last_user_text) if engine.config.fault_injection else None)
@@ -193,7 +192,7 @@ async def _sse(seq, events, rid, created, name, include_usage):
         seq.cancel()              # a no-op once finished; frees the slot if the client left
 
 
-async def _image_answer(engine, name, pipe, conv: Conversation, body, request, rid, created):
+async def _image_answer(engine, name, conv: Conversation, body, request, rid, created):
     """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text."""
     if conv.image_urls:
         raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
@@ -203,7 +202,7 @@ async def _image_answer(engine, name, pipe, conv: Conversation, body, request, r
     images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
     (b64,) = await encode_all(images, as_base64=True)
     part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64}"))
-    prompt_tokens = len(pipe.parts.processor.t2i_prefix(conv.last_user_text))
+    prompt_tokens = len(engine.chat_parts(name).processor.t2i_prefix(conv.last_user_text))
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     if body.stream:
         async def one_chunk():

@@ -10,10 +10,9 @@ from model_zoo.base import ImageSpec, parse_size
 from model_zoo.hunyuan_dit import HunyuanPipeline
 from model_zoo.hunyuan_dit.components import HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES, rotary_tables, supported_sizes
-from model_zoo.hunyuan_dit.noise import seeded_noise
 from model_zoo.loading import CheckpointError
 from model_zoo.registry import load_model, parse_spec
-from model_zoo.seeding import initial_noise
+from model_zoo.seeding import initial_noise, seeded_noise
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +58,8 @@ def test_alone_equals_position_2_of_4(pipe):
 
 def test_initial_noise_is_the_seeding_contract():
     noise, generators = seeded_noise([5, 6], (4, 12, 20), dtype=torch.float32, device="cpu")
+    for row, seed in zip(noise, [5, 6]):         # image i: its own generator, one (1, C, h, w) draw
+        assert torch.equal(row, torch.randn((1, 4, 12, 20), generator=torch.Generator().manual_seed(seed))[0])
     assert torch.equal(noise, initial_noise([5, 6], (4, 12, 20), dtype=torch.float32, device="cpu"))
     # The generators continue past the initial draw, for DDPM's per-step variance noise.
     fresh = torch.Generator().manual_seed(6)

@@ -87,20 +87,25 @@ def test_greedy_tokens_equal_generate_while_requests_join_and_leave(janus_pipe):
 
 
 def test_cancel_frees_the_slot(janus_pipe):
+    """A sequence cancelled mid-decode leaves at the next step, without finishing."""
     parts = janus_pipe.parts
     batcher = ContinuousBatcher(SlotDecoder(parts, slots=2, max_len=256), parts.tokenizer,
                                 parts.processor.eos_id).start()
     try:
         seq, sink = make_seq(parts, "write a short poem about the sea", [], 100, temperature=1.0)
+        seq.fault = ("hang", 0.05)                # 50 ms a step: 100 tokens would take 5 s
         batcher.submit(seq)
         deadline = time.monotonic() + 30
-        while batcher.load[0] == 0 and not sink.done.is_set() and time.monotonic() < deadline:
+        while len(seq.generated) < 3 and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert batcher.load == (1, 0) and not sink.done.is_set(), "the sequence must be running when cancelled"
+        cancelled_at = len(seq.generated)
         seq.cancel()
         while batcher.load != (0, 0) and time.monotonic() < deadline:
             time.sleep(0.005)
         assert batcher.load == (0, 0)
-        assert len(seq.generated) < 100
+        assert len(seq.generated) <= cancelled_at + 1      # at most the step already running
+        assert not sink.done.is_set()                      # it left; it did not run to a finish
     finally:
         batcher.close()
 
