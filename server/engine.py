@@ -15,7 +15,7 @@ from model_zoo.base import ChatParts, ImageSpec, LoadedModel, ModelCard, Pipelin
 from model_zoo.presets import ModelSpec
 from model_zoo.registry import load_model, parse_spec, resolve_dtype
 from server.buckets import BucketPlan
-from server.chat.batcher import ContinuousBatcher
+from server.chat.batcher import ContinuousBatcher, TokenMetrics
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.scheduler import Batcher, Job
@@ -215,10 +215,16 @@ class Engine:
         """The chat model's batcher, started on first use (its KV cache is allocated then)."""
         with self._chat_lock:
             if name not in self.chat_batchers:
-                parts = self.chat_parts(name)
+                parts, m = self.chat_parts(name), self.metrics
                 decoder = parts.decoder(self.config.chat.slots_on(self.device.type), self.chat_max_len(name))
-                self.chat_batchers[name] = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,
-                                                             max_waiting=self.config.chat.max_waiting).start()
+                tokens = TokenMetrics(m.chat_first_token.labels(name), m.chat_token_gap.labels(name),
+                                      m.chat_tokens.labels(name))
+                batcher = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,
+                                            max_waiting=self.config.chat.max_waiting, metrics=tokens).start()
+                m.chat_sequences.labels(name, "running").set_function(lambda: batcher.load[0])
+                m.chat_sequences.labels(name, "waiting").set_function(lambda: batcher.load[1])
+                m.chat_slots.labels(name).set(decoder.slots)
+                self.chat_batchers[name] = batcher
             return self.chat_batchers[name]
 
     def busy(self) -> bool:

@@ -9,6 +9,8 @@ disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# A decode step is milliseconds on a GPU; the slow end shows a stream stalled behind other work.
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
 class Metrics:
@@ -32,6 +34,17 @@ class Metrics:
         self.oom_splits = Counter("rfserve_oom_splits_total", "Batches split in half after running out of memory.",
                                   ["model"], registry=r)
         self.ready = Gauge("rfserve_ready", "1 once every model is loaded and warmed.", registry=r)
+        self.chat_first_token = Histogram("rfserve_chat_time_to_first_token_seconds",
+                                          "From a chat request's arrival at its batcher to its first token.",
+                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.chat_token_gap = Histogram("rfserve_chat_inter_token_seconds",
+                                        "Gap between consecutive tokens of one chat stream.",
+                                        ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.chat_tokens = Counter("rfserve_chat_tokens_total", "Chat tokens generated.", ["model"], registry=r)
+        self.chat_sequences = Gauge("rfserve_chat_sequences", "Chat sequences by state (running, waiting).",
+                                    ["model", "state"], registry=r)
+        self.chat_slots = Gauge("rfserve_chat_kv_slots", "Chat KV slots allocated (in use: running sequences).",
+                                ["model"], registry=r)
 
     def track_cuda(self, device) -> None:
         """Allocator gauges for the serving device, so a leak (memory not returning to its idle level after

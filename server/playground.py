@@ -29,10 +29,19 @@ HTML_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' b
 Buckets = dict[str, list[tuple[float, float]]]     # model → [(upper bound, cumulative count)]
 
 
+class ChatStatus(BaseModel):
+    running: int
+    waiting: int
+    slots: int
+    first_token_p50_ms: float | None
+    token_gap_p50_ms: float | None
+
+
 class ModelStatus(BaseModel):
     queue_depth: int
     requests: int
     p50_ms: float | None
+    chat: ChatStatus | None = None            # for the models that chat
 
 
 class ServerStatus(BaseModel):
@@ -91,6 +100,8 @@ class RecentLatency:
 def playground_router(engine) -> APIRouter:
     router = APIRouter()
     latency = RecentLatency(engine.metrics.request_seconds)
+    first_token = RecentLatency(engine.metrics.chat_first_token)
+    token_gap = RecentLatency(engine.metrics.chat_token_gap)
     files = {p.name for p in STATIC.iterdir() if p.is_file()}     # a fixed set: no path ever reaches the disk
 
     @router.get("/", include_in_schema=False)
@@ -106,8 +117,11 @@ def playground_router(engine) -> APIRouter:
 
     @router.get("/v1/status", response_model=ServerStatus)
     async def status():
-        """Readiness, and per model the queue depth and the p50 request latency of the last minute."""
+        """Readiness, and per model the queue depth and the p50 request latency of the last minute; for
+        chat models also the running and waiting sequences and the p50 first-token time and token gap."""
         covered, recent = latency.window()
+        _, firsts = first_token.window()
+        _, gaps = token_gap.window()
         if engine.draining.is_set():
             state = "draining"
         else:
@@ -116,9 +130,22 @@ def playground_router(engine) -> APIRouter:
         for spec in engine.specs:
             buckets = recent.get(spec.name, [])
             p50 = quantile(0.5, buckets)
+            chat = None
+            model = engine.models.get(spec.name)
+            if model is not None and model.chat is not None:
+                batcher = engine.chat_batchers.get(spec.name)
+                running, waiting = batcher.load if batcher else (0, 0)
+                chat = ChatStatus(running=running, waiting=waiting,
+                                  slots=engine.config.chat.slots_on(engine.device.type),
+                                  first_token_p50_ms=_ms(quantile(0.5, firsts.get(spec.name, []))),
+                                  token_gap_p50_ms=_ms(quantile(0.5, gaps.get(spec.name, []))))
             models[spec.name] = ModelStatus(queue_depth=engine.batcher.depth(spec.name),
-                                            requests=int(buckets[-1][1]) if buckets else 0,
-                                            p50_ms=None if p50 is None else round(p50 * 1000, 1))
+                                            requests=int(buckets[-1][1]) if buckets else 0, p50_ms=_ms(p50),
+                                            chat=chat)
         return ServerStatus(status=state, healthy=engine.healthy[0], window_s=round(covered, 1), models=models)
 
     return router
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)

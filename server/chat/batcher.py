@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +46,14 @@ class ChatEvent:
     out_of_memory: bool = False               # the prefill did not fit: this request alone fails (507)
 
 
+@dataclass
+class TokenMetrics:
+    """One model's chat token metrics (the engine passes its Prometheus children)."""
+    first_token: Any                          # histogram: seconds from submit to the first token
+    token_gap: Any                            # histogram: seconds between a stream's tokens
+    tokens: Any                               # counter
+
+
 @dataclass(eq=False)
 class ChatSequence:
     ids: list[int]                            # prompt token ids, image slots expanded
@@ -63,14 +71,18 @@ class ChatSequence:
     stream: TextStream | None = None
     generator: torch.Generator | None = None
     fault: faults.Fault | None = None         # set only under --enable-fault-injection
+    submitted_at: float = 0.0
+    last_token_at: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
 class ContinuousBatcher:
-    def __init__(self, decoder: ChatDecoder, tokenizer, eos_id: int, *, max_waiting: int = 256):
+    def __init__(self, decoder: ChatDecoder, tokenizer, eos_id: int, *, max_waiting: int = 256,
+                 metrics: TokenMetrics | None = None):
         self.decoder, self.tokenizer, self.eos_id = decoder, tokenizer, eos_id
+        self.metrics = metrics
         self.max_waiting = max_waiting
         self.waiting: deque[ChatSequence] = deque()
         self.running: list[ChatSequence] = []     # running[i] lives in KV row i
@@ -96,6 +108,7 @@ class ContinuousBatcher:
                 raise ChatClosed()
             if len(self.waiting) >= self.max_waiting:
                 raise ChatQueueFull()
+            seq.submitted_at = time.monotonic()
             self.waiting.append(seq)
             self._cond.notify()
 
@@ -188,6 +201,7 @@ class ContinuousBatcher:
     def _accept(self, seq: ChatSequence, token: int) -> bool:
         """Record one token and release its text; True when the sequence is finished."""
         seq.generated.append(token)
+        self._observe(seq)
         stream = seq.stream
         assert stream is not None                 # set at admission, before the first token
         if token == self.eos_id:
@@ -200,6 +214,16 @@ class ContinuousBatcher:
         if delta:
             seq.emit(ChatEvent(delta=delta))
         return False
+
+    def _observe(self, seq: ChatSequence) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:
+            if len(seq.generated) == 1:
+                self.metrics.first_token.observe(now - seq.submitted_at)
+            else:
+                self.metrics.token_gap.observe(now - seq.last_token_at)
+            self.metrics.tokens.inc()
+        seq.last_token_at = now
 
     def _finish(self, seq: ChatSequence, reason: str, delta: str) -> bool:
         seq.emit(ChatEvent(delta=delta, finish_reason=reason, prompt_tokens=len(seq.ids),

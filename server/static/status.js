@@ -1,4 +1,5 @@
-// The status strip: polls GET /v1/status (readiness, queue depth, recent p50) while the tab is visible.
+// The status strip: polls GET /v1/status (readiness, queue depth, recent p50; for chat models the running
+// and waiting sequences, the p50 time to first token and gap between tokens) while the tab is visible.
 import { api } from "./api.js";
 
 const EVERY_MS = 3000;
@@ -14,8 +15,13 @@ export function startStatus() {
       const s = await (await api("/v1/status", { quiet: true })).json();
       dot.dataset.state = s.healthy ? s.status : "unhealthy";
       text.textContent = s.healthy ? s.status : `${s.status}, unhealthy`;
-      models.textContent = Object.entries(s.models).map(([name, m]) =>
-        `${name}: queue ${m.queue_depth} · p50 ${m.p50_ms === null ? "–" : `${m.p50_ms} ms`}`).join("  |  ");
+      const ms = (v) => (v === null ? "–" : `${v} ms`);
+      models.textContent = Object.entries(s.models).map(([name, m]) => {
+        const line = `${name}: queue ${m.queue_depth} · p50 ${ms(m.p50_ms)}`;
+        const c = m.chat;
+        return c ? `${line} · chat ${c.running}/${c.slots} running, ${c.waiting} waiting · first token ` +
+          `${ms(c.first_token_p50_ms)} · token gap ${ms(c.token_gap_p50_ms)}` : line;
+      }).join("  |  ");
       models.title = `p50 over the last ${Math.round(s.window_s)} s`;
     } catch (err) {
       dot.dataset.state = "down";

@@ -113,3 +113,25 @@ def test_a_stream_longer_than_the_grace_ends_with_an_error_chunk(tiny_janus):
         assert srv.proc.wait(30) == 0
     finally:
         srv.stop()
+
+
+def test_chat_metrics_count_tokens_and_gaps_and_reach_the_status_strip(server):
+    def read(name):
+        return server.metric(name, model=MODEL)
+
+    before = {n: read(n) for n in ("rfserve_chat_tokens_total", "rfserve_chat_time_to_first_token_seconds_count",
+                                   "rfserve_chat_inter_token_seconds_count")}
+    reply = chat(server.url, "count the stars")
+    assert reply.status_code == 200
+    tokens = reply.json()["usage"]["completion_tokens"]
+    assert tokens >= 2
+    assert read("rfserve_chat_tokens_total") - before["rfserve_chat_tokens_total"] == tokens
+    assert read("rfserve_chat_time_to_first_token_seconds_count") - \
+        before["rfserve_chat_time_to_first_token_seconds_count"] == 1
+    assert read("rfserve_chat_inter_token_seconds_count") - \
+        before["rfserve_chat_inter_token_seconds_count"] == tokens - 1
+    assert server.metric("rfserve_chat_sequences", model=MODEL, state="running") == 0
+    assert read("rfserve_chat_kv_slots") == 4                      # the CPU default
+    status = httpx.get(f"{server.url}/v1/status").json()["models"][MODEL]["chat"]
+    assert status["running"] == 0 and status["slots"] == 4
+    assert status["first_token_p50_ms"] > 0 and status["token_gap_p50_ms"] > 0

@@ -49,7 +49,7 @@ def test_status_reports_loading_and_needs_the_key(client):
     assert client.get("/v1/status").status_code == 401
     body = client.get("/v1/status", headers={"authorization": "Bearer k1"}).json()
     assert body["status"] == "loading" and body["healthy"] is True
-    assert body["models"] == {"instaflow-0.9b": {"queue_depth": 0, "requests": 0, "p50_ms": None}}
+    assert body["models"] == {"instaflow-0.9b": {"queue_depth": 0, "requests": 0, "p50_ms": None, "chat": None}}
 
 
 def test_page_and_static_files_are_open_and_confined(client):
