@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -126,6 +127,28 @@ class LoadedModel:
     card: ModelCard
     pipeline: Pipeline
     chat: ChatParts | None = None             # set for the models that also chat
+
+
+_step_hook: ContextVar[Callable[[], None] | None] = ContextVar("rfserve_step_hook", default=None)
+
+
+def between_steps() -> None:
+    """Every multi-step sampling loop calls this after each step. It is the engine's seam inside a
+    batch: there the device turns to queued chat steps (server/device.py). Outside the engine it does
+    nothing."""
+    hook = _step_hook.get()
+    if hook is not None:
+        hook()
+
+
+@contextmanager
+def step_hook(hook: Callable[[], None]) -> Iterator[None]:
+    """Run `hook` at every `between_steps()` of the sampling loops called inside this block (this thread)."""
+    token = _step_hook.set(hook)
+    try:
+        yield
+    finally:
+        _step_hook.reset(token)
 
 
 class StageTimer:

@@ -17,6 +17,7 @@ from model_zoo.registry import load_model, parse_spec, resolve_dtype
 from server.buckets import BucketPlan
 from server.chat.batcher import ContinuousBatcher, TokenMetrics
 from server.config import ServerConfig
+from server.device import DeviceTurns
 from server.metrics import Metrics
 from server.scheduler import Batcher, Job
 from server.security import confine
@@ -79,6 +80,7 @@ class Engine:
         self._inflight_lock = threading.Lock()
         self.chat_batchers: dict[str, ContinuousBatcher] = {}
         self._chat_lock = threading.Lock()
+        self.turns = DeviceTurns()            # one forward at a time on the device: image steps and chat turns
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -100,7 +102,7 @@ class Engine:
             for name, model in self.models.items():
                 self._warm(name, model, progress)
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
-                             fault_injection=self.config.fault_injection, plans=self.plans,
+                             turns=self.turns, fault_injection=self.config.fault_injection, plans=self.plans,
                              threads=self.thread_plans)
         self.worker.start()
         self.metrics.ready.set(1)
@@ -220,7 +222,8 @@ class Engine:
                 tokens = TokenMetrics(m.chat_first_token.labels(name), m.chat_token_gap.labels(name),
                                       m.chat_tokens.labels(name))
                 batcher = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,
-                                            max_waiting=self.config.chat.max_waiting, metrics=tokens).start()
+                                            max_waiting=self.config.chat.max_waiting, metrics=tokens,
+                                            turns=self.turns).start()
                 m.chat_sequences.labels(name, "running").set_function(lambda: batcher.load[0])
                 m.chat_sequences.labels(name, "waiting").set_function(lambda: batcher.load[1])
                 m.chat_slots.labels(name).set(decoder.slots)

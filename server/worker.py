@@ -13,9 +13,10 @@ import time
 import numpy as np
 import torch
 
-from model_zoo.base import ImageSpec, Pipeline
+from model_zoo.base import ImageSpec, Pipeline, step_hook
 from server import faults
 from server.buckets import BucketPlan
+from server.device import DeviceTurns
 from server.metrics import Metrics
 from server.scheduler import Batch, Batcher, JobCancelled
 from server.threads import ThreadPlan
@@ -36,9 +37,10 @@ Rows = list[tuple[np.ndarray, bool] | PipelineError]   # per spec: (image, trunc
 
 class Worker:
     def __init__(self, batcher: Batcher, pipelines: dict[str, Pipeline], metrics: Metrics,
-                 *, fault_injection: bool = False, plans: dict[str, BucketPlan] | None = None,
-                 threads: dict[str, ThreadPlan] | None = None):
+                 *, turns: DeviceTurns | None = None, fault_injection: bool = False,
+                 plans: dict[str, BucketPlan] | None = None, threads: dict[str, ThreadPlan] | None = None):
         self.batcher, self.pipelines, self.metrics = batcher, pipelines, metrics
+        self.turns = turns or DeviceTurns()       # the engine's, shared with the chat batchers
         self.plans = plans or {}
         self.threads = threads or {}
         self.fault_injection = fault_injection
@@ -102,7 +104,8 @@ class Worker:
             padded = self._pad(model, specs)
             if model in self.threads:
                 self.threads[model].apply(len(padded))
-            out = self.pipelines[model].run(padded)
+            with self.turns.turn(), step_hook(self.turns.pause):
+                out = self.pipelines[model].run(padded)
         except torch.OutOfMemoryError:
             _release_memory()
             if len(specs) == 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
@@ -78,6 +78,7 @@ class HunyuanPipeline:
             if guidance is not None:
                 pred = guided_prediction(pred, guidance, self.guidance_rescale)
             x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
+            between_steps()
         return x
 
     def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):

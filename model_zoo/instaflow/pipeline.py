@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from model_zoo.base import between_steps
 from model_zoo.samplers import euler_update
 from model_zoo.sd_components import SDComponents
 from model_zoo.sd_pipeline import SDFlowPipeline
@@ -32,4 +33,5 @@ class InstaFlowPipeline(SDFlowPipeline):
             t_vec = torch.full((x_in.shape[0],), t, device=x.device)   # float32, as the reference
             v = self.parts.unet_for(x_in.shape)(x_in, t_vec, encoder_hidden_states=emb, return_dict=False)[0]
             x = euler_update(x, v, dt, guidance)
+            between_steps()
         return x

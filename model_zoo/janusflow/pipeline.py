@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import kernels
-from model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts, load_parts
 from model_zoo.samplers import guidance_tensor
@@ -109,6 +109,7 @@ class JanusFlowPipeline:
             h = run_layers(lm, x, gen_pos, kv, write=P, mask=mask)
             v = model.decode_velocity(h[:, 1:], skips, t_emb)                        # (R, 4, h, w)
             z = kernels.janus_cfg_euler_step(z, v, dt, guidance)
+            between_steps()
         return z
 
     @torch.inference_mode()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from model_zoo.base import between_steps
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.delta import is_delta_folder, merge_delta
 from model_zoo.perflow.scheduler import PeRFlowScheduler
@@ -51,4 +52,5 @@ class PeRFlowPipeline(SDFlowPipeline):
             x_in = x if guidance is None else torch.cat([x, x])
             eps = self.parts.unet_for(x_in.shape)(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
             x = sched.fused_step(eps, t, x, guidance)
+            between_steps()
         return x

@@ -23,6 +23,7 @@ import torch
 from model_zoo.base import ChatDecoder
 from server import faults
 from server.chat.detok import TextStream
+from server.device import DeviceTurns
 from server.chat.sampling import choose
 
 log = logging.getLogger("rfserve.chat")
@@ -80,8 +81,9 @@ class ChatSequence:
 
 class ContinuousBatcher:
     def __init__(self, decoder: ChatDecoder, tokenizer, eos_id: int, *, max_waiting: int = 256,
-                 metrics: TokenMetrics | None = None):
+                 metrics: TokenMetrics | None = None, turns: DeviceTurns | None = None):
         self.decoder, self.tokenizer, self.eos_id = decoder, tokenizer, eos_id
+        self.turns = turns or DeviceTurns()       # the engine's, shared with the image worker
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.waiting: deque[ChatSequence] = deque()
@@ -125,12 +127,13 @@ class ContinuousBatcher:
                     self._cond.wait(timeout=1.0)
                 if self._closed:
                     break
-            self.busy_since = time.monotonic()
             try:
-                self._drop_cancelled()
-                self._admit()
-                if self.running:
-                    self._decode_step()
+                with self.turns.turn():               # one turn: admissions, then one decode step
+                    self.busy_since = time.monotonic()
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.running:
+                        self._decode_step()
             except Exception as exc:  # noqa: BLE001 — a failed step fails its sequences, not the thread
                 log.exception("chat step failed")
                 for seq in self.running:

@@ -1,0 +1,53 @@
+"""Turns on one device: at most one forward runs at a time, and image work and chat take turns.
+
+Every forward the engine runs (an image batch, a chat prefill or decode step) holds a turn. Turns are
+served first come, first served (a ticket lock), and an image batch gives its turn up between
+denoising steps whenever someone is queued (`pause`, through `model_zoo.base.between_steps`). So while
+chat sequences run, image steps and chat steps alternate: a stream's gap between tokens is about one
+denoising step plus one decode step, never the length of an image batch. With nobody queued, `pause`
+is one check under a lock, and image throughput is what it was.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class DeviceTurns:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0                # the next ticket to hand out
+        self._serving = 0             # the ticket that may run now
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    @property
+    def queued(self) -> int:
+        """Turns waiting behind the one running."""
+        with self._cond:
+            return max(0, self._next - self._serving - 1)
+
+    def pause(self) -> None:
+        """Called by the holder between steps: everyone queued goes first, then the holder goes on."""
+        if self.queued:
+            self.release()
+            self.acquire()
