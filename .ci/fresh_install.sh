@@ -10,6 +10,10 @@ python -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0 -e .
 "$venv/bin/rfserve" --version
 "$venv/bin/python" .ci/import_all.py
+# A command that needs an extra says which, in one line.
+bench=$("$venv/bin/rfserve" bench --help 2>&1 || true)
+grep -q "^rfserve: error: rfserve bench needs the bench extra" <<<"$bench" && ! grep -q Traceback <<<"$bench" \
+  || { echo "$bench"; echo "fresh install: rfserve bench without its extra must say so in one line"; exit 1; }
 
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log="$work/serve.log"

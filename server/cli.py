@@ -239,7 +239,10 @@ def generate(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from benchmarks.suite import main as bench
+        try:
+            from benchmarks.suite import main as bench
+        except ModuleNotFoundError as err:
+            _fail(f"rfserve bench needs the bench extra ({err.name} is not installed): pip install 'rfserve[bench]'")
 
         bench(argv[1:])
         return
