@@ -53,8 +53,8 @@ class ImageSpec:
 
 @dataclass
 class BatchOutput:
-    images: np.ndarray                      # (B, H, W, 3) uint8
-    prompt_truncated: list[bool]
+    images: np.ndarray                      # (B, H, W, 3) uint8: the rows still kept at the end
+    prompt_truncated: list[bool]            # one per input spec
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
 
@@ -129,20 +129,21 @@ class LoadedModel:
     chat: ChatParts | None = None             # set for the models that also chat
 
 
-_step_hook: ContextVar[Callable[[], None] | None] = ContextVar("rfserve_step_hook", default=None)
+_step_hook: ContextVar[Callable[[], list[int] | None] | None] = ContextVar("rfserve_step_hook", default=None)
 
 
-def between_steps() -> None:
-    """Every multi-step sampling loop calls this after each step. It is the engine's seam inside a
-    batch: there the device turns to queued chat steps (server/device.py). Outside the engine it does
-    nothing."""
+def between_steps() -> list[int] | None:
+    """Every multi-step sampling loop calls this after each step. It is the engine's seam inside a batch:
+    there the device turns to queued chat steps (server/device.py), and rows whose request was cancelled
+    or passed its deadline leave. It returns the rows to keep (indices into the current rows), which the
+    loop then keeps of its whole state (`model_zoo.samplers.keep_rows`), or None when all stay. Outside
+    the engine it does nothing and returns None."""
     hook = _step_hook.get()
-    if hook is not None:
-        hook()
+    return None if hook is None else hook()
 
 
 @contextmanager
-def step_hook(hook: Callable[[], None]) -> Iterator[None]:
+def step_hook(hook: Callable[[], list[int] | None]) -> Iterator[None]:
     """Run `hook` at every `between_steps()` of the sampling loops called inside this block (this thread)."""
     token = _step_hook.set(hook)
     try:

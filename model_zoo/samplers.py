@@ -7,6 +7,15 @@ import torch
 import kernels
 
 
+def keep_rows(keep: list[int], t, groups: int = 1):
+    """Rows `keep` of a batch that `between_steps()` shrank. `t` is batch-first, `groups` stacked copies
+    of the batch (2 for CFG's paired rows); a float guidance scale for the whole batch passes as it is."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    n = t.shape[0] // groups
+    return t[[g * n + k for g in range(groups) for k in keep]]
+
+
 def guidance_tensor(scales: list[float], device) -> torch.Tensor | float:
     """One scale per row; a plain float when the batch agrees, so kernels take a scalar."""
     if len(set(scales)) == 1:

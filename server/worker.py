@@ -3,6 +3,10 @@
 An exception fails only the jobs of its own batch. An out-of-memory error splits the
 batch in halves and retries each, down to single images; only a job whose image cannot
 fit alone fails (507). Either way the thread keeps serving.
+
+Between denoising steps (`model_zoo.base.between_steps`) the worker gives the device to queued
+chat, and takes out the rows of requests that were cancelled or passed their deadline: they are
+answered at once and the rest of the batch goes on without them.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from server import faults
 from server.buckets import BucketPlan
 from server.device import DeviceTurns
 from server.metrics import Metrics
-from server.scheduler import Batch, Batcher, JobCancelled
+from server.scheduler import Batch, Batcher, DeadlineExceeded, Job, JobCancelled
 from server.threads import ThreadPlan
 
 log = logging.getLogger("rfserve.worker")
@@ -32,7 +36,12 @@ class OutOfMemory(PipelineError):
     """One image does not fit in device memory even alone."""
 
 
-Rows = list[tuple[np.ndarray, bool] | PipelineError]   # per spec: (image, truncated) or its error
+# Per spec: (image, truncated), its error, or None when its request left between steps (answered then).
+Rows = list[tuple[np.ndarray, bool] | PipelineError | None]
+
+
+class BatchAbandoned(Exception):
+    """Every row of a running batch left between steps: nothing is left to compute."""
 
 
 class Worker:
@@ -80,10 +89,11 @@ class Worker:
             return
         batch = Batch(batch.model, live)
         specs = batch.specs
+        jobs = [sl.job for sl in batch.slices for _ in range(sl.start, sl.stop)]      # the job of each spec
         self.metrics.batch_size.labels(batch.model).observe(len(specs))
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        rows = self._run_splitting(batch.model, specs, timings)
+        rows = self._run_splitting(batch.model, specs, jobs, timings)
         self.batcher.observe(batch.model, (time.perf_counter() - start) / len(specs))
         for stage, secs in timings.items():
             self.metrics.stage_seconds.labels(batch.model, stage).observe(secs)
@@ -93,19 +103,24 @@ class Worker:
                 result = rows[row]
                 if isinstance(result, PipelineError):
                     sl.job.fail(result)
-                else:
+                elif result is not None:
                     sl.job.record(index, result[0], result[1], timings)
                 row += 1
 
-    def _run_splitting(self, model: str, specs: list[ImageSpec], timings: dict[str, float]) -> Rows:
+    def _run_splitting(self, model: str, specs: list[ImageSpec], jobs: list[Job],
+                       timings: dict[str, float]) -> Rows:
+        kept: list[int] = []                      # the spec (padded row) behind each row still running
         try:
             if self.fault_injection:
                 faults.inject(specs)
             padded = self._pad(model, specs)
+            kept.extend(range(len(padded)))
             if model in self.threads:
                 self.threads[model].apply(len(padded))
-            with self.turns.turn(), step_hook(self.turns.pause):
+            with self.turns.turn(), step_hook(lambda: self._between_steps(model, kept, jobs)):
                 out = self.pipelines[model].run(padded)
+        except BatchAbandoned:
+            return [None] * len(specs)
         except torch.OutOfMemoryError:
             _release_memory()
             if len(specs) == 1:
@@ -116,8 +131,8 @@ class Worker:
             self.metrics.oom_splits.labels(model).inc()
             log.warning("out of memory on a batch of %d on %s; retrying as %d + %d",
                         len(specs), model, half, len(specs) - half)
-            return (self._run_splitting(model, specs[:half], timings)
-                    + self._run_splitting(model, specs[half:], timings))
+            return (self._run_splitting(model, specs[:half], jobs[:half], timings)
+                    + self._run_splitting(model, specs[half:], jobs[half:], timings))
         except Exception as exc:  # noqa: BLE001 — any pipeline failure fails only this batch
             log.exception("batch of %d on %s failed", len(specs), model)
             detail = str(exc).splitlines()[0] if str(exc) else ""
@@ -125,7 +140,31 @@ class Worker:
             return [err] * len(specs)
         for stage, secs in out.timings.items():
             timings[stage] = timings.get(stage, 0.0) + secs
-        return [(out.images[i], out.prompt_truncated[i]) for i in range(len(specs))]   # padding dropped
+        rows: Rows = [None] * len(specs)
+        for k, spec in enumerate(kept):
+            if spec < len(specs):                                                       # padding dropped
+                rows[spec] = (out.images[k], out.prompt_truncated[spec])
+        return rows
+
+    def _between_steps(self, model: str, kept: list[int], jobs: list[Job]) -> list[int] | None:
+        """Let queued chat run, then drop the rows whose request is gone; the rows to keep, or None."""
+        self.turns.pause()
+        now, keep, gone = time.monotonic(), [], set()
+        for k, spec in enumerate(kept):
+            job = jobs[min(spec, len(jobs) - 1)]                  # padding rows belong to the last spec's job
+            if job.cancelled or now > job.deadline:
+                gone.add(job)
+            else:
+                keep.append(k)
+        for job in gone:                                          # answered now, once each
+            self.batcher.on_drop(model, "client_gone" if job.cancelled else "deadline")
+            job.fail(JobCancelled() if job.cancelled else DeadlineExceeded())
+        if not gone:
+            return None
+        if not keep:
+            raise BatchAbandoned()
+        kept[:] = [kept[k] for k in keep]
+        return keep
 
     def _pad(self, model: str, specs: list[ImageSpec]) -> list[ImageSpec]:
         """Repeat the last spec up to the bucket when the plan says padding is faster."""

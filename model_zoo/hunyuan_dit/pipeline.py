@@ -14,7 +14,7 @@ from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
 from model_zoo.hunyuan_dit.schedulers import make_scheduler, scheduler_name, step_kwargs
 from model_zoo.hunyuan_dit.text import TextEmbeddings
-from model_zoo.samplers import guidance_tensor
+from model_zoo.samplers import guidance_tensor, keep_rows
 from model_zoo.sd_components import to_uint8
 from model_zoo.seeding import seeded_noise
 from model_zoo.text_cache import TextEncoderCache
@@ -78,7 +78,13 @@ class HunyuanPipeline:
             if guidance is not None:
                 pred = guided_prediction(pred, guidance, self.guidance_rescale)
             x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
-            between_steps()
+            keep = between_steps()
+            if keep is not None:
+                x, guidance = keep_rows(keep, x), keep_rows(keep, guidance)
+                pairs = 1 + (guidance is not None)                                  # (2B, ...) under CFG
+                cond = {k: v if k == "image_rotary_emb" else keep_rows(keep, v, pairs) for k, v in cond.items()}
+                generators = [generators[k] for k in keep]
+                extra = step_kwargs(scheduler, generators)
         return x
 
     def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):

@@ -35,6 +35,10 @@ class KVBuffers:
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
 
+    def take(self, rows: list[int]) -> "KVBuffers":
+        """Copies of the given rows, in that order (a batch that lost requests between steps)."""
+        return KVBuffers([k[rows] for k in self.keys], [v[rows] for v in self.values])
+
     def rows(self, stop: int, start: int = 0) -> "KVBuffers":
         """A view of rows [start, stop): writes through it land in these buffers."""
         return KVBuffers([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])

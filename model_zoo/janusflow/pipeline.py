@@ -29,7 +29,7 @@ import kernels
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts, load_parts
-from model_zoo.samplers import guidance_tensor
+from model_zoo.samplers import guidance_tensor, keep_rows
 from model_zoo.seeding import initial_noise
 
 NOISE_DTYPE = torch.bfloat16
@@ -109,7 +109,12 @@ class JanusFlowPipeline:
             h = run_layers(lm, x, gen_pos, kv, write=P, mask=mask)
             v = model.decode_velocity(h[:, 1:], skips, t_emb)                        # (R, 4, h, w)
             z = kernels.janus_cfg_euler_step(z, v, dt, guidance)
-            between_steps()
+            keep = between_steps()
+            if keep is not None:
+                R = 2 * len(keep)
+                rows = keep + [len(z) + k for k in keep]                            # [cond; uncond] rows kept
+                z, guidance, gen_pos, mask = keep_rows(keep, z), keep_rows(keep, guidance), gen_pos[rows], mask[rows]
+                kv = kv.take(rows)
         return z
 
     @torch.inference_mode()

@@ -10,6 +10,7 @@ from model_zoo.base import between_steps
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.delta import is_delta_folder, merge_delta
 from model_zoo.perflow.scheduler import PeRFlowScheduler
+from model_zoo.samplers import keep_rows
 from model_zoo.sd_components import SDComponents, load_unet
 from model_zoo.sd_pipeline import SDFlowPipeline
 
@@ -46,11 +47,13 @@ class PeRFlowPipeline(SDFlowPipeline):
     def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int,
                guidance: torch.Tensor | float | None) -> torch.Tensor:
         """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance."""
-        sched = self.scheduler
+        sched, cfg = self.scheduler, guidance is not None
         sched.set_timesteps(steps)
         for t in sched.timesteps.tolist():                  # ints 1000, 750, ... kept on the host
             x_in = x if guidance is None else torch.cat([x, x])
             eps = self.parts.unet_for(x_in.shape)(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
             x = sched.fused_step(eps, t, x, guidance)
-            between_steps()
+            keep = between_steps()
+            if keep is not None:
+                x, emb, guidance = keep_rows(keep, x), keep_rows(keep, emb, 1 + cfg), keep_rows(keep, guidance)
         return x
