@@ -39,8 +39,12 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
 
 @pytest.mark.gpu
 def test_tiny_recipe_trains_on_cuda_and_serves_on_cpu(tmp_path):
-    log = _train(tmp_path, "--device", "cuda")
+    """The random numbers come from CPU generators on either device, so a CUDA run follows the CPU run's
+    losses, apart from floating-point order (and TF32): each stage's last loss within 10% of the CPU's."""
+    log = _train(tmp_path / "cuda", "--device", "cuda")
+    cpu = _train(tmp_path / "cpu")
     assert log["environment"]["device"] == "cuda"
-    assert all(log[stage]["seconds"] > 0 for stage in STAGES)
-    assert np.isfinite(log["one_step"]["loss"][-1]["loss"])
-    _assert_serves(tmp_path / "rf-shapes", "a green square on a white background")
+    for stage in ("vae", "teacher", "rf2", "one_step"):
+        got, want = log[stage]["loss"][-1]["loss"], cpu[stage]["loss"][-1]["loss"]
+        assert np.isfinite(got) and abs(got - want) <= 0.1 * abs(want) + 1e-4, (stage, got, want)
+    _assert_serves(tmp_path / "cuda" / "rf-shapes", "a green square on a white background")
