@@ -167,7 +167,7 @@ def naive_loop(spec: str, body: dict, requests: int) -> dict:
 
     from model_zoo.base import ImageSpec, parse_size
     from model_zoo.registry import load_model, parse_spec
-    from server.encoding import png_bytes
+    from server.encoding import image_bytes
 
     model = load_model(parse_spec(spec), torch.device("cpu"), torch.float32)
     d = model.card.defaults
@@ -176,7 +176,7 @@ def naive_loop(spec: str, body: dict, requests: int) -> dict:
 
     def one(i: int):
         spec_i = ImageSpec(f"{body['prompt']} {i}", d.negative_prompt, i, w, h, steps, d.guidance)
-        png_bytes(model.pipeline.run([spec_i]).images[0])
+        image_bytes(model.pipeline.run([spec_i]).images[0])
 
     one(-1)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_zoo.base import ModelCard
 from server import __version__, contract, jobs
 from server.chat.routes import chat_router
-from server.encoding import encode_all
+from server.encoding import MEDIA_TYPES, encode_all
 from server.engine import Engine
 from server.errors import (APIError, api_error_handler, documented, http_error_handler, not_ready, shutting_down,
                            validation_handler)
@@ -62,7 +62,7 @@ def create_app(engine: Engine) -> FastAPI:
                                param="model", code="model_not_found")
             specs = image_specs(card, body.prompt, max_n=config.max_images_per_request, n=body.n, size=body.size,
                                 steps=body.num_inference_steps, guidance=body.guidance_scale, seed=body.seed,
-                                negative_prompt=body.negative_prompt)
+                                negative_prompt=body.negative_prompt, quality=body.quality)
             if body.timeout is not None and body.timeout > config.max_request_timeout_s:
                 raise APIError(400, f"timeout must be at most {config.max_request_timeout_s:g} seconds",
                                param="timeout")
@@ -70,12 +70,14 @@ def create_app(engine: Engine) -> FastAPI:
                 log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, body.prompt)
             job = jobs.submit(engine, name, specs, timeout_s=body.timeout)
             result = await jobs.wait(job, request)
-            images = await encode_all(result.images, as_base64=body.response_format == "b64_json")
+            images = await encode_all(result.images, as_base64=body.response_format == "b64_json",
+                                      fmt=body.output_format, quality=body.output_compression)
         except APIError as err:
             metrics.requests.labels(name if name in engine.cards else "unknown", str(err.status)).inc()
             raise
         if body.response_format == "url":
-            data = [ImageData(url=f"{request.base_url}v1/images/{store.put(png)}") for png in images]
+            media = MEDIA_TYPES[body.output_format]
+            data = [ImageData(url=f"{request.base_url}v1/images/{store.put(image, media)}") for image in images]
         else:
             data = [ImageData(b64_json=b64) for b64 in images]
         if result.prompt_truncated:
@@ -87,17 +89,19 @@ def create_app(engine: Engine) -> FastAPI:
         metrics.requests.labels(name, "200").inc()
         metrics.images.labels(name).inc(len(data))
         metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
-        return ImagesResponse(created=int(time.time()), data=data, model=name, seed=specs[0].seed,
-                              prompt_truncated=result.prompt_truncated, timings=timings)
+        return ImagesResponse(created=int(time.time()), data=data, output_format=body.output_format,
+                              quality=body.quality, size=f"{specs[0].width}x{specs[0].height}", model=name,
+                              seed=specs[0].seed, prompt_truncated=result.prompt_truncated, timings=timings)
 
     @app.get("/v1/images/{image_id}", response_class=Response, responses={
-        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-              "description": "a `url` result, kept for an hour"}, **documented(404)})
+        200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
+              "description": "a `url` result in its `output_format`, kept for an hour"}, **documented(404)})
     async def get_image(image_id: str):
-        png = store.get(image_id)
-        if png is None:
+        found = store.get(image_id)
+        if found is None:
             raise APIError(404, f"image {image_id!r} not found or expired", param="image_id")
-        return Response(png, media_type="image/png")
+        data, media = found
+        return Response(data, media_type=media)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():

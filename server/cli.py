@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images in-process with the serving engine")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", required=True, type=Path,
-                     help="PNG path; with --n > 1, images go to NAME-0.png, NAME-1.png, ...")
+                     help="image path (.png, or .jpg/.webp for JPEG/WebP); with --n > 1, images go to "
+                          "NAME-0.png, NAME-1.png, ...")
     _add_engine_args(gen, many_models=False)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None)
@@ -202,13 +203,15 @@ def uvicorn_config(app, config: ServerConfig, log_level: str):
                           timeout_graceful_shutdown=int(config.shutdown_grace_s) + 30)
 
 
+# `rfserve generate` writes JPEG (quality 90) or WebP for those suffixes, PNG for any other.
+SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 # `rfserve generate`'s flag for each request field the spec builder may refuse.
 GENERATE_FLAGS = {"n": "--n", "size": "--size", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
                   "negative_prompt": "--negative-prompt"}
 
 
 def generate(args) -> None:
-    from server.encoding import png_bytes
+    from server.encoding import image_bytes
     from server.engine import Engine
     from server.errors import APIError
     from server.specs import image_specs
@@ -232,7 +235,7 @@ def generate(args) -> None:
         args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
     for path, image, spec in zip(paths, result.images, specs):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png_bytes(image))
+        path.write_bytes(image_bytes(image, SUFFIX_FORMATS.get(path.suffix.lower(), "png"), 90))
         print(f"{path} (seed {spec.seed})")
 
 

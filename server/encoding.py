@@ -1,4 +1,4 @@
-"""PNG and base64 encoding, run on a thread pool so the event loop never blocks."""
+"""PNG, JPEG and WebP encoding (and base64), run on a thread pool so the event loop never blocks."""
 from __future__ import annotations
 
 import asyncio
@@ -15,19 +15,31 @@ _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rfserve-png")
 INLINE_PIXELS = 64 * 64
 
 
-def png_bytes(image: np.ndarray) -> bytes:
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def image_bytes(image: np.ndarray, fmt: str = "png", quality: int = 100) -> bytes:
+    """`quality` (OpenAI's `output_compression`) sets JPEG and WebP quality; PNG stays lossless at zlib
+    level 1, the fastest level that still compresses."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    pil = Image.fromarray(image)
+    if fmt == "png":
+        pil.save(buf, format="PNG", compress_level=1)
+    elif fmt == "jpeg":
+        pil.save(buf, format="JPEG", quality=quality)
+    else:
+        pil.save(buf, format="WEBP", quality=quality, method=0)     # method 0: the fastest encoder effort
     return buf.getvalue()
 
 
-def b64_png(image: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(image)).decode("ascii")
+def _encode(image: np.ndarray, fmt: str, quality: int, as_base64: bool) -> bytes | str:
+    data = image_bytes(image, fmt, quality)
+    return base64.b64encode(data).decode("ascii") if as_base64 else data
 
 
-async def encode_all(images: list[np.ndarray], as_base64: bool) -> list:
-    fn = b64_png if as_base64 else png_bytes
+async def encode_all(images: list[np.ndarray], as_base64: bool, fmt: str = "png", quality: int = 100) -> list:
     if all(img.shape[0] * img.shape[1] <= INLINE_PIXELS for img in images):
-        return [fn(img) for img in images]
+        return [_encode(img, fmt, quality, as_base64) for img in images]
     loop = asyncio.get_running_loop()
-    return await asyncio.gather(*(loop.run_in_executor(_POOL, fn, img) for img in images))
+    return await asyncio.gather(*(loop.run_in_executor(_POOL, _encode, img, fmt, quality, as_base64)
+                                  for img in images))

@@ -11,6 +11,7 @@ from model_zoo.seeding import MAX_SEED
 # A prompt needs one character that is not whitespace. The schema publishes the same expression the
 # validator runs (Python's `re`), so a client's schema check and the server never disagree.
 NON_BLANK = r"\S"
+Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
 
 
 def whole_numbers(*fields: str):
@@ -29,6 +30,15 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description="WxH, one of the model's sizes; the model's default when left out")
     response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int = Field(100, ge=0, le=100, description=(
+        "JPEG and WebP quality, 0-100. PNG is lossless and ignores it (the server picks a fast zlib level)."))
+    background: Literal["auto", "opaque"] = Field("auto", description=(
+        "the models make opaque images; `transparent` is refused with a 400"))
+    quality: Quality = Field("auto", description=(
+        "for multi-step models, the step count when `num_inference_steps` is not given: low = half the default, "
+        "high and hd = 1.5 times it (up to the model's maximum), auto, medium and standard = the default; "
+        "one-step models take it and change nothing"))
     user: str | None = Field(None, max_length=256)
     # extensions
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when left out")
@@ -37,7 +47,15 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0)
     timeout: float | None = Field(None, gt=0.0, description="seconds; capped by the server")
 
-    _whole = whole_numbers("n", "seed", "num_inference_steps")
+    _whole = whole_numbers("n", "seed", "num_inference_steps", "output_compression")
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _opaque_only(cls, v):
+        if v == "transparent":
+            raise ValueError("transparent backgrounds are not supported: every model here makes opaque images; "
+                             "use auto or opaque")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -56,6 +74,10 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: Quality
+    size: str
+    background: Literal["opaque"] = "opaque"
     model: str
     seed: int
     prompt_truncated: bool = False

@@ -8,9 +8,21 @@ from model_zoo.seeding import random_seed
 from server.errors import APIError
 
 
+# OpenAI's `quality` as a share of a multi-step model's default step count.
+QUALITY_STEPS = {"low": 0.5, "high": 1.5, "hd": 1.5}
+
+
+def quality_steps(card: ModelCard, quality: str) -> int:
+    """The step count `quality` picks when a request names none; one-step models stay at one."""
+    d = card.defaults
+    if d.steps == 1:
+        return 1
+    return max(1, min(card.max_steps, round(d.steps * QUALITY_STEPS.get(quality, 1.0))))
+
+
 def image_specs(card: ModelCard, prompt: str, *, max_n: int, n: int = 1, size: str | None = None,
                 steps: int | None = None, guidance: float | None = None, seed: int | None = None,
-                negative_prompt: str | None = None, prefix: str = "") -> list[ImageSpec]:
+                negative_prompt: str | None = None, quality: str = "auto", prefix: str = "") -> list[ImageSpec]:
     """`prefix` is where the fields sit in the request body (chat nests them under "image.")."""
     d = card.defaults
     if not 1 <= n <= max_n:
@@ -19,7 +31,7 @@ def image_specs(card: ModelCard, prompt: str, *, max_n: int, n: int = 1, size: s
     if size not in card.sizes:
         raise APIError(400, f"{prefix}size {size!r} is not supported by {card.name}; allowed: {list(card.sizes)}",
                        param=f"{prefix}size")
-    steps = d.steps if steps is None else steps
+    steps = quality_steps(card, quality) if steps is None else steps
     if not 1 <= steps <= card.max_steps:
         raise APIError(400, f"{prefix}num_inference_steps must be between 1 and {card.max_steps}",
                        param=f"{prefix}num_inference_steps")

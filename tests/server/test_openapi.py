@@ -34,7 +34,8 @@ def test_every_error_status_has_the_openai_body_and_no_422_is_promised(served):
         assert images[status]["headers"]["Retry-After"]["required"] is True
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
-    assert list(doc["paths"]["/v1/images/{image_id}"]["get"]["responses"]["200"]["content"]) == ["image/png"]
+    assert list(doc["paths"]["/v1/images/{image_id}"]["get"]["responses"]["200"]["content"]) == [
+        "image/png", "image/jpeg", "image/webp"]
 
 
 def test_the_image_request_is_one_schema_per_model_with_its_limits(served):
