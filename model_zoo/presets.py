@@ -16,7 +16,7 @@ PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-satu
 class Preset:
     name: str
     family: str                       # instaflow | perflow | hunyuan-dit
-    source: str                       # local folder or hub id
+    source: str                       # local folder or hub id; "" for a family that needs no checkpoint
     defaults: ImageDefaults
     size_factors: tuple[tuple[float, float], ...] = SD_SIZE_FACTORS
     max_steps: int = 100
@@ -50,6 +50,8 @@ PRESETS: dict[str, Preset] = {
         # JanusFlow: one native square size from the checkpoint (384² for the 1.3B); CFG weight w = 2.
         Preset("janusflow-1.3b", "janusflow", "deepseek-ai/JanusFlow-1.3B",
                ImageDefaults(steps=30, guidance=2.0, size="384x384"), size_factors=((1.0, 1.0),)),
+        # Benchmarks only: paced photographs (model_zoo/synthetic). No source: it needs no checkpoint.
+        Preset("synthetic", "synthetic", "", ImageDefaults(steps=1, guidance=0.0), max_steps=1),
     ]
 }
 

@@ -20,16 +20,18 @@ from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.pipeline import PeRFlowPipeline
 from model_zoo.perflow.scheduler import PREDICTION_TYPES
 from model_zoo.presets import PRESETS, ModelSpec, Preset
+from model_zoo.synthetic import load_synthetic
 
-SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling"}
+SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling",
+                "ms_per_image", "ms_per_batch", "sizes"}
 
 
 def parse_spec(text: str) -> ModelSpec:
-    name, _, source = text.partition("=")
+    head, _, query = text.partition("?")             # the options may follow a bare NAME too
+    name, _, source = head.partition("=")
     name = name.strip()
     if name not in PRESETS:
         raise CheckpointError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-    source, _, query = source.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=False))
     unknown = set(options) - SPEC_OPTIONS
     if unknown:
@@ -46,7 +48,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    return FAMILY_LOADERS[spec.preset.family](spec, resolve_source(spec.source), device, dtype)
+    root = resolve_source(spec.source) if spec.source else None      # None: the family needs no checkpoint
+    return FAMILY_LOADERS[spec.preset.family](spec, root, device, dtype)
 
 
 def _decoder_options(spec: ModelSpec) -> dict:
@@ -74,6 +77,7 @@ FAMILY_LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "perflow": _load_perflow,
     "janusflow": load_janusflow,
     "hunyuan-dit": load_hunyuan,
+    "synthetic": load_synthetic,
 }
 
 
