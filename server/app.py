@@ -16,7 +16,7 @@ from server import __version__, contract, jobs
 from server.chat.routes import chat_router
 from server.encoding import MEDIA_TYPES, encode_all
 from server.engine import Engine
-from server.errors import (APIError, api_error_handler, documented, http_error_handler, not_ready, shutting_down,
+from server.errors import (APIError, api_error_handler, documented, http_error_handler, model_not_found,
                            validation_handler)
 from server.image_store import ImageStore
 from server.limits import BodyLimitMiddleware
@@ -52,14 +52,10 @@ def create_app(engine: Engine) -> FastAPI:
         start = time.perf_counter()
         name = body.model if body.model is not None else (engine.specs[0].name if engine.specs else "")
         try:
-            if engine.draining.is_set():
-                raise shutting_down()
-            if not engine.ready.is_set():
-                raise not_ready()
+            jobs.check_admitting(engine)
             card = engine.cards.get(name)
             if card is None:
-                raise APIError(404, f"model {name!r} is not served here; available: {sorted(engine.cards)}",
-                               param="model", code="model_not_found")
+                raise model_not_found(name, engine.cards)
             specs = image_specs(card, body.prompt, max_n=config.max_images_per_request, n=body.n, size=body.size,
                                 steps=body.num_inference_steps, guidance=body.guidance_scale, seed=body.seed,
                                 negative_prompt=body.negative_prompt, quality=body.quality)

@@ -177,9 +177,6 @@ def banner(config: ServerConfig, models: list[str], device: str, port: int) -> s
 
 def _chat_config(args) -> ChatConfig:
     flags = {name: getattr(args, f"chat_{name}") for name, _, _ in INT_SETTINGS}
-    for name, value in flags.items():
-        if value is not None and value < 1:
-            _fail(f"--chat-{name.replace('_', '-')} must be at least 1")
     try:
         return ChatConfig.resolve(flags, args.chat_image_host)
     except ValueError as err:

@@ -68,6 +68,11 @@ def documented(*statuses: int) -> dict:
     return out
 
 
+def model_not_found(name: str, served) -> APIError:
+    return APIError(404, f"model {name!r} is not served here; available: {sorted(served)}", param="model",
+                    code="model_not_found")
+
+
 def not_ready() -> APIError:
     return APIError(503, "models are still loading; retry shortly", code="not_ready",
                     headers={"Retry-After": str(NOT_READY_RETRY_S)})

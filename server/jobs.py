@@ -11,7 +11,7 @@ from fastapi import Request
 
 from model_zoo.base import ImageSpec
 from server.engine import Engine, ShuttingDown
-from server.errors import APIError, shutting_down
+from server.errors import APIError, not_ready, shutting_down
 from server.scheduler import DeadlineExceeded, Job, JobCancelled, JobResult, QueueFull
 from server.worker import OutOfMemory, PipelineError
 
@@ -20,6 +20,14 @@ async def disconnected(request: Request) -> None:
     """Returns when the client has closed the connection."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def check_admitting(engine: Engine) -> None:
+    """Images and chat alike: 503 with Retry-After while draining or still loading."""
+    if engine.draining.is_set():
+        raise shutting_down()
+    if not engine.ready.is_set():
+        raise not_ready()
 
 
 def submit(engine: Engine, name: str, specs: list[ImageSpec], timeout_s: float | None = None) -> Job:

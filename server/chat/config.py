@@ -43,11 +43,15 @@ class ChatConfig:
         for name, variable, _ in INT_SETTINGS:
             raw = os.environ.get(variable, "").strip()
             if flags.get(name) is not None:
-                values[name] = flags[name]
+                values[name], source = flags[name], f"--chat-{name.replace('_', '-')}"
             elif raw:
                 try:
-                    values[name] = int(raw)
+                    values[name], source = int(raw), variable
                 except ValueError:
                     raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
+            else:
+                continue
+            if values[name] < 1:
+                raise ValueError(f"{source} must be at least 1")
         hosts = hosts or os.environ.get(HOSTS_VARIABLE, "").split(",")
         return cls(**values, image_hosts=frozenset(h.strip().lower() for h in hosts if h.strip()))

@@ -24,16 +24,13 @@ from server.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletio
                                  Choice, ChunkChoice, Delta, ImageContent, ImageOptions, ImageURL, Usage)
 from server import faults, jobs
 from server.encoding import encode_all
-from server.errors import APIError, documented, not_ready, shutting_down
+from server.errors import APIError, documented, model_not_found, shutting_down
 from server.specs import image_specs
 
 
 def _chat_model(engine, name: str | None):
     """(name, chat parts) of the named chat model; the first served chat model when `name` is None."""
-    if engine.draining.is_set():
-        raise shutting_down()
-    if not engine.ready.is_set():
-        raise not_ready()
+    jobs.check_admitting(engine)
     chat = [n for n, m in engine.models.items() if m.chat is not None]
     if name is None:
         if not chat:
@@ -41,8 +38,7 @@ def _chat_model(engine, name: str | None):
         name = chat[0]
     model = engine.models.get(name)
     if model is None:
-        raise APIError(404, f"model {name!r} is not served here; available: {sorted(engine.models)}",
-                       param="model", code="model_not_found")
+        raise model_not_found(name, engine.models)
     if name not in chat:
         raise APIError(400, f"model {name!r} does not support chat; chat models served: {chat}", param="model")
     return name, model.chat
@@ -62,7 +58,7 @@ def chat_router(engine) -> APIRouter:
         conv = parse_conversation(body.messages, proc, cfg)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.modalities and "image" in body.modalities:
-            return await _image_answer(engine, name, conv, body, request, rid, created)
+            return await _image_answer(engine, name, proc, conv, body, request, rid, created)
         images = [await _load_image(field, url, cfg) for field, url in conv.image_urls]
         ids, positions = proc.chat_ids(sft_prompt(conv.turns, conv.system))
         max_tokens = _budget(len(ids), body, engine.chat_max_len(name), cfg.default_max_tokens)
@@ -192,7 +188,7 @@ async def _sse(seq, events, rid, created, name, include_usage):
         seq.cancel()              # a no-op once finished; frees the slot if the client left
 
 
-async def _image_answer(engine, name, conv: Conversation, body, request, rid, created):
+async def _image_answer(engine, name, proc, conv: Conversation, body, request, rid, created):
     """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text."""
     if conv.image_urls:
         raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
@@ -202,7 +198,7 @@ async def _image_answer(engine, name, conv: Conversation, body, request, rid, cr
     images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
     (b64,) = await encode_all(images, as_base64=True)
     part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64}"))
-    prompt_tokens = len(engine.chat_parts(name).processor.t2i_prefix(conv.last_user_text))
+    prompt_tokens = len(proc.t2i_prefix(conv.last_user_text))
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     if body.stream:
         async def one_chunk():

@@ -29,3 +29,7 @@ def test_a_bad_setting_is_one_clear_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _chat_config(build_parser().parse_args(["serve", "--chat-slots", "0"]))
     assert "--chat-slots must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("RFSERVE_CHAT_MAX_LEN", "0")               # the environment is held to the same bound
+    with pytest.raises(SystemExit):
+        _chat_config(build_parser().parse_args(["serve"]))
+    assert "RFSERVE_CHAT_MAX_LEN must be at least 1" in capsys.readouterr().err
