@@ -197,7 +197,7 @@ async def _image_answer(engine, name, proc, conv: Conversation, body, request, r
                         steps=opts.num_inference_steps, guidance=opts.guidance_scale, seed=body.seed, prefix="image.")
     images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
     (b64,) = await encode_all(images, as_base64=True)
-    part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64}"))
+    part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64.decode()}"))
     prompt_tokens = len(proc.t2i_prefix(conv.last_user_text))
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     if body.stream:
