@@ -6,9 +6,12 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class BatchOutput:
     images: np.ndarray                      # (B, H, W, 3) uint8: the rows still kept at the end
     prompt_truncated: list[bool]            # one per input spec
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    # The same pixels still on the GPU, when decoded there: JPEG rows are then encoded there as a batch.
+    device_images: torch.Tensor | None = None
 
 
 class FastPath(Protocol):

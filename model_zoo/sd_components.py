@@ -125,13 +125,14 @@ class SDComponents:
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does.
+def to_uint8(images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does, on the host;
+    and on CUDA the same pixels left on the device (else None), which the worker can encode there as JPEG.
     On CUDA the bytes come back through pinned memory in one copy."""
     pixels = (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
     if not pixels.is_cuda:
-        return pixels.numpy()
+        return pixels.numpy(), None
     host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(pixels, non_blocking=True)
     torch.cuda.current_stream(pixels.device).synchronize()
-    return host.numpy()
+    return host.numpy(), pixels

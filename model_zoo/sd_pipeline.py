@@ -54,8 +54,8 @@ class SDFlowPipeline:
     def run_timed(self, specs: list[ImageSpec], timer: StageTimer) -> BatchOutput:
         images, truncated = self.images(specs, timer)
         with timer.stage("decode"):
-            pixels = to_uint8(images)
-        return BatchOutput(pixels, truncated, timer.timings)
+            pixels, on_device = to_uint8(images)
+        return BatchOutput(pixels, truncated, timer.timings, on_device)
 
     def kept_prompt(self, prompt: str) -> str:
         """The part of an over-long prompt the text encoder actually reads."""

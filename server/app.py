@@ -65,10 +65,11 @@ def create_app(engine: Engine) -> FastAPI:
                                param="timeout")
             if config.log_prompts:
                 log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, body.prompt)
-            job = jobs.submit(engine, name, specs, timeout_s=body.timeout)
+            job = jobs.submit(engine, name, specs, timeout_s=body.timeout,
+                              device_jpeg=body.output_compression if body.output_format == "jpeg" else None)
             result = await jobs.wait(job, request)
             images = await encode_all(result.images, as_base64=body.response_format == "b64_json",
-                                      fmt=body.output_format, quality=body.output_compression)
+                                      fmt=body.output_format, quality=body.output_compression, encoded=result.encoded)
         except APIError as err:
             metrics.requests.labels(name if name in engine.cards else "unknown", str(err.status)).inc()
             raise

@@ -186,9 +186,10 @@ class Engine:
             return False, self.stuck_reason
         return True, None
 
-    def submit(self, model: str, specs: list[ImageSpec], timeout_s: float | None = None) -> Job:
+    def submit(self, model: str, specs: list[ImageSpec], timeout_s: float | None = None,
+               device_jpeg: int | None = None) -> Job:
         deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
-        job = Job(model=model, specs=specs, deadline=deadline)
+        job = Job(model=model, specs=specs, deadline=deadline, device_jpeg=device_jpeg)
         with self._inflight_lock:
             self._inflight.add(job)
         job.future.add_done_callback(lambda _: self._forget(job))

@@ -30,9 +30,10 @@ def check_admitting(engine: Engine) -> None:
         raise not_ready()
 
 
-def submit(engine: Engine, name: str, specs: list[ImageSpec], timeout_s: float | None = None) -> Job:
+def submit(engine: Engine, name: str, specs: list[ImageSpec], timeout_s: float | None = None,
+           device_jpeg: int | None = None) -> Job:
     try:
-        return engine.submit(name, specs, timeout_s=timeout_s)
+        return engine.submit(name, specs, timeout_s=timeout_s, device_jpeg=device_jpeg)
     except QueueFull as full:
         why = "it would not finish before its deadline" if full.would_miss_deadline else "the queue is full"
         raise APIError(429, f"{name} is overloaded ({why}); retry after {full.retry_after}s",

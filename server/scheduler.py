@@ -44,6 +44,7 @@ class JobResult:
     images: list[np.ndarray]          # (H, W, 3) uint8, one per requested image
     prompt_truncated: bool
     timings: dict[str, float]         # seconds: queue, encode, sample, decode
+    encoded: list[bytes | None]       # each image's JPEG when the worker encoded it on the GPU (`device_jpeg`)
 
 
 @dataclass(eq=False)
@@ -58,7 +59,9 @@ class Job:
     next_image: int = 0               # first image not yet handed to the worker
     done_images: int = 0
     started: float | None = None
+    device_jpeg: int | None = None    # the JPEG quality to encode at on the GPU, when the batch decodes there
     _images: dict[int, np.ndarray] = field(default_factory=dict)
+    _encoded: dict[int, bytes] = field(default_factory=dict)
     _truncated: bool = False
     _timings: dict[str, float] = field(default_factory=dict)
 
@@ -75,9 +78,12 @@ class Job:
         self.cancelled = True
         self.future.cancel()
 
-    def record(self, index: int, image: np.ndarray, truncated: bool, timings: dict[str, float]) -> None:
+    def record(self, index: int, image: np.ndarray, truncated: bool, timings: dict[str, float],
+               encoded: bytes | None = None) -> None:
         """Store one finished image; resolve the future when the last one lands."""
         self._images[index] = image
+        if encoded is not None:
+            self._encoded[index] = encoded
         self._truncated |= truncated
         for stage, secs in timings.items():
             self._timings[stage] = max(self._timings.get(stage, 0.0), secs)
@@ -85,7 +91,8 @@ class Job:
         if self.done_images == len(self.specs) and not self.future.done():
             queue_wait = (self.started or self.arrival) - self.arrival
             result = JobResult([self._images[i] for i in range(len(self.specs))], self._truncated,
-                               {"queue": queue_wait, **self._timings})
+                               {"queue": queue_wait, **self._timings},
+                               [self._encoded.get(i) for i in range(len(self.specs))])
             self.future.set_result(result)
 
     def fail(self, exc: BaseException) -> None:

@@ -81,7 +81,7 @@ class ImagesResponse(BaseModel):
     model: str
     seed: int
     prompt_truncated: bool = False
-    timings: dict[str, float] = {}    # milliseconds per stage: queue, encode, sample, decode, total
+    timings: dict[str, float] = {}    # ms per stage: queue, encode, sample, decode, gpu_jpeg (on CUDA), total
 
 
 class ModelObject(BaseModel):

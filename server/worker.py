@@ -21,6 +21,7 @@ from model_zoo.base import ImageSpec, Pipeline, step_hook
 from server import faults
 from server.buckets import BucketPlan
 from server.device import DeviceTurns
+from server.encoding import device_jpeg
 from server.metrics import Metrics
 from server.scheduler import Batch, Batcher, DeadlineExceeded, Job, JobCancelled
 from server.threads import ThreadPlan
@@ -36,8 +37,9 @@ class OutOfMemory(PipelineError):
     """One image does not fit in device memory even alone."""
 
 
-# Per spec: (image, truncated), its error, or None when its request left between steps (answered then).
-Rows = list[tuple[np.ndarray, bool] | PipelineError | None]
+# Per spec: (image, truncated, its JPEG when encoded on the GPU), its error, or None when its request left
+# between steps (answered then).
+Rows = list[tuple[np.ndarray, bool, bytes | None] | PipelineError | None]
 
 
 class BatchAbandoned(Exception):
@@ -104,7 +106,7 @@ class Worker:
                 if isinstance(result, PipelineError):
                     sl.job.fail(result)
                 elif result is not None:
-                    sl.job.record(index, result[0], result[1], timings)
+                    sl.job.record(index, result[0], result[1], timings, result[2])
                 row += 1
 
     def _run_splitting(self, model: str, specs: list[ImageSpec], jobs: list[Job],
@@ -117,8 +119,15 @@ class Worker:
             kept.extend(range(len(padded)))
             if model in self.threads:
                 self.threads[model].apply(len(padded))
-            with self.turns.turn(), step_hook(lambda: self._between_steps(model, kept, jobs)):
-                out = self.pipelines[model].run(padded)
+            with self.turns.turn():
+                with step_hook(lambda: self._between_steps(model, kept, jobs)):
+                    out = self.pipelines[model].run(padded)
+                qualities = {k: q for k, spec in enumerate(kept)
+                             if spec < len(specs) and (q := jobs[spec].device_jpeg) is not None}
+                encode_start = time.perf_counter()
+                jpeg = device_jpeg(out.device_images, qualities)
+                if jpeg:
+                    timings["gpu_jpeg"] = timings.get("gpu_jpeg", 0.0) + time.perf_counter() - encode_start
         except BatchAbandoned:
             return [None] * len(specs)
         except torch.OutOfMemoryError:
@@ -143,7 +152,7 @@ class Worker:
         rows: Rows = [None] * len(specs)
         for k, spec in enumerate(kept):
             if spec < len(specs):                                                       # padding dropped
-                rows[spec] = (out.images[k], out.prompt_truncated[spec])
+                rows[spec] = (out.images[k], out.prompt_truncated[spec], jpeg.get(k))
         return rows
 
     def _between_steps(self, model: str, kept: list[int], jobs: list[Job]) -> list[int] | None:

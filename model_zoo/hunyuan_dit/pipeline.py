@@ -122,5 +122,5 @@ class HunyuanPipeline:
         timer = StageTimer(sync=self.parts.synchronize)
         images, truncated = self.images(specs, timer)
         with timer.stage("decode"):
-            pixels = to_uint8(images)
-        return BatchOutput(pixels, truncated, timer.timings)
+            pixels, on_device = to_uint8(images)
+        return BatchOutput(pixels, truncated, timer.timings, on_device)

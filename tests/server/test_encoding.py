@@ -58,3 +58,12 @@ def test_spliced_body_equals_pydantic(revised):
     expected = ImagesResponse(data=[ImageData(b64_json=b.decode(), revised_prompt=revised) for b in b64], **envelope)
     body = images_json(ImagesResponse(data=[], **envelope), b64, revised)
     assert json.loads(body) == json.loads(expected.model_dump_json(exclude_none=True))
+
+
+def test_images_encoded_upstream_are_passed_through():
+    """The worker's GPU JPEGs are only base64-encoded; the other images are encoded here."""
+    images = [_photo_like(80, 80, seed=i) for i in range(2)]
+    upstream = b"\xff\xd8\xff from the GPU"
+    out = asyncio.run(encode_all(images, as_base64=True, fmt="jpeg", quality=90, encoded=[upstream, None]))
+    assert base64.b64decode(out[0]) == upstream
+    assert base64.b64decode(out[1])[:3] == b"\xff\xd8\xff" and base64.b64decode(out[1]) != upstream
