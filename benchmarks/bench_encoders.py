@@ -133,18 +133,20 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), flush=True)
         pngs = [candidates()["png"]["PIL level 1"](image) for image in images]        # what base64 is given
         for name, b64 in base64_candidates().items():
-            row = {"size": side, "format": "base64 of PNG", "encoder": name, **measure(b64, pngs, args.seconds, threads)}
+            row = {"size": side, "format": "base64 of PNG", "encoder": name,
+                   **measure(b64, pngs, args.seconds, threads)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {"env": environment(), "threads": threads, "quality": QUALITY, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
-    print(f"\n{threads} threads in the pool\n\n| size | format | encoder | ms/image (1 thread) | img/s ({threads} threads) | KB |")
+    print(f"\n| size | format | encoder | ms/image (1 thread) | img/s ({threads} threads) | KB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         flag = "" if r.get("lossless", True) else " (NOT lossless)"
-        print(f"| {r['size']}² | {r['format']} | {r['encoder']}{flag} | {r['ms_per_image']} | {r['pooled_img_s']} | {r['kb']} |")
+        print(f"| {r['size']}² | {r['format']} | {r['encoder']}{flag} | {r['ms_per_image']} | {r['pooled_img_s']} | "
+              f"{r['kb']} |")
 
 
 if __name__ == "__main__":

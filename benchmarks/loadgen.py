@@ -148,11 +148,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
     raise RuntimeError("server not ready in time")
 
 
-def spawn(server_args: str, port: int, max_batch: int) -> subprocess.Popen:
+def spawn(server_args: str, port: int, max_batch: int, code: Path | None = None) -> subprocess.Popen:
+    """`rfserve serve` from this installation, or from the source tree `code` (another commit's worktree):
+    `python -m` puts its working directory first on the path, ahead of the installed packages."""
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning",
            *shlex.split(server_args)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run_levels(url: str, body: dict, levels: list[int], requests: int, timeout: float) -> list[dict]:

@@ -1,4 +1,4 @@
-"""PNG plots for the suite: latency against concurrency, throughput against batch."""
+"""PNG plots for the suite (latency against concurrency, throughput against batch) and the host benchmark."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,6 +45,29 @@ def plot_throughput(report: dict, path: Path) -> None:
     ax.set_title(f"Throughput · {report['model'].split('=')[0]}")
     ax.legend()
     ax.grid(alpha=0.3)
+    _footer(fig, report)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_host(report: dict, path: Path) -> None:
+    """Server CPU per image for each b64_json configuration at n = 4, one bar per version measured."""
+    labels = list(report["versions"])
+    keys = [(r["format"], r["size"]) for r in report["versions"][labels[0]]["cost"]
+            if r["response_format"] == "b64_json" and r["n"] == 4]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        by_key = {(r["format"], r["size"]): r["server_cpu_ms_per_image"] or 0 for r in report["versions"][label]["cost"]
+                  if r["response_format"] == "b64_json" and r["n"] == 4}
+        ax.bar([k + i * width for k in range(len(keys))], [by_key.get(k, 0) for k in keys], width, label=label)
+    ax.set_xticks([k + width * (len(labels) - 1) / 2 for k in range(len(keys))],
+                  [f"{fmt} {side}²" for fmt, side in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("server CPU ms per image (log)")
+    ax.set_title("Host path: server CPU per image (b64_json, n = 4, no pace)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
     _footer(fig, report)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -4,6 +4,7 @@ Poisson arrivals, time to first image). Writes suite.json, suite.md and PNG plot
 
     rfserve bench --model rf-shapes --out benchmarks/out
     rfserve bench --arch sd15 --device cuda --batches 1,4,16,64      # random weights, real config
+    rfserve bench host --baseline-rev REV       # the host path at GPU pace (benchmarks/bench_host.py)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.bench_host import main as bench_host
 from benchmarks.bench_models import bench
 from benchmarks.loadgen import closed_loop, environment, open_loop, spawn
 from benchmarks.plots import plot_latency, plot_throughput
@@ -61,6 +63,8 @@ def http_level(server_args: str, port: int, body: dict, levels: list[int], reque
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if argv and argv[0] == "host":
+        return bench_host(argv[1:])
     p = argparse.ArgumentParser(prog="rfserve bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="SPEC as for serve (default rf-shapes; see --arch)")

@@ -12,4 +12,5 @@ fetch() {
 fetch "diffusers==$(python3 -c 'import diffusers; print(diffusers.__version__)')"
 fetch fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
       sniffio anyio h11 openai distro jiter
+fetch fpng simplejpeg pybase64 py-spy          # the encoders server/encoding.py imports; the host profile
 ls -1 .whl
