@@ -16,7 +16,6 @@ import torch
 
 from benchmarks.timing import call_ms
 from model_zoo.base import ImageSpec, StageTimer, parse_size
-from model_zoo.fast_path import SDFastPath
 from model_zoo.loading import resolve_source
 from model_zoo.registry import load_model, parse_spec
 from model_zoo.sd_components import SDComponents
@@ -97,8 +96,9 @@ def bench(spec_text: str | None, *, arch: str, batches: list[int], sizes: list[s
         pipe, card = model.pipeline, model.card
         base = PlainLoop(resolve_source(spec.source), dev, dtype, card.family,
                          getattr(pipe, "scheduler", None))
-        if dev.type == "cuda":
-            SDFastPath(pipe.parts).prepare(compile_mode)
+        fast = pipe.fast_path() if dev.type == "cuda" else None
+        if fast is not None:
+            fast.prepare(compile_mode)
         timer, rows = (lambda fn: call_ms(fn, dev)), []
         d = card.defaults
         for size in sizes or [d.size]:
@@ -119,6 +119,6 @@ def bench(spec_text: str | None, *, arch: str, batches: list[int], sizes: list[s
                 row["ours_img_s"] = b / (row["e2e"]["ours_ms"] / 1000)
                 row["baseline_img_s"] = b / (row["e2e"]["baseline_ms"] / 1000)
                 rows.append(row)
-        if dev.type == "cuda":
-            SDFastPath(pipe.parts).finish_capture()
+        if fast is not None:
+            fast.finish_capture()
     return rows

@@ -8,11 +8,12 @@ from kernels.dispatch import clear_decisions, decisions
 from kernels.velocity import cfg_euler_step, janus_cfg_euler_step, perflow_step
 
 
-def install_attention(model, backend: str = "auto") -> int:
-    """Route a diffusers model's attention through `kernels.attention`; returns how many modules changed."""
+def install_attention(model, backend: str = "auto", required: bool = True) -> int:
+    """Route a diffusers model's attention through `kernels.attention`; returns how many modules changed.
+    `required=False` for a model that may have none (a VAE without a mid-block attention)."""
     from kernels.processors import install_attention as install
 
-    return install(model, backend=backend)
+    return install(model, backend=backend, required=required)
 
 
 def register_transformers_attention() -> str:

@@ -92,15 +92,16 @@ class RfserveAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_attention(model: torch.nn.Module, backend: str = "auto") -> int:
-    """Swap every AttnProcessor2_0 / HunyuanAttnProcessor2_0 in `model` for RfserveAttnProcessor."""
+def install_attention(model: torch.nn.Module, backend: str = "auto", required: bool = True) -> int:
+    """Swap every AttnProcessor2_0 / HunyuanAttnProcessor2_0 in `model` for RfserveAttnProcessor; with
+    `required`, a model with none is an error (the swap would silently do nothing)."""
     processor = RfserveAttnProcessor(backend)
     replaced = 0
     for module in model.modules():
         if isinstance(module, Attention) and isinstance(module.processor, REPLACED):
             module.set_processor(processor)
             replaced += 1
-    if replaced == 0:
+    if replaced == 0 and required:
         raise ValueError(f"{type(model).__name__} has no attention module with a processor in "
                          f"{[p.__name__ for p in REPLACED]}")
     return replaced

@@ -64,7 +64,7 @@ class BatchOutput:
 
 
 class FastPath(Protocol):
-    """A family's compiled path: prepared, then captured per batch bucket during warm-up on CUDA."""
+    """A family's compiled path: prepared, then captured per batch bucket during warm-up (model_zoo.fast_path)."""
 
     def prepare(self, compile_mode: str | None) -> None: ...
 
@@ -109,6 +109,14 @@ class ChatDecoder(Protocol):
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's KV from row src to row dst when a row is freed."""
+        ...
+
+    def fast_path(self, buckets: tuple[int, ...]) -> FastPath:
+        """The decode step compiled per bucket of running rows."""
+        ...
+
+    def capture(self) -> None:
+        """Run the step at every bucket while no sequence is running, so that each is compiled and recorded."""
         ...
 
 

@@ -2,8 +2,9 @@
 a diffusers folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,7 +56,12 @@ class SDComponents:
     device: torch.device
     dtype: torch.dtype
     vae_scale_factor: int = 8           # from the checkpoint's own VAE, even when a tiny VAE decodes
-    compiled: object = None            # model_zoo.fast_path.Compiled, set by the fast path
+    # The hot calls, which the fast path swaps for compiled ones (model_zoo.fast_path).
+    denoiser: Callable = field(init=False)          # the UNet
+    vae_decode: Callable = field(init=False)        # the VAE's decode
+
+    def __post_init__(self) -> None:
+        self.denoiser, self.vae_decode = self.unet, self.vae.decode
 
     @classmethod
     def load(cls, root: Path, *, device="cpu", dtype=torch.float32, variant=None,
@@ -89,11 +95,6 @@ class SDComponents:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def unet_for(self, shape: torch.Size):
-        """The compiled UNet for captured input shapes, the eager one otherwise."""
-        c = self.compiled
-        return self.unet if c is None else c.pick(self.unet, c.unet, c.unet_shapes, shape)
-
     @property
     def max_tokens(self) -> int:
         return int(self.tokenizer.model_max_length)
@@ -119,9 +120,7 @@ class SDComponents:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W), float."""
-        c = self.compiled
-        decode = self.vae.decode if c is None else c.pick(self.vae.decode, c.decode, c.decode_shapes, latents.shape)
-        image = decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.vae_decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
 

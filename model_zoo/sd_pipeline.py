@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer
-from model_zoo.fast_path import SDFastPath
+from model_zoo.fast_path import CompiledCalls, sd_fast_path
 from model_zoo.samplers import guidance_tensor
 from model_zoo.sd_components import SDComponents, to_uint8
 from model_zoo.seeding import initial_noise
@@ -63,8 +63,8 @@ class SDFlowPipeline:
         ids = tok(prompt, truncation=True, max_length=self.parts.max_tokens).input_ids
         return tok.decode(ids, skip_special_tokens=True)
 
-    def fast_path(self) -> SDFastPath:
-        return SDFastPath(self.parts)
+    def fast_path(self) -> CompiledCalls:
+        return sd_fast_path(self.parts)
 
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                  negative_prompts: list[str] | None = None, height: int | None = None,

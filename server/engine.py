@@ -87,8 +87,8 @@ class Engine:
         return {name: m.card for name, m in self.models.items()}
 
     def load(self, progress: bool = True) -> None:
-        """Load every model, warm it (capturing the fast path on CUDA), start the worker,
-        then flip ready."""
+        """Load every model, warm it (capturing the fast path when compiling, on CUDA by default), start
+        the worker, then flip ready."""
         for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
             start = time.perf_counter()
             model = load_model(spec, self.device, self.dtype)
@@ -118,8 +118,10 @@ class Engine:
         return self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
 
     def _warm(self, name: str, model: LoadedModel, progress: bool) -> None:
+        if model.chat is not None and self.compiling:
+            self._capture_chat(name)
         pipe, card = model.pipeline, model.card
-        fast = pipe.fast_path() if self.device.type == "cuda" else None
+        fast = pipe.fast_path() if self.device.type == "cuda" or self.compiling else None
         if fast is None:
             for _ in tqdm(range(1), desc=f"warming {name}", disable=not progress):
                 pipe.run([self.default_spec(card, "warm-up", 0)])
@@ -134,6 +136,18 @@ class Engine:
                     pipe.run([self.default_spec(card, "warm-up", i) for i in range(b)])
             fast.finish_capture()
             self.plans[name] = BucketPlan.measure(buckets, lambda n: self._time_batch(pipe, card, n))
+        except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
+            fast.drop(f"{type(err).__name__}: {err}")
+
+    def _capture_chat(self, name: str) -> None:
+        """Start the chat model's batcher now, and capture its decode step per bucket of running slots."""
+        decoder = self.chat_batcher(name).decoder
+        fast = decoder.fast_path(self.config.batch_buckets)
+        fast.prepare(self.config.compile_mode)
+        try:
+            with self.turns.turn():
+                decoder.capture()
+            fast.finish_capture()
         except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
             fast.drop(f"{type(err).__name__}: {err}")
 

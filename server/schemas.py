@@ -32,7 +32,7 @@ class ImageGenerationRequest(BaseModel):
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int = Field(100, ge=0, le=100, description=(
-        "JPEG and WebP quality, 0-100. PNG is lossless and ignores it (the server picks a fast zlib level)."))
+        "JPEG and WebP quality, 0-100. PNG is lossless and ignores it."))
     background: Literal["auto", "opaque"] = Field("auto", description=(
         "the models make opaque images; `transparent` is refused with a 400"))
     quality: Quality = Field("auto", description=(

@@ -3,8 +3,9 @@ text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/), checked and loaded from saf
 the two stages around the sampling loop: text encoding and VAE decoding."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, HunyuanDiT2DModel
@@ -63,6 +64,10 @@ class HunyuanComponents:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    denoiser: Callable = field(init=False)   # the transformer, or its compiled twin (model_zoo.fast_path)
+
+    def __post_init__(self) -> None:
+        self.denoiser = self.transformer
 
     @classmethod
     def load(cls, root: Path, *, device="cpu", dtype=torch.float32, variant: str | None = None) -> "HunyuanComponents":

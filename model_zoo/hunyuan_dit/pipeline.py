@@ -9,6 +9,7 @@ import torch
 
 import kernels
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
+from model_zoo.fast_path import CompiledCalls
 from model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
@@ -73,7 +74,7 @@ class HunyuanPipeline:
             x_in = x if guidance is None else torch.cat([x, x])                # (2B, C, h, w)
             x_in = scheduler.scale_model_input(x_in, t)
             t_in = t.expand(x_in.shape[0]).to(x.dtype)                          # the reference's t_expand
-            out = self.parts.transformer(x_in, t_in, **cond, return_dict=False)[0]   # (2B, 2C, h, w) under CFG
+            out = self.parts.denoiser(x_in, t_in, **cond, return_dict=False)[0]      # (2B, 2C, h, w) under CFG
             pred = out.chunk(2, dim=1)[0] if learn_sigma else out              # (2B, C, h, w): variance dropped
             if guidance is not None:
                 pred = guided_prediction(pred, guidance, self.guidance_rescale)
@@ -109,9 +110,11 @@ class HunyuanPipeline:
             images = p.decode(latents)
         return images, truncated
 
-    def fast_path(self) -> None:
-        """Eager for now: the compiled transformer per bucket is the fast-path work still to land."""
-        return None
+    def fast_path(self) -> CompiledCalls:
+        """The transformer compiled per (batch, size) bucket. The RoPE tables are the same tensors for every
+        call at a size (`rotary_tables` is cached), and the conditioning has fixed shapes per bucket (77 BERT
+        and 256 mT5 tokens), so one graph serves each bucket."""
+        return CompiledCalls([(self.parts, "denoiser")])
 
     def kept_prompt(self, prompt: str) -> str:
         """What the shorter encoder (BERT, 77 tokens) reads of an over-long prompt."""

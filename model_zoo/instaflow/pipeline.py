@@ -31,7 +31,7 @@ class InstaFlowPipeline(SDFlowPipeline):
             t = (1.0 - i / steps) * 1000.0               # 1000 = pure noise
             x_in = x if guidance is None else torch.cat([x, x])
             t_vec = torch.full((x_in.shape[0],), t, device=x.device)   # float32, as the reference
-            v = self.parts.unet_for(x_in.shape)(x_in, t_vec, encoder_hidden_states=emb, return_dict=False)[0]
+            v = self.parts.denoiser(x_in, t_vec, encoder_hidden_states=emb, return_dict=False)[0]
             x = euler_update(x, v, dt, guidance)
             keep = between_steps()
             if keep is not None:

@@ -4,6 +4,11 @@ The cache is allocated once: (slots, kv_heads, max_len, head_dim) per layer. Run
 occupy rows 0..n−1, so a decode step attends over plain views of the first n rows; when a
 sequence leaves, the last one moves into its row (one copy of its KV, never a reallocation).
 A sequence's KV column j holds its token at position j, so positions are simply lengths.
+
+The fast path (`fast_path`) captures one decode step per bucket of running rows, as gpt-fast and vLLM
+capture theirs: `step` attends over the whole cache width with a mask, so its shapes depend on the bucket
+alone, and `decode` pads the rows up to the bucket (the padding rows are free slots, whose column 0 it
+overwrites harmlessly). Eagerly, `decode` reads only the columns in use.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_zoo.fast_path import Captured, CompiledCalls
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts
 
@@ -40,7 +46,27 @@ class SlotDecoder:
     def __init__(self, parts: JanusFlowParts, slots: int, max_len: int):
         self.parts, self.slots, self.max_len = parts, slots, max_len
         self.lm = parts.model.language_model
-        self.kv = KVBuffers.allocate(self.lm, slots, max_len, device=parts.device, dtype=parts.dtype)
+        with torch.inference_mode():        # inference tensors, as everything that writes into them runs so
+            self.kv = KVBuffers.allocate(self.lm, slots, max_len, device=parts.device, dtype=parts.dtype)
+        self.columns = torch.arange(max_len, device=parts.device)
+        self.buckets: tuple[int, ...] = ()
+        self.step = self.full_width_step         # the hot call, which the fast path swaps for a compiled one
+
+    def fast_path(self, buckets: tuple[int, ...]) -> CompiledCalls:
+        """`step` compiled per bucket of running rows (the buckets up to `slots`, and `slots` itself)."""
+        self.buckets = tuple(sorted({b for b in buckets if b < self.slots} | {self.slots}))
+        for buffer in (*self.kv.keys, *self.kv.values):
+            torch._dynamo.mark_static_address(buffer)       # CUDA graphs write the cache in place, never a copy
+        return CompiledCalls([(self, "step")])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Run `step` at every bucket, twice (compile, then record): while nothing is running, so the
+        columns it writes are free."""
+        for b in self.buckets:
+            for _ in range(2):
+                tokens, positions = (torch.zeros(b, dtype=torch.long, device=self.parts.device) for _ in range(2))
+                self.step(tokens, positions)                   # two tensors: decode never passes one twice
 
     @torch.inference_mode()
     def embed(self, ids: list[int], pixel_values: torch.Tensor | None, image_positions: list[int]) -> torch.Tensor:
@@ -64,13 +90,25 @@ class SlotDecoder:
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """One step for rows 0..n−1: token i sits at position lengths[i]; returns logits (n, V) fp32."""
         n, dev = len(tokens), self.parts.device
+        bucket = next((b for b in self.buckets if b >= n), None) if isinstance(self.step, Captured) else None
+        if bucket is not None:
+            pad = [0] * (bucket - n)
+            return self.step(torch.tensor(tokens + pad, device=dev), torch.tensor(lengths + pad, device=dev))[:n]
         width = max(lengths) + 1
-        pos = torch.tensor(lengths, device=dev)                                       # (n,)
-        embeds = self.lm.get_input_embeddings()(torch.tensor(tokens, device=dev))[:, None]   # (n, 1, D)
-        mask = (torch.arange(width, device=dev)[None, :] <= pos[:, None])[:, None, None]     # (n, 1, 1, W)
-        h = run_layers(self.lm, embeds, pos[:, None], self.kv.rows(n), write=pos, mask=mask)
-        return self.lm.lm_head(h[:, 0]).float()
+        return self._step(torch.tensor(tokens, device=dev), torch.tensor(lengths, device=dev), self.columns[:width])
 
+    def full_width_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`decode`'s step for rows 0..b−1 (`tokens`, `positions`: (b,)) over every cache column: one shape per b.
+        Called under `decode`'s or `capture`'s inference mode, which stays outside the compiled graph."""
+        return self._step(tokens, positions, self.columns)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        embeds = self.lm.get_input_embeddings()(tokens)[:, None]                      # (b, 1, D)
+        mask = (columns[None, :] <= positions[:, None])[:, None, None]                # (b, 1, 1, W)
+        h = run_layers(self.lm, embeds, positions[:, None], self.kv.rows(len(tokens)), write=positions, mask=mask)
+        return self.lm.lm_head(h[:, 0]).float()                                        # (b, V)
+
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's KV from row src to row dst (compaction when a row is freed)."""
         for buf in (*self.kv.keys, *self.kv.values):

@@ -12,7 +12,8 @@ Where we differ, exactly: the reference runs the whole [prompt | t_emb | image] 
 the LLM at every step. Attention is causal, so the prompt's keys and values do not depend on
 z or t; we compute them once and run only the 1 + G new tokens per step, writing their KV over
 the same buffer columns each step. Prompts of different lengths share a batch by right-padding
-the prefix, masking the padding and giving every row its own RoPE positions.
+the prefix (to a multiple of PREFIX_BUCKET tokens, so that the per-step graph has one shape per
+bucket of prompt lengths), masking the padding and giving every row its own RoPE positions.
 
 Noise: image i of a request with seed s draws `torch.randn((1, 4, h, w), dtype=torch.bfloat16,
 generator=torch.Generator("cpu").manual_seed(s + i))`, the reference's bf16 CPU draw made
@@ -27,12 +28,16 @@ import torch
 
 import kernels
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
+from model_zoo.fast_path import CompiledCalls
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts, load_parts
 from model_zoo.samplers import guidance_tensor, keep_rows
 from model_zoo.seeding import initial_noise
 
 NOISE_DTYPE = torch.bfloat16
+# Prefixes are padded to a multiple of this: the step's shapes (and so its compiled graph) depend on the
+# padded length only; masked columns add exact zeros to attention.
+PREFIX_BUCKET = 64
 
 
 class JanusFlowPipeline:
@@ -40,6 +45,7 @@ class JanusFlowPipeline:
 
     def __init__(self, parts: JanusFlowParts):
         self.parts = parts
+        self.flow_step = self.velocity          # the hot call, which the fast path swaps for a compiled one
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
@@ -71,17 +77,28 @@ class JanusFlowPipeline:
         proc = self.parts.processor
         return proc.tokenizer.decode(proc.text_tokens(prompt)[:self.max_prompt_tokens])
 
-    def fast_path(self) -> None:
-        """Eager for now: the captured per-step forward is the fast-path work still to land."""
-        return None
+    def fast_path(self) -> CompiledCalls:
+        """The per-step forward (`velocity`) compiled per (rows, padded prefix) bucket."""
+        return CompiledCalls([(self, "flow_step")])
+
+    def velocity(self, z2: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 kv: KVBuffers, write: int) -> torch.Tensor:
+        """One ODE step's velocity for rows [cond; uncond] (`z2`: (R, 4, h, w)) at times `t` (R,), over the
+        prompt KV already in `kv`; the step's 1 + G tokens are written at columns [write, write + 1 + G)."""
+        model = self.parts.model
+        tokens, t_emb, skips = model.encode_latents(z2, t)                         # (R, G, D), (R, D)
+        x = torch.cat([t_emb[:, None], tokens], dim=1)                           # (R, 1+G, D)
+        h = run_layers(model.language_model, x, positions, kv, write=write, mask=mask)
+        return model.decode_velocity(h[:, 1:], skips, t_emb)                     # (R, 4, h, w)
 
     @torch.inference_mode()
     def sample(self, prefixes: list[list[int]], z: torch.Tensor, steps: int,
                guidance: torch.Tensor | float) -> torch.Tensor:
         """prefixes: B token-id lists; z (B, 4, h, w) noise → latents (B, 4, h, w)."""
-        model, p = self.parts.model, self.parts
-        lm, dev = model.language_model, z.device
-        B, P, G = len(prefixes), max(len(ids) for ids in prefixes), p.num_gen_tokens
+        p = self.parts
+        lm, dev = p.model.language_model, z.device
+        B, G = len(prefixes), p.num_gen_tokens
+        P = -(-max(len(ids) for ids in prefixes) // PREFIX_BUCKET) * PREFIX_BUCKET          # padded prefix
         R = 2 * B                                                     # [cond B; uncond B]
         lengths = torch.tensor([len(ids) for ids in prefixes] * 2, device=dev)            # (R,)
         ids = torch.full((R, P), p.processor.pad_id, dtype=torch.long, device=dev)
@@ -104,10 +121,7 @@ class JanusFlowPipeline:
         dt = float(torch.tensor(1.0 / steps, dtype=z.dtype))
         for step in range(steps):
             t = torch.full((R,), step / steps * 1000.0, device=dev).to(z.dtype)
-            tokens, t_emb, skips = model.encode_latents(torch.cat([z, z]), t)        # (R, G, D), (R, D)
-            x = torch.cat([t_emb[:, None], tokens], dim=1)                           # (R, 1+G, D)
-            h = run_layers(lm, x, gen_pos, kv, write=P, mask=mask)
-            v = model.decode_velocity(h[:, 1:], skips, t_emb)                        # (R, 4, h, w)
+            v = self.flow_step(torch.cat([z, z]), t, gen_pos, mask, kv, P)          # (R, 4, h, w)
             z = kernels.janus_cfg_euler_step(z, v, dt, guidance)
             keep = between_steps()
             if keep is not None:

@@ -51,7 +51,7 @@ class PeRFlowPipeline(SDFlowPipeline):
         sched.set_timesteps(steps)
         for t in sched.timesteps.tolist():                  # ints 1000, 750, ... kept on the host
             x_in = x if guidance is None else torch.cat([x, x])
-            eps = self.parts.unet_for(x_in.shape)(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
+            eps = self.parts.denoiser(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
             x = sched.fused_step(eps, t, x, guidance)
             keep = between_steps()
             if keep is not None:

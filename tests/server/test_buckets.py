@@ -83,17 +83,17 @@ def test_ready_flips_only_after_warm_up(tiny_sd, monkeypatch):
 def test_compiled_path_matches_eager_in_bf16(tiny_sd):
     import torch
 
-    from model_zoo.fast_path import SDFastPath
     from model_zoo.instaflow.pipeline import InstaFlowPipeline
 
     pipe = InstaFlowPipeline.from_pretrained(tiny_sd, device="cuda", dtype=torch.bfloat16)
     w, h = pipe.default_size
     specs = [ImageSpec("a cat", "", s, w, h, 2, 1.5) for s in range(4)]
     eager, _ = pipe.images(specs)
-    SDFastPath(pipe.parts).prepare("reduce-overhead")
+    fast_path = pipe.fast_path()
+    fast_path.prepare("reduce-overhead")
     for _ in range(2):
         pipe.images(specs)
-    SDFastPath(pipe.parts).finish_capture()
+    fast_path.finish_capture()
     fast, _ = pipe.images(specs)
-    assert pipe.parts.compiled.unet_shapes
+    assert pipe.parts.denoiser.shapes and pipe.parts.vae_decode.shapes
     assert torch.allclose(eager.float(), fast.float(), atol=3e-2)

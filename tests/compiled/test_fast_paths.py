@@ -1,0 +1,155 @@
+"""Every family's fast path compiles on the CPU with inductor, `fullgraph=True` and `dynamic=False`, on the tiny
+configs: no graph break, one graph per warm-up bucket and call, no recompile after capture, outputs equal to
+eager (images within one 8-bit level; chat decode's greedy tokens exactly). The graphs' operations are checked
+for the attention, so that a kernel dispatch that fell out of the graph shows."""
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from benchmarks.bench_compile import chat_case, graph_stats, image_case, recorded_graphs
+from model_zoo.fast_path import Captured
+from server.app import create_app
+from server.config import ServerConfig
+from server.engine import Engine
+
+pytestmark = pytest.mark.slow            # each compiles a few graphs: about half a minute each on 2 cores
+BUCKETS = (1, 2)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models are all per-op overhead; two OpenMP threads on a shared CPU spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _compiled_images_match_eager(fast, run, calls_per_bucket: int) -> list[list[str]]:
+    eager = {b: run(b)().images for b in BUCKETS}
+    with recorded_graphs() as graphs:
+        fast.prepare("default")
+        for b in BUCKETS:
+            for _ in range(2):
+                run(b)()
+        fast.finish_capture()
+        stats = graph_stats()
+        assert stats == {"graph_breaks": 0, "graphs": calls_per_bucket * len(BUCKETS)}
+        out = {b: run(b)().images for b in BUCKETS}
+        assert graph_stats() == stats                                  # the captured buckets never recompile
+    for b in BUCKETS:
+        assert out[b].shape == eager[b].shape
+        assert np.abs(out[b].astype(int) - eager[b].astype(int)).max() <= 1
+    return graphs
+
+
+def _uses_attention(graphs: list[list[str]]) -> bool:
+    return any("scaled_dot_product_attention" in op for g in graphs for op in g)
+
+
+def test_sd_unet_and_decoder(tiny_sd):
+    graphs = _compiled_images_match_eager(*image_case(f"instaflow-0.9b={tiny_sd}"), calls_per_bucket=2)
+    assert _uses_attention(graphs)
+
+
+def test_hunyuan_transformer(tmp_path_factory):
+    from model_zoo.hunyuan_dit.arch import save_random_hunyuan
+
+    root = save_random_hunyuan(tmp_path_factory.mktemp("hunyuan"), "tiny", seed=0)
+    fast, run = image_case(f"hunyuan-dit-v1.2={root}", steps=2)
+    assert _uses_attention(_compiled_images_match_eager(fast, run, calls_per_bucket=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_janus(tmp_path_factory):
+    from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
+
+    return save_random_checkpoint(tmp_path_factory.mktemp("janusflow"), "tiny", seed=0)
+
+
+def test_janusflow_flow_step(tiny_janus):
+    fast, run = image_case(f"janusflow-1.3b={tiny_janus}", steps=2)
+    assert _uses_attention(_compiled_images_match_eager(fast, run, calls_per_bucket=1))
+
+
+def _greedy(decoder, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Prefill each prompt into its own slot, then decode greedily for `steps` tokens, every row at once."""
+    tokens, lengths = [], []
+    for row, ids in enumerate(prompts):
+        logits = decoder.prefill(row, decoder.embed(ids, None, []))
+        tokens.append(int(logits.argmax()))
+        lengths.append(len(ids))
+    out = [[t] for t in tokens]
+    for _ in range(steps):
+        logits = decoder.decode(tokens, lengths)
+        tokens = [int(t) for t in logits.argmax(-1)]
+        lengths = [n + 1 for n in lengths]
+        for row, t in enumerate(tokens):
+            out[row].append(t)
+    return out
+
+
+def test_chat_decode_step(tiny_janus):
+    capture, _ = chat_case(f"janusflow-1.3b={tiny_janus}", slots=max(BUCKETS))
+    decoder = capture.decoder
+    vocab = decoder.lm.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(10, vocab, n)] for n in (5, 9)]
+    eager = {b: _greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
+    with recorded_graphs() as graphs:
+        capture.prepare("default")
+        capture.finish_capture()
+        stats = graph_stats()
+        assert stats == {"graph_breaks": 0, "graphs": len(BUCKETS)}
+        fast = {b: _greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
+        assert graph_stats() == stats
+    assert decoder.step.shapes == {((b,), (b,)) for b in BUCKETS}
+    assert fast == eager
+    assert _uses_attention(graphs)
+
+
+def test_engine_compiles_on_cpu_when_asked(tiny_janus):
+    """`--compile on` on the CPU: warm-up captures JanusFlow's flow step per bucket and the chat decode step
+    per bucket of slots before ready, through the pipeline's and the decoder's own fast paths; the images
+    are those of an eager engine."""
+    body = {"model": "janusflow-1.3b", "prompt": "a red circle", "num_inference_steps": 2, "seed": 3}
+    images = {}
+    for compile in ("off", "on"):
+        config = ServerConfig(models=[f"janusflow-1.3b={tiny_janus}"], device="cpu", max_batch=2,
+                              batch_buckets=(1, 2), compile=compile, cpu_threads=1)
+        engine = Engine(config)
+        engine.load(progress=False)
+        try:
+            model = engine.models["janusflow-1.3b"]
+            flow_step = model.pipeline.flow_step
+            if compile == "on":
+                assert isinstance(flow_step, Captured) and not flow_step.capturing and len(flow_step.shapes) == 2
+                step = engine.chat_batcher("janusflow-1.3b").decoder.step
+                assert isinstance(step, Captured) and not step.capturing and step.shapes
+            else:
+                assert not isinstance(flow_step, Captured) and "janusflow-1.3b" not in engine.chat_batchers
+            with TestClient(create_app(engine)) as client:
+                r = client.post("/v1/images/generations", json=body)
+                assert r.status_code == 200, r.text
+                images[compile] = r.json()["data"][0]["b64_json"]
+        finally:
+            engine.shutdown()
+    off, on = (np.asarray(Image.open(io.BytesIO(base64.b64decode(images[k])))).astype(int) for k in ("off", "on"))
+    assert np.abs(off - on).max() <= 1
+
+
+def test_sd_setup_takes_a_vae_without_attention():
+    """rf-shapes' VAE has no attention: the SD fast path's setup routes the UNet's and leaves the VAE be."""
+    from kernels.processors import RfserveAttnProcessor
+    from model_zoo.registry import load_model, parse_spec
+
+    pipe = load_model(parse_spec("rf-shapes"), torch.device("cpu"), torch.float32).pipeline
+    pipe.fast_path().prepare(None)
+    assert {type(m.processor) for m in pipe.parts.unet.modules() if hasattr(m, "processor")} == {RfserveAttnProcessor}
+    assert not any(hasattr(m, "processor") for m in pipe.parts.vae.modules())
+    assert not isinstance(pipe.parts.denoiser, Captured)                # no mode: nothing compiled
