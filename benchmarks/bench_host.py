@@ -9,8 +9,8 @@ GPU run pays too. The load generator shares the machine, as it would in a one-bo
 1. Cost. With no pace (the host alone sets the speed), for each output format, size, response format and n:
    the server process's CPU time (every thread, from psutil) over a window, divided by the images answered in
    it. A `url` answer's image is fetched by the client, so its serving counts.
-2. Pace. At 180 and 500 images/s (5.56 and 2 ms an image), with 16 and 64 clients asking n = 4 at 512², the
-   images/s delivered as a share of the pace, for PNG and JPEG as b64_json.
+2. Pace. At 180 and 500 images/s (5.56 and 2 ms an image), with 16 and 64 clients asking n = 4 at the first
+   size (512²), the images/s delivered as a share of the pace, for PNG and JPEG as b64_json.
 3. Profile. py-spy samples the server during the 180 images/s PNG run at 16 clients, when installed; the
    report lists the Python functions holding the most samples, a C call counting as its caller's (so
    `Runner.run` is uvicorn's event loop, uvloop and httptools, and `_encode` includes pybase64).
@@ -94,8 +94,8 @@ async def load(url: str, body: dict, clients: int, seconds: float, warmup: float
 class Server:
     """`rfserve serve` on the synthetic model at one pace, from this checkout or a baseline worktree."""
 
-    def __init__(self, code: Path | None, ms_per_image: float, port: int):
-        model = f"synthetic?ms_per_image={ms_per_image:g}&sizes=512x512,1024x1024"
+    def __init__(self, code: Path | None, ms_per_image: float, port: int, sizes: list[int]):
+        model = f"synthetic?ms_per_image={ms_per_image:g}&sizes={','.join(f'{s}x{s}' for s in sizes)}"
         self.url = f"http://127.0.0.1:{port}"
         self.proc = spawn(f"--model '{model}' --max-queue 4096", port, max_batch=16, code=code)
 
@@ -132,7 +132,7 @@ def profile(pid: int, seconds: float, out: Path) -> list[dict] | None:
 def run_version(label: str, code: Path | None, args, out: Path) -> dict:
     seconds, warmup = (2.0, 0.5) if args.quick else (args.seconds, 1.0)
     cost, pace = [], []
-    with Server(code, 0, args.port) as srv:
+    with Server(code, 0, args.port, args.sizes) as srv:
         for fmt in ("png", "jpeg", "webp"):
             for side in args.sizes:
                 for response_format in ("b64_json", "url"):
@@ -145,10 +145,10 @@ def run_version(label: str, code: Path | None, args, out: Path) -> dict:
                         print(label, json.dumps(row), flush=True)
     profiled = None
     for rate in PACES:
-        with Server(code, 1000 / rate, args.port) as srv:
+        with Server(code, 1000 / rate, args.port, args.sizes) as srv:
             for clients in PACE_CLIENTS:
                 for fmt in ("png", "jpeg"):
-                    body = {"prompt": "p", "n": 4, "size": "512x512", "output_format": fmt,
+                    body = {"prompt": "p", "n": 4, "size": f"{args.sizes[0]}x{args.sizes[0]}", "output_format": fmt,
                             "output_compression": 90, "response_format": "b64_json"}
                     spy = None
                     if (rate, clients, fmt) == PROFILE_AT and not args.quick:
@@ -160,6 +160,9 @@ def run_version(label: str, code: Path | None, args, out: Path) -> dict:
                     print(label, json.dumps(row), flush=True)
                     if spy is not None:
                         profiled = spy()
+    failed = [r for r in cost + pace if r["errors"]]
+    if failed:                                  # a figure over failed requests measures nothing
+        raise RuntimeError(f"{label}: {len(failed)} runs had failed requests, first: {failed[0]}")
     return {"cost": cost, "pace": pace, "profile": profiled}
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Download, here, the wheels the GPU image lacks (it has torch, triton, transformers, numpy, pillow, ...),
-# into .whl/ for a device run (Python 3.12, x86-64). Run from the repo root; .whl/ must be git-ignored.
+# Download, here, the wheels the GPU image lacks (it has torch, triton, numpy, pillow, ...), into .whl/ for a
+# device run (Python 3.12, x86-64), then check that they resolve with the image (check_wheels.py). Each is
+# carried at the version installed here, which the tests ran against (the image's transformers is older). Run from the repo root; .whl/ must be git-ignored.
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
@@ -9,8 +10,15 @@ fetch() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$@"
 }
-fetch "diffusers==$(python3 -c 'import diffusers; print(diffusers.__version__)')"
-fetch fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
-      sniffio anyio h11 openai distro jiter
-fetch fpng simplejpeg pybase64 py-spy          # the encoders server/encoding.py imports; the host profile
+# Each at the version installed here, which the tests ran against; one not installed here is not needed.
+pinned() {
+  for name in "$@"; do
+    version=$(python3 -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null) || continue
+    fetch "$name==$version"
+  done
+}
+pinned diffusers transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
+       sniffio anyio h11 openai distro jiter opentelemetry-api httpx2 httpcore2 truststore
+pinned fpng simplejpeg pybase64 py-spy          # the encoders server/encoding.py imports; the host profile
 ls -1 .whl
+python3 benchmarks/gpu/check_wheels.py .whl

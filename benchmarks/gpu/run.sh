@@ -3,26 +3,62 @@
 # benchmarks/gpu/fetch_wheels.sh, with `carry: [".whl"]`:
 #   bash benchmarks/gpu/run.sh core     # GPU tests, kernels, SD1.5 one-step suite (compiled, HTTP level too)
 #   bash benchmarks/gpu/run.sh models   # Hunyuan-DiT and JanusFlow against their same-run baselines
+#   bash benchmarks/gpu/run.sh host     # the host path at GPU pace on the device machine's CPUs, and encoders
+#   bash benchmarks/gpu/run.sh dry      # every step above, on this CPU at tiny shapes: CI runs it, so that a
+#                                       # device call never meets a typo, a missing flag or a missing module
 # Results land in $OUT (JSON + markdown + plots); the last lines printed are the summary tables.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+MODE="${1:-core}"
 OUT="${OUT:-/tmp/rfserve-gpu}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="/tmp/site:$PWD" || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-step() { echo "== $1"; shift; timeout "$@"; echo "   exit $?"; }
-case "${1:-core}" in
-  core)
-    step "gpu tests" 90 python3 -m pytest -q -m gpu tests/kernels tests/server/test_buckets.py -x -p no:cacheprovider \
-      > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt"
-    step "kernels" 80 python3 -m benchmarks.bench_kernels --out "$OUT" > "$OUT/kernels.log" 2>&1
-    step "sd15 one-step suite" 380 python3 -m benchmarks.suite --arch sd15 --device cuda --batches 1,16 \
-      --concurrency 1,4,16,64 --requests 64 --open-requests 200 --repeats 5 --server-args "--batch-buckets 1,16" \
-      --out "$OUT" > "$OUT/suite.log" 2>&1
-    reports="bench_kernels.md suite.md" ;;
-  models)
-    step "hunyuan-dit" 280 python3 -m benchmarks.bench_hunyuan --steps 50 --repeat 3 --out "$OUT" > "$OUT/hunyuan.log" 2>&1
-    step "janusflow" 260 python3 -m benchmarks.bench_janusflow --out "$OUT" > "$OUT/janus.log" 2>&1
-    reports="bench_hunyuan.md bench_janusflow.md" ;;
+FAILED=0
+step() { echo "== $1"; shift; timeout "$@"; local rc=$?; echo "   exit $rc"; [ "$rc" -eq 0 ] || FAILED=1; }
+
+if [ "$MODE" = dry ]; then
+  # The same commands at tiny shapes on the CPU, Triton in its interpreter.
+  export TRITON_INTERPRET=1
+  DEVICE=cpu; TINY=--tiny
+  SUITE="--arch tiny --device cpu --batches 1,2 --concurrency 1,2 --requests 4 --open-requests 6 --repeats 1"
+  HOST="--quick --sizes 64 --seconds 1"; ENC="--sizes 64 --seconds 0.2"; HUNYUAN="--steps 2 --repeat 1"
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PWD" || exit 1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+  DEVICE=cuda; TINY=
+  SUITE="--arch sd15 --device cuda --batches 1,16 --concurrency 1,4,16,64 --requests 64 --open-requests 200 --repeats 5"
+  HOST="--sizes 512,1024 --seconds 3"; ENC="--sizes 512,1024"; HUNYUAN="--steps 50 --repeat 3"
+fi
+
+core() {
+  step "gpu tests" 90 python3 -m pytest -q -m gpu tests/kernels tests/server/test_buckets.py \
+    tests/server/test_gpu_jpeg.py -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt"
+  step "kernels" 80 python3 -m benchmarks.bench_kernels --device "$DEVICE" --out "$OUT" > "$OUT/kernels.log" 2>&1
+  # shellcheck disable=SC2086  # SUITE is a list of flags
+  step "sd15 one-step suite" 380 python3 -m benchmarks.suite $SUITE --server-args "--batch-buckets 1,16" \
+    --out "$OUT" > "$OUT/suite.log" 2>&1
+}
+models() {
+  # shellcheck disable=SC2086
+  step "hunyuan-dit" 280 python3 -m benchmarks.bench_hunyuan $TINY $HUNYUAN --out "$OUT" > "$OUT/hunyuan.log" 2>&1
+  step "janusflow" 260 python3 -m benchmarks.bench_janusflow $TINY --out "$OUT" > "$OUT/janus.log" 2>&1
+}
+host() {
+  # shellcheck disable=SC2086
+  step "host path" 420 python3 -m benchmarks.bench_host $HOST --out "$OUT/host" > "$OUT/host.log" 2>&1
+  # shellcheck disable=SC2086
+  step "encoders" 120 python3 -m benchmarks.bench_encoders $ENC --out "$OUT/encoders.json" > "$OUT/encoders.log" 2>&1
+}
+
+case "$MODE" in
+  core) core; reports="bench_kernels.md suite.md" ;;
+  models) models; reports="bench_hunyuan.md bench_janusflow.md" ;;
+  host) host; reports="host/host.md" ;;
+  dry) core; models; host; reports="" ;;
+  *) echo "usage: run.sh core|models|host|dry" >&2; exit 2 ;;
 esac
 for f in $reports; do [ -f "$OUT/$f" ] && { echo "---- $f"; cat "$OUT/$f"; }; done
+if [ "$MODE" = dry ] && [ "$FAILED" -ne 0 ]; then
+  for f in "$OUT"/*.log "$OUT"/gpu_tests.txt; do echo "---- $f"; tail -15 "$f"; done
+  exit 1
+fi
+exit 0
