@@ -10,6 +10,11 @@
   least min_size), centred pad to a square with the mean colour, rescale, normalise.
 - Text-to-image prefix: `User: {p}\\n\\nAssistant:<begin_of_image>` with no system prompt,
   minus its last token, whose slot the time embedding takes.
+- Special tokens: `processor_config.json` (when present) names the four image tags and the
+  image-token count. A tag the tokenizer lacks is added as an extra special token, in the official
+  order (image, generation, begin, end), so it takes the next free id, as `VLChatProcessor` does;
+  the published `special_tokens_map.json` lists none of them. A tokenizer without the pad token
+  pads with EOS. BOS and EOS themselves must be there.
 """
 from __future__ import annotations
 
@@ -27,6 +32,19 @@ BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", 
 IMAGE_TAG, IMAGE_START, IMAGE_END = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 GEN_TAG = "<｜begin▁of▁generation｜>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, IMAGE_TAG, IMAGE_START, IMAGE_END, GEN_TAG)
+
+
+@dataclass(frozen=True)
+class Tags:
+    """The image tags, as `processor_config.json` names them (VLChatProcessor's defaults otherwise)."""
+    image: str = IMAGE_TAG
+    generation: str = GEN_TAG
+    start: str = IMAGE_START
+    end: str = IMAGE_END
+
+    def official_order(self) -> tuple[str, ...]:
+        """The order in which VLChatProcessor adds the missing ones, which fixes their ids."""
+        return self.image, self.generation, self.start, self.end
 SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
                  "content that the user provides, and assist the user with a variety of tasks using natural "
                  "language.")
@@ -87,14 +105,19 @@ def preprocess_image(img: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
 
 class JanusFlowProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerFast, image_cfg: ImageProcessorConfig,
-                 num_image_tokens: int, add_bos: bool = True):
+                 num_image_tokens: int, add_bos: bool = True, tags: Tags = Tags()):
         self.tokenizer, self.image_cfg, self.num_image_tokens = tokenizer, image_cfg, num_image_tokens
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        self.tags = tags
+        missing = [t for t in (BOS, EOS) if t not in tokenizer.get_vocab()]
         if missing:
             raise CheckpointError(f"tokenizer.json lacks the special token(s) {missing}")
-        self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[PAD]
-        self.image_id, self.image_start_id, self.image_end_id = vocab[IMAGE_TAG], vocab[IMAGE_START], vocab[IMAGE_END]
+        for tag in tags.official_order():
+            if tag not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": [tag]})
+        vocab = tokenizer.get_vocab()
+        self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        self.pad_id = vocab.get(PAD, self.eos_id)
+        self.image_id, self.image_start_id, self.image_end_id = vocab[tags.image], vocab[tags.start], vocab[tags.end]
         self.add_bos = add_bos
 
     @classmethod
@@ -107,9 +130,10 @@ class JanusFlowProcessor:
         except Exception as err:  # noqa: BLE001 — any parse failure is a broken file
             raise CheckpointError(f"malformed file: {root / 'tokenizer.json'}: {err}") from None
         tok_cfg = read_json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
-        tok.pad_token, tok.bos_token, tok.eos_token = PAD, BOS, EOS
+        tok.bos_token, tok.eos_token = BOS, EOS
+        tok.pad_token = PAD if PAD in tok.get_vocab() else EOS
         return cls(tok, ImageProcessorConfig.load(root / "preprocessor_config.json"), num_image_tokens,
-                   add_bos=tok_cfg.get("add_bos_token", True))
+                   add_bos=tok_cfg.get("add_bos_token", True), tags=_processor_tags(root, num_image_tokens))
 
     def encode(self, text: str) -> list[int]:
         """`tokenizer.encode(text)` as the official code calls it: BOS, then the text."""
@@ -117,14 +141,14 @@ class JanusFlowProcessor:
 
     def reserved_in(self, text: str) -> str | None:
         """The first special-token string inside user text (which would inject image slots or turns)."""
-        return next((t for t in SPECIAL_TOKENS if t in text), None)
+        return next((t for t in (BOS, EOS, PAD, *self.tags.official_order()) if t in text), None)
 
     def text_tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- text-to-image -----------------------------------------------------------
     def t2i_prefix(self, prompt: str) -> list[int]:
-        ids = self.encode(sft_prompt([(USER, prompt)], system="") + IMAGE_START)
+        ids = self.encode(sft_prompt([(USER, prompt)], system="") + self.tags.start)
         return ids[:-1]                                           # the last slot becomes t_emb
 
     # -- chat --------------------------------------------------------------------
@@ -146,3 +170,21 @@ class JanusFlowProcessor:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _processor_tags(root: Path, num_image_tokens: int) -> Tags:
+    """The tags `processor_config.json` names, checked against what this loader and the model can do."""
+    path = root / "processor_config.json"
+    if not path.is_file():
+        return Tags()
+    cfg = read_json(path)
+    count = cfg.get("num_image_tokens", num_image_tokens)
+    if count != num_image_tokens:
+        raise CheckpointError(f"{path}: num_image_tokens is {count}, but the vision tower gives {num_image_tokens}")
+    if cfg.get("add_special_token", False):
+        # With it, the official processor keeps the tag before <begin_of_image>, and its image mask then
+        # covers one position more than the features it writes: no published checkpoint sets it.
+        raise CheckpointError(f"{path}: add_special_token true is not supported (the published checkpoints use false)")
+    d = Tags()
+    return Tags(image=cfg.get("image_tag", d.image), generation=cfg.get("image_gen_tag", d.generation),
+                start=cfg.get("image_start_tag", d.start), end=cfg.get("image_end_tag", d.end))

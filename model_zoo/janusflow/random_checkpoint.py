@@ -34,11 +34,13 @@ VAE_PRESETS = {
 }
 
 
-def build_tokenizer(vocab_size: int = 400) -> Tokenizer:
+def build_tokenizer(vocab_size: int = 400, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
+    """`special_tokens`: fewer than JanusFlow's seven makes a tokenizer like the published one, which the
+    processor completes."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer)
     return tok

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
-from model_zoo.janusflow.processor import IMAGE_TAG, SYSTEM_PROMPT, JanusFlowProcessor
+from model_zoo.janusflow.processor import SYSTEM_PROMPT, JanusFlowProcessor
 from server.chat.config import ChatConfig
 from server.chat.schemas import Message, TextPart
 from server.errors import APIError
@@ -60,7 +60,7 @@ def parse_conversation(messages: list[Message], proc: JanusFlowProcessor, cfg: C
                 texts.append(part["text"])
             else:
                 urls.append((f"{field}.content[{j}].image_url.url", part["image_url"]["url"]))
-                pieces.append(IMAGE_TAG)
+                pieces.append(proc.tags.image)
         has_text |= any(t.strip() for t in texts)
         last_text = "\n".join(texts)
         turns.append(("User", "\n".join(pieces)))
