@@ -46,13 +46,13 @@ class Captured:
 
     def __call__(self, *args, **kwargs):
         key = shape_key(args, kwargs)
-        if self.capturing and key not in self.shapes:
+        if key not in self.shapes:
+            if not self.capturing:
+                return self.eager(*args, **kwargs)
             # One eager call first settles what the graph would otherwise guard on as it changes: the
             # kernel dispatcher's decisions, made and cached on a first call, would recompile each bucket.
             self.eager(*args, **kwargs)
             self.shapes.add(key)
-        elif not self.capturing and key not in self.shapes:
-            return self.eager(*args, **kwargs)
         torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
         return self.fast(*args, **kwargs)
 
