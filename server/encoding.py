@@ -2,13 +2,13 @@
 
 Each format uses the fastest encoder measured by `benchmarks/bench_encoders.py` (figures in
 benchmarks/RESULTS.md; 512² photograph, one thread of a 2-core x86-64):
-- PNG: fpng, 0.9 ms against PIL's 16.6 ms at zlib level 1, a valid lossless PNG about 15% larger. It holds the
+- PNG: fpng, 1.35 ms against PIL's 16.7 ms at zlib level 1, a valid lossless PNG about 15% larger. It holds the
   GIL, but a process pool was no better: the parent spent 0.86 ms an image moving pixels and bytes through
   pipes, as much as the encode itself.
-- JPEG: simplejpeg (libjpeg-turbo) at 4:2:0, PIL's default subsampling: 0.64 ms, and it releases the GIL, so
-  two threads gave 2760 images/s where PIL, which holds it, gave 1160.
-- WebP: PIL at method 0, 7.5 ms, releasing the GIL; OpenCV's and imagecodecs' were three to five times slower.
-- base64: pybase64's SIMD codec, 0.013 ms for a 465 KB PNG against 0.71 ms for the standard library's.
+- JPEG: simplejpeg (libjpeg-turbo) at 4:2:0, PIL's default subsampling: 0.68 ms, and it releases the GIL, so
+  two threads gave 2781 images/s where PIL, which holds it, gave 1095.
+- WebP: PIL at method 0, 7.6 ms, releasing the GIL; OpenCV's and imagecodecs' were three to five times slower.
+- base64: pybase64's SIMD codec, 0.01 ms for a 541 KB base64 PNG against 0.38 ms for the standard library's.
 On CUDA, the worker encodes a batch's JPEG rows on the GPU before they leave it (`device_jpeg`).
 """
 from __future__ import annotations
