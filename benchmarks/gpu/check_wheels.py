@@ -1,12 +1,13 @@
 """Do the wheels fetch_wheels.sh carries resolve together with what the device image already holds?
 
-    python3 benchmarks/gpu/check_wheels.py [.whl]
+    python3 benchmarks/gpu/check_wheels.py [--missing] [.whl]
 
 Every requirement of every carried wheel, with its markers evaluated for the image (CPython 3.12, x86-64
 Linux), must be met by a carried wheel, or by the image's own version of that package (IMAGE, as the device
 tool's KINDS.md lists it). A carried wheel overrides the image's version, since it comes first on the path.
 Packages the image holds at a version nobody recorded count as met. Anything else is printed, and the exit
-status is 1, so that a device call never starts on a set that cannot import.
+status is 1, so that a device call never starts on a set that cannot import. With `--missing`, it prints only
+the names of the packages neither carried nor in the image, which fetch_wheels.sh then fetches.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def requirements(wheel: Path) -> list[Requirement]:
     return [Requirement(line) for line in meta.get_all("Requires-Dist") or []]
 
 
-def problems(folder: Path) -> list[str]:
+def problems(folder: Path) -> list[tuple[str, str]]:
+    """(message, the missing package's name, or "" where a version is wrong) for each unmet requirement."""
     carried = {}
     for wheel in sorted(folder.glob("*.whl")):
         name, version, _, _ = parse_wheel_filename(wheel.name)
@@ -59,17 +61,21 @@ def problems(folder: Path) -> list[str]:
             if have is None and dep in PRESENT:
                 continue
             if have is None:
-                found.append(f"{name} needs {req}: neither carried nor in the image")
+                found.append((f"{name} needs {req}: neither carried nor in the image", dep))
             elif not req.specifier.contains(have, prereleases=True):
                 where = "carried" if dep in carried else "the image's"
-                found.append(f"{name} needs {req}, but {where} {dep} is {have}")
+                found.append((f"{name} needs {req}, but {where} {dep} is {have}", ""))
     return found
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".whl")
+    args = [a for a in sys.argv[1:] if a != "--missing"]
+    folder = Path(args[0] if args else ".whl")
     found = problems(folder)
-    for line in found:
+    if "--missing" in sys.argv:
+        print("\n".join(sorted({dep for _, dep in found if dep})))
+        return
+    for line, _ in found:
         print(line)
     count = len(list(folder.glob("*.whl")))
     print(f"{count} wheels: {'they resolve with the image' if not found else f'{len(found)} unmet requirements'}")

@@ -18,7 +18,14 @@ pinned() {
   done
 }
 pinned diffusers transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
-       sniffio anyio h11 openai distro jiter opentelemetry-api httpx2 httpcore2 truststore
+       sniffio anyio h11 openai
 pinned fpng simplejpeg pybase64 py-spy          # the encoders server/encoding.py imports; the host profile
+# Then whatever those need that the image lacks, until nothing is missing.
+for _ in 1 2 3 4 5; do
+  missing=$(python3 benchmarks/gpu/check_wheels.py --missing .whl)
+  [ -n "$missing" ] || break
+  # shellcheck disable=SC2086  # one name per word
+  pinned $missing
+done
 ls -1 .whl
 python3 benchmarks/gpu/check_wheels.py .whl
