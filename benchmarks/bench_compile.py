@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +21,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from benchmarks.loadgen import environment
+from benchmarks.timing import median_ms
 from model_zoo.base import ImageSpec
 from model_zoo.registry import load_model, parse_spec
+
+CPU = torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -57,19 +59,9 @@ def graph_stats() -> dict:
             "graphs": counters["stats"]["unique_graphs"]}
 
 
-def seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def image_case(spec: str, steps: int | None = None) -> tuple[object, Callable[[int], Callable[[], object]]]:
     """The pipeline's fast path, and for each batch a call that makes that many images."""
-    model = load_model(parse_spec(spec), torch.device("cpu"), torch.float32)
+    model = load_model(parse_spec(spec), CPU, torch.float32)
     d = model.card.defaults
     w, h = (int(x) for x in d.size.split("x"))
 
@@ -81,7 +73,7 @@ def image_case(spec: str, steps: int | None = None) -> tuple[object, Callable[[i
 
 def chat_case(spec: str, slots: int) -> tuple[object, Callable[[int], Callable[[], object]]]:
     """The slot decoder's fast path, and for each batch a decode step over that many running rows."""
-    model = load_model(parse_spec(spec), torch.device("cpu"), torch.float32)
+    model = load_model(parse_spec(spec), CPU, torch.float32)
     assert model.chat is not None
     decoder = model.chat.decoder(slots, 256)
 
@@ -107,7 +99,7 @@ class _ChatCapture:
 
 def measure(name: str, case, batches: list[int], repeat: int) -> dict:
     fast, run = case
-    eager = {b: seconds(run(b), repeat) for b in batches}
+    eager = {b: median_ms(run(b), CPU, warmup=1, repeat=repeat) for b in batches}
     with recorded_graphs() as graphs:
         start = time.perf_counter()
         fast.prepare("default")
@@ -117,13 +109,13 @@ def measure(name: str, case, batches: list[int], repeat: int) -> dict:
         fast.finish_capture()
         capture_s = time.perf_counter() - start
         stats = graph_stats()
-        compiled = {b: seconds(run(b), repeat) for b in batches}
+        compiled = {b: median_ms(run(b), CPU, warmup=1, repeat=repeat) for b in batches}
         stats["recompiles_after_capture"] = graph_stats()["graphs"] - stats["graphs"]
     ops = sorted({op for g in graphs for op in g})
     row = {"model": name, "capture_s": round(capture_s, 1), **stats, "ops": ops}
     for b in batches:
-        row[f"eager_ms_b{b}"] = round(eager[b] * 1000, 2)
-        row[f"compiled_ms_b{b}"] = round(compiled[b] * 1000, 2)
+        row[f"eager_ms_b{b}"] = round(eager[b], 2)
+        row[f"compiled_ms_b{b}"] = round(compiled[b], 2)
         row[f"speedup_b{b}"] = round(eager[b] / compiled[b], 2)
     print(json.dumps({k: v for k, v in row.items() if k != "ops"}), flush=True)
     return row

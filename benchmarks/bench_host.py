@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.loadgen import CLIENT_ERRORS, environment, session, spawn, wait_ready
+from benchmarks.loadgen import CLIENT_ERRORS, environment, running, session
 from benchmarks.plots import plot_host
 
 PACES = (180, 500)
@@ -91,21 +91,10 @@ async def load(url: str, body: dict, clients: int, seconds: float, warmup: float
             "server_cores_busy": round(cpu_s / wall, 2)}
 
 
-class Server:
+def synthetic_server(code: Path | None, ms_per_image: float, port: int, sizes: list[int]):
     """`rfserve serve` on the synthetic model at one pace, from this checkout or a baseline worktree."""
-
-    def __init__(self, code: Path | None, ms_per_image: float, port: int, sizes: list[int]):
-        model = f"synthetic?ms_per_image={ms_per_image:g}&sizes={','.join(f'{s}x{s}' for s in sizes)}"
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = spawn(f"--model '{model}' --max-queue 4096", port, max_batch=16, code=code)
-
-    def __enter__(self) -> Server:
-        wait_ready(self.url, self.proc)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+    model = f"synthetic?ms_per_image={ms_per_image:g}&sizes={','.join(f'{s}x{s}' for s in sizes)}"
+    return running(f"--model '{model}' --max-queue 4096", port, max_batch=16, code=code)
 
 
 def profile(pid: int, seconds: float, out: Path) -> list[dict] | None:
@@ -132,7 +121,7 @@ def profile(pid: int, seconds: float, out: Path) -> list[dict] | None:
 def run_version(label: str, code: Path | None, args, out: Path) -> dict:
     seconds, warmup = (2.0, 0.5) if args.quick else (args.seconds, 1.0)
     cost, pace = [], []
-    with Server(code, 0, args.port, args.sizes) as srv:
+    with synthetic_server(code, 0, args.port, args.sizes) as (url, proc, _):
         for fmt in ("png", "jpeg", "webp"):
             for side in args.sizes:
                 for response_format in ("b64_json", "url"):
@@ -140,21 +129,21 @@ def run_version(label: str, code: Path | None, args, out: Path) -> dict:
                         body = {"prompt": "p", "n": n, "size": f"{side}x{side}", "output_format": fmt,
                                 "output_compression": 90, "response_format": response_format}
                         row = {"format": fmt, "size": side, "response_format": response_format, "n": n}
-                        row |= asyncio.run(load(srv.url, body, COST_CLIENTS, seconds, warmup, srv.proc.pid))
+                        row |= asyncio.run(load(url, body, COST_CLIENTS, seconds, warmup, proc.pid))
                         cost.append(row)
                         print(label, json.dumps(row), flush=True)
     profiled = None
     for rate in PACES:
-        with Server(code, 1000 / rate, args.port, args.sizes) as srv:
+        with synthetic_server(code, 1000 / rate, args.port, args.sizes) as (url, proc, _):
             for clients in PACE_CLIENTS:
                 for fmt in ("png", "jpeg"):
                     body = {"prompt": "p", "n": 4, "size": f"{args.sizes[0]}x{args.sizes[0]}", "output_format": fmt,
                             "output_compression": 90, "response_format": "b64_json"}
                     spy = None
                     if (rate, clients, fmt) == PROFILE_AT and not args.quick:
-                        spy = _in_thread(profile, srv.proc.pid, seconds, out / f"profile-{label.replace(' ', '-')}")
+                        spy = _in_thread(profile, proc.pid, seconds, out / f"profile-{label.replace(' ', '-')}")
                     row = {"pace": rate, "clients": clients, "format": fmt}
-                    row |= asyncio.run(load(srv.url, body, clients, seconds, warmup, srv.proc.pid))
+                    row |= asyncio.run(load(url, body, clients, seconds, warmup, proc.pid))
                     row["share_of_pace"] = round(row["images_per_s"] / rate, 3)
                     pace.append(row)
                     print(label, json.dumps(row), flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import random
@@ -20,6 +21,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import aiohttp
 import httpx
@@ -157,6 +159,19 @@ def spawn(server_args: str, port: int, max_batch: int, code: Path | None = None)
     return subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@contextlib.contextmanager
+def running(server_args: str, port: int, max_batch: int, code: Path | None = None
+            ) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """A spawned server, once ready: its URL, its process and the seconds it took to be ready; stopped on exit."""
+    proc = spawn(server_args, port, max_batch, code)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        yield url, proc, wait_ready(url, proc)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def run_levels(url: str, body: dict, levels: list[int], requests: int, timeout: float) -> list[dict]:
     asyncio.run(closed_loop(url, body, 2, 4, timeout))          # warm connections and caches
     return [asyncio.run(closed_loop(url, body, c, max(requests, 2 * c), timeout)) for c in levels]
@@ -236,14 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         batches = [args.compare_max_batch, 1] if args.compare_max_batch else [None]
         for b in batches:
             label = f"max-batch {b}" if b else "server"
-            proc = spawn(args.spawn, args.port, b or 8)
-            try:
-                url = f"http://127.0.0.1:{args.port}"
-                startup[label] = wait_ready(url, proc)
+            with running(args.spawn, args.port, b or 8) as (url, _, startup[label]):
                 runs[label] = run_levels(url, body, levels, args.requests, args.timeout)
-            finally:
-                proc.terminate()
-                proc.wait(30)
     report = {"env": environment(), "body": body, "startup_to_ready_s": startup, "runs": runs}
     if args.compare_max_batch:
         batched, single = runs[f"max-batch {args.compare_max_batch}"], runs["max-batch 1"]

@@ -9,7 +9,9 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -85,3 +87,17 @@ def openai_client(server: ServerProcess) -> OpenAI:
 def decode_png(b64: str) -> np.ndarray:
     """A `b64_json` image as (H, W, 3) uint8."""
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def watchdog_trips_then_recovers(url: str, hang: Callable[[], object], trip_after_s: float) -> None:
+    """Run `hang` (work that stalls the device past a 2 s `--watchdog-timeout`) on a thread: `/health` is 503,
+    naming the stall, `trip_after_s` later, and 200 again once the work is done."""
+    assert httpx.get(f"{url}/health").status_code == 200
+    hung = threading.Thread(target=hang)
+    hung.start()
+    time.sleep(trip_after_s)
+    health = httpx.get(f"{url}/health")
+    assert health.status_code == 503 and "over 2s" in health.json()["error"]
+    hung.join()
+    time.sleep(1.0)
+    assert httpx.get(f"{url}/health").status_code == 200

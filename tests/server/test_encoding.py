@@ -12,14 +12,7 @@ from PIL import Image
 from server.app import images_json
 from server.encoding import INLINE_PIXELS, encode_all
 from server.schemas import ImageData, ImagesResponse
-
-
-def _photo_like(h: int, w: int, seed: int) -> np.ndarray:
-    """Smooth gradients plus mild noise: what lossy codecs are built for, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) * 127 / max(h + w - 2, 1)], -1)
-    return np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+from tests.server.photo import photo_like
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (64, 64), (80, 80), (257, 513)])
@@ -40,7 +33,7 @@ def test_png_round_trips_exactly(shape, as_base64):
 @pytest.mark.parametrize("fmt,magic", [("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
 @pytest.mark.parametrize("shape", [(8, 8), (257, 513)])
 def test_lossy_formats_decode_close_and_follow_quality(fmt, magic, shape):
-    image = _photo_like(*shape, seed=1)
+    image = photo_like(*shape, seed=1)
     (high,) = asyncio.run(encode_all([image], as_base64=False, fmt=fmt, quality=95))
     (low,) = asyncio.run(encode_all([image], as_base64=False, fmt=fmt, quality=10))
     assert high.startswith(magic) and low.startswith(magic)
@@ -62,7 +55,7 @@ def test_spliced_body_equals_pydantic(revised):
 
 def test_images_encoded_upstream_are_passed_through():
     """The worker's GPU JPEGs are only base64-encoded; the other images are encoded here."""
-    images = [_photo_like(80, 80, seed=i) for i in range(2)]
+    images = [photo_like(80, 80, seed=i) for i in range(2)]
     upstream = b"\xff\xd8\xff from the GPU"
     out = asyncio.run(encode_all(images, as_base64=True, fmt="jpeg", quality=90, encoded=[upstream, None]))
     assert base64.b64decode(out[0]) == upstream

@@ -10,14 +10,7 @@ import torch
 from PIL import Image
 
 from server.encoding import device_jpeg, encode_all
-
-
-def _photo_like(b: int, side: int) -> np.ndarray:
-    """(b, side, side, 3) uint8: smooth gradients with mild noise, what JPEG is made for."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:side, 0:side] / (side - 1)
-    base = np.stack([x * 255, y * 255, (x + y) * 127], -1)
-    return np.clip(base + rng.normal(0, 4, (b, side, side, 3)), 0, 255).astype(np.uint8)
+from tests.server.photo import photo_like
 
 
 def _pixels(jpeg: bytes) -> np.ndarray:
@@ -32,7 +25,7 @@ def test_cpu_pixels_never_take_the_gpu_path():
 @pytest.mark.gpu
 @pytest.mark.parametrize("side", [64, 512])
 def test_gpu_jpeg_decodes_like_the_cpu_encoder(side):
-    host = _photo_like(3, side)
+    host = photo_like(side, side, seed=0, batch=(3,))
     pixels = torch.from_numpy(host).cuda()
     qualities = {0: 90, 2: 50}                            # row 1 asked for another format: left alone
     gpu = device_jpeg(pixels, qualities)

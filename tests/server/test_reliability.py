@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.serving import ServerProcess
+from tests.server.serving import ServerProcess, watchdog_trips_then_recovers
 
 pytestmark = pytest.mark.slow
 BASE = {"model": "instaflow-2rf", "size": "16x16", "num_inference_steps": 1}
@@ -57,15 +57,8 @@ def test_image_that_never_fits_fails_alone_with_507(server):
 def test_watchdog_reports_a_hung_batch_then_recovers(tiny_sd):
     srv = ServerProcess("--model", f"instaflow-2rf={tiny_sd}", "--enable-fault-injection", "--watchdog-timeout", "2")
     try:
-        assert httpx.get(f"{srv.url}/health").status_code == 200
-        hung = threading.Thread(target=post, args=(srv.url, {**BASE, "prompt": "__rfserve_fault__:hang=6"}))
-        hung.start()
-        time.sleep(4.0)
-        h = httpx.get(f"{srv.url}/health")
-        assert h.status_code == 503 and "over 2s" in h.json()["error"]
-        hung.join()
-        time.sleep(1.0)
-        assert httpx.get(f"{srv.url}/health").status_code == 200
+        watchdog_trips_then_recovers(srv.url, lambda: post(srv.url, {**BASE, "prompt": "__rfserve_fault__:hang=6"}),
+                                     trip_after_s=4.0)
     finally:
         srv.stop()
 
