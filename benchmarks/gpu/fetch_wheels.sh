@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Download, here, the wheels the GPU image lacks (it has torch, triton, numpy, pillow, ...), into .whl/ for a
 # device run (Python 3.12, x86-64), then check that they resolve with the image (check_wheels.py). Each is
-# carried at the version installed here, which the tests ran against (the image's transformers is older). Run from the repo root; .whl/ must be git-ignored.
+# carried at the version installed here, which the tests ran against (the image's transformers is older). Run from the repo root; .whl/ is git-ignored, so the device tool carries it only when named.
 set -euo pipefail
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 fetch() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
