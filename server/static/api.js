@@ -1,5 +1,5 @@
 // Every request goes through `api`: it adds the API key, asks for one on 401, and turns the
-// OpenAI error body {error: {message, param}} into an ApiError.
+// OpenAI error body {error: {message, param}} into an ApiError. `events` reads a server-sent-event body.
 const KEY = "rfserve.apiKey"; // sessionStorage only: the key never outlives the tab
 
 export class ApiError extends Error {
@@ -39,18 +39,42 @@ export function askForKey(reason) {
   return pendingPrompt;
 }
 
+// `raw` is sent as is: a JSON string, or FormData (then the browser sets the multipart content type).
 // `quiet` requests (the status poll) report 401 instead of opening the dialog.
 export async function api(path, { body, raw, signal, quiet = false } = {}) {
   for (;;) {
     const headers = {};
     if (apiKey.get()) headers.authorization = `Bearer ${apiKey.get()}`;
     const payload = raw ?? (body === undefined ? undefined : JSON.stringify(body));
-    if (payload) headers["content-type"] = "application/json";
+    if (payload && !(payload instanceof FormData)) headers["content-type"] = "application/json";
     const resp = await fetch(path, { method: payload ? "POST" : "GET", headers, body: payload, signal });
     if (resp.ok) return resp;
     const err = await errorOf(resp);
     if (resp.status !== 401 || quiet) throw err;
     if (!(await askForKey(err.message))) throw err;
+  }
+}
+
+// EventSource cannot POST, so SSE bodies are read from fetch's ReadableStream: yields {event, data} per
+// message, `data` being its data lines joined and `event` its type ("message" when it names none).
+export async function* events(resp) {
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    const messages = (buffer + value).split(/\r?\n\r?\n/);
+    buffer = messages.pop();
+    for (const message of messages) {
+      let event = "message";
+      const data = [];
+      for (const line of message.split(/\r?\n/)) {
+        const [, field, text] = line.match(/^([^:]*):? ?(.*)$/);
+        if (field === "event") event = text;
+        if (field === "data") data.push(text);
+      }
+      if (data.length) yield { event, data: data.join("\n") };
+    }
   }
 }
 

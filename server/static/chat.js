@@ -1,6 +1,5 @@
 // The chat panel: multi-turn conversation over POST /v1/chat/completions with `stream: true`.
-// EventSource cannot POST, so the SSE body is read from fetch's ReadableStream.
-import { api, ApiError, clearErrors, showError } from "./api.js";
+import { api, ApiError, clearErrors, events, showError } from "./api.js";
 
 export function setupChat(models) {
   const form = document.getElementById("chat-form");
@@ -86,29 +85,18 @@ async function stream(form, messages, signal, onDelta) {
     max_tokens: form.elements.max_tokens.value === "" ? undefined : Number(form.elements.max_tokens.value),
   };
   const resp = await api("/v1/chat/completions", { body, signal });
-  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
   let full = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) throw new ApiError(0, "the stream ended before [DONE]");
-    buffer += value;
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-      if (data === "[DONE]") return full;
-      if (!data) continue;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new ApiError(500, chunk.error.message, chunk.error.param);
-      const delta = chunk.choices?.[0]?.delta?.content;
-      if (typeof delta === "string" && delta) {
-        full += delta;
-        onDelta(delta);
-      }
+  for await (const { data } of events(resp)) {
+    if (data === "[DONE]") return full;
+    const chunk = JSON.parse(data);
+    if (chunk.error) throw new ApiError(500, chunk.error.message, chunk.error.param);
+    const delta = chunk.choices?.[0]?.delta?.content;
+    if (typeof delta === "string" && delta) {
+      full += delta;
+      onDelta(delta);
     }
   }
+  throw new ApiError(0, "the stream ended before [DONE]");
 }
 
 function addTurn(role, content, images = []) {
