@@ -1,6 +1,7 @@
 // Entry point: load the model list, then show the panels the served models support.
 import { api, askForKey } from "./api.js";
 import { setupChat } from "./chat.js";
+import { setupEdit } from "./edit.js";
 import { startStatus } from "./status.js";
 import { setupT2I } from "./t2i.js";
 
@@ -14,7 +15,11 @@ async function loadModels() {
   try {
     const { data: models } = await (await api("/v1/models")).json();
     slot.textContent = "";
-    if (models.length) setupT2I(models);
+    if (models.length) {
+      setupT2I(models);
+      setupEdit(models);
+      document.getElementById("edit").hidden = false;
+    }
     const chatty = models.filter((m) => m.family === "janusflow");
     if (chatty.length) {
       setupChat(chatty);
