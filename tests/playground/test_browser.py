@@ -1,6 +1,9 @@
 """The playground in a real browser: Debian's headless Chromium driven by Playwright, against a
 server process with an API key. Screenshots go to tmp_path and to artifacts/ (gitignored)."""
+import io
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +29,7 @@ RF_SHAPES = ROOT / "model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 CHAT = "janusflow" in FAMILY_LOADERS
+MULTI_STEP = "rf-shapes-2rf" if RF_SHAPES.exists() else "instaflow-2rf"   # its previews come between steps
 
 
 def _need(ok: bool, why: str) -> None:
@@ -40,7 +44,11 @@ def _need(ok: bool, why: str) -> None:
 def server(request, tmp_path_factory):
     _need(CHROMIUM.exists(), f"{CHROMIUM} is not installed (apt-get install chromium chromium-driver)")
     _need(sync_playwright is not None, "playwright is not installed (pip install -e '.[dev]')")
-    image = ["rf-shapes"] if RF_SHAPES.exists() else [f"instaflow-0.9b={request.getfixturevalue('tiny_sd')}"]
+    if RF_SHAPES.exists():
+        image = ["rf-shapes", MULTI_STEP]
+    else:
+        tiny = request.getfixturevalue("tiny_sd")
+        image = [f"instaflow-0.9b={tiny}", f"{MULTI_STEP}={tiny}"]
     chat = []
     if CHAT:
         from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
@@ -87,16 +95,70 @@ def save_shot(page, tmp_path, name):
     return path
 
 
+def record_previews(page, gallery):
+    """From now on, the label and image of every preview the gallery shows go to window.previews."""
+    page.evaluate("""gallery => {
+        window.previews = [];
+        new MutationObserver(() => {
+            const fig = document.querySelector(`${gallery} figure.preview`);
+            const label = fig?.querySelector("figcaption").textContent;
+            if (label && label !== window.previews.at(-1)?.label)
+                window.previews.push({label, src: fig.querySelector("img").src});
+        }).observe(document.querySelector(gallery), {subtree: true, childList: true, characterData: true,
+                                                    attributes: true});
+    }""", gallery)
+
+
+def sse_types(body: str) -> list[tuple[str, str]]:
+    """(event line, data's `type`) of each message of an SSE body."""
+    out = []
+    for message in body.replace("\r\n", "\n").split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
+        if "data" in lines:
+            out.append((lines.get("event"), json.loads(lines["data"])["type"]))
+    return out
+
+
+def record_forms(page):
+    """From now on, each FormData the page sends goes to window.forms, as {name: text or list of bytes}
+    (the browser leaves files out of what it reports of a request body)."""
+    page.evaluate("""() => {
+        window.forms = [];
+        const send = window.fetch;
+        window.fetch = async (url, init) => {
+            if (init?.body instanceof FormData) {
+                const form = {};
+                for (const [name, value] of init.body)
+                    form[name] = typeof value === "string" ? value : [...new Uint8Array(await value.arrayBuffer())];
+                window.forms.push(form);
+            }
+            return send(url, init);
+        };
+    }""")
+
+
+def last_form(page) -> dict[str, str | bytes]:
+    return {k: v if isinstance(v, str) else bytes(v) for k, v in page.evaluate("window.forms.at(-1)").items()}
+
+
+def shown(page, images):
+    """Waits until every image of the locator has loaded, and returns their natural widths."""
+    images.first.wait_for()
+    page.wait_for_function("imgs => imgs.every(i => i.complete && i.naturalWidth > 0)", arg=images.element_handles())
+    return images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+
+
 def test_generate_shows_images_timings_and_downloads(browser, server, tmp_path):
     page, errors = open_page(browser, server)
     assert page.evaluate("sessionStorage.getItem('rfserve.apiKey')") == KEY
     assert page.evaluate("localStorage.length") == 0
-    page.get_by_label("Prompt", exact=True).fill("two red circles on a blue background")
-    page.get_by_label("Images (n)").fill("2")
-    random = page.get_by_label("Random")
+    form = page.locator("#t2i-form")
+    form.get_by_label("Prompt", exact=True).fill("two red circles on a blue background")
+    form.get_by_label("Images (n)").fill("2")
+    random = form.get_by_label("Random")
     random.focus()
     page.keyboard.press("Space")                          # keyboard: unlock the seed field
-    seed = page.get_by_label("Seed")
+    seed = form.get_by_label("Seed")
     expect(seed).to_be_enabled()
     seed.fill("7")
     assert page.evaluate("getComputedStyle(document.activeElement).outlineWidth") == "3px"
@@ -126,9 +188,10 @@ def test_generate_shows_images_timings_and_downloads(browser, server, tmp_path):
 
 def test_rejected_field_shows_the_message_next_to_it(browser, server):
     page, errors = open_page(browser, server)
-    steps = page.get_by_label("Steps")
+    form = page.locator("#t2i-form")
+    steps = form.get_by_label("Steps")
     too_many = int(steps.get_attribute("max")) + 1
-    page.get_by_label("Prompt", exact=True).fill("a green triangle")
+    form.get_by_label("Prompt", exact=True).fill("a green triangle")
     steps.fill(str(too_many))
     page.get_by_role("button", name="Generate").click()
     error = page.locator('#t2i-form [data-error-for="num_inference_steps"]')
@@ -141,13 +204,14 @@ def test_rejected_field_shows_the_message_next_to_it(browser, server):
 
 def test_fits_a_360px_screen(browser, server, tmp_path):
     page, errors = open_page(browser, server, width=360, height=780)
-    page.get_by_label("Prompt", exact=True).fill("a blue square")
+    page.locator("#t2i-form").get_by_label("Prompt", exact=True).fill("a blue square")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator(".result figure img")).to_have_count(1)
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
-    for label in ("Model", "Prompt", "Size", "Steps", "Guidance", "Seed"):
-        box = page.locator("#t2i-form").get_by_label(label, exact=True).bounding_box()
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 360, (label, box)
+    for form in ("#t2i-form", "#edit-form"):
+        for label in ("Model", "Prompt", "Size", "Steps", "Guidance", "Seed"):
+            box = page.locator(form).get_by_label(label, exact=True).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 360, (form, label, box)
     save_shot(page, tmp_path, "playground-360.png")
     assert errors == []
 
@@ -189,3 +253,122 @@ def test_chat_streams_and_keeps_the_history(browser, server, tmp_path):
     expect(page.locator('#chat-form [data-error-for=""]')).to_be_empty()
     save_shot(page, tmp_path, "playground-chat.png")
     assert errors == []
+
+
+def test_stream_shows_previews_then_the_image(browser, server, tmp_path):
+    page, errors = open_page(browser, server)
+    form = page.locator("#t2i-form")
+    form.get_by_label("Model").select_option(MULTI_STEP)
+    form.get_by_label("Prompt", exact=True).fill("a yellow star on a black background")
+    form.get_by_label("Images (n)").fill("3")
+    form.get_by_label("Stream previews").check()
+    expect(form.get_by_label("Images (n)")).to_be_disabled()            # a stream carries one image
+    expect(form.get_by_label("Images (n)")).to_have_value("1")
+    record_previews(page, "#gallery")
+    with page.expect_response(lambda r: r.url.endswith("/v1/images/generations")) as answer:
+        page.get_by_role("button", name="Generate").click()
+    sent = answer.value.request.post_data_json
+    assert (sent["stream"], sent["partial_images"], sent["n"]) == (True, 2, 1)
+    assert answer.value.headers["content-type"].startswith("text/event-stream")
+    partial, completed = "image_generation.partial_image", "image_generation.completed"
+    assert sse_types(answer.value.text()) == [(partial, partial), (partial, partial), (completed, completed)]
+
+    result = page.locator("#gallery .result").first
+    expect(result).not_to_have_attribute("aria-busy", "true")
+    previews = page.evaluate("window.previews")
+    assert [p["label"] for p in previews] == ["preview 1/2", "preview 2/2"], previews
+    assert all(p["src"].startswith("blob:") for p in previews)
+    assert result.locator("figure.preview").count() == 0                 # the final image replaced the preview
+    assert shown(page, result.locator("figure img")) == [64]
+    assert result.get_by_role("link", name="Download").get_attribute("download").endswith(".png")
+    expect(result.locator(".timings")).to_contain_text(re.compile(rf"^{MULTI_STEP} · seed \d+"))
+    save_shot(page, tmp_path, "playground-stream.png")
+
+    # a one-step model has no step to preview after: only the completed event, and the image
+    form.get_by_label("Model").select_option("rf-shapes" if RF_SHAPES.exists() else "instaflow-0.9b")
+    record_previews(page, "#gallery")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery .result")).to_have_count(2)
+    expect(page.locator("#gallery .result").first).not_to_have_attribute("aria-busy", "true")
+    assert shown(page, page.locator("#gallery .result").first.locator("figure img")) == [64]
+    assert page.evaluate("window.previews") == []
+    assert errors == []
+
+
+def test_edit_sends_the_image_and_a_painted_mask(browser, server, tmp_path):
+    page, errors = open_page(browser, server)
+    expect(page.locator("#edit")).to_be_visible()
+    form = page.locator("#edit-form")
+    picture = tmp_path / "source.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(picture)
+    form.get_by_label("Model").select_option(MULTI_STEP)
+    form.get_by_label("Image", exact=True).set_input_files(str(picture))
+    canvas = page.get_by_label("Mask: paint over the area to change")
+    expect(canvas).to_be_visible()
+    assert canvas.evaluate("c => [c.width, c.height]") == [80, 48]      # the mask is the image's size
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    form.get_by_label("Prompt", exact=True).fill("a red square")
+    expect(form.get_by_label("Strength")).to_have_value("0.6")
+    record_forms(page)
+    form.get_by_role("button", name="Edit").click()
+    result = page.locator("#edit-gallery .result").first
+    expect(result).not_to_have_attribute("aria-busy", "true")
+    assert shown(page, result.locator("figure img")) == [64]
+    expect(result.locator(".timings")).to_contain_text(re.compile(rf"^{MULTI_STEP} · seed \d+"))
+
+    parts = last_form(page)
+    assert parts["image"] == picture.read_bytes()
+    assert {k: parts[k] for k in ("prompt", "model", "strength", "response_format", "size")} == {
+        "prompt": "a red square", "model": MULTI_STEP, "strength": "0.6", "response_format": "b64_json",
+        "size": "64x64"}
+    assert "seed" not in parts and "stream" not in parts
+    mask = Image.open(io.BytesIO(parts["mask"]))
+    assert (mask.format, mask.mode, mask.size) == ("PNG", "RGBA", (80, 48))
+    alpha = np.asarray(mask)[..., 3]
+    assert set(np.unique(alpha)) == {0, 255}
+    assert alpha[24, 32] == 0 and alpha[24, 16:48].max() == 0           # painted: transparent, to be changed
+    assert alpha[0, 0] == 255 and alpha[:, 70:].min() == 255            # the rest opaque, kept
+    save_shot(page, tmp_path, "playground-edit.png")
+
+    # cleared, no mask goes; streamed, the edit's previews show as text-to-image's do
+    form.get_by_role("button", name="Clear mask").click()
+    form.get_by_label("Stream previews").check()
+    record_previews(page, "#edit-gallery")
+    with page.expect_response(lambda r: r.url.endswith("/v1/images/edits")) as answer:
+        form.get_by_role("button", name="Edit").click()
+    parts = last_form(page)
+    assert "mask" not in parts and (parts["stream"], parts["partial_images"]) == ("true", "2")
+    assert [t for _, t in sse_types(answer.value.text())][-1] == "image_edit.completed"
+    expect(page.locator("#edit-gallery .result")).to_have_count(2)
+    result = page.locator("#edit-gallery .result").first
+    expect(result).not_to_have_attribute("aria-busy", "true")
+    assert shown(page, result.locator("figure img")) == [64]
+    assert [p["label"] for p in page.evaluate("window.previews")] == ["preview 1/2", "preview 2/2"]
+    assert errors == []
+
+
+def test_edit_shows_the_servers_message_next_to_strength(browser, server):
+    page, errors = open_page(browser, server)
+    form = page.locator("#edit-form")
+    form.get_by_label("Image", exact=True).set_input_files(
+        {"name": "one.png", "mimeType": "image/png", "buffer": _png(32, 32)})
+    form.get_by_label("Prompt", exact=True).fill("a blue square")
+    strength = form.get_by_label("Strength")
+    strength.evaluate("el => { el.max = '2'; el.value = '2'; }")       # past what the slider allows
+    form.get_by_role("button", name="Edit").click()
+    error = form.locator('[data-error-for="strength"]')
+    expect(error).to_contain_text("strength")
+    expect(strength).to_have_attribute("aria-invalid", "true")
+    assert page.locator("#edit-gallery .result").count() == 0
+    assert errors == []
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 90, 200)).save(out, "PNG")
+    return out.getvalue()
