@@ -33,11 +33,16 @@ class ModelCard:
     max_guidance: float = 30.0
     max_prompt_tokens: int = 77
     supports_negative_prompt: bool = True
+    supports_edits: bool = False              # /v1/images/edits: the image-to-image flow (`ImageSpec.image`)
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image to make. Specs in a batch share `batch_key()`."""
+    """One image to make. Specs in a batch share `batch_key()`.
+
+    An edit also carries the input `image`, resized to width × height, and `strength`: how much of the flow
+    is run, from the input mixed with the seed's noise (1 = all of it, which is text-to-image). With a `mask`,
+    only where it is 1 may change; elsewhere the input is kept."""
     prompt: str
     negative_prompt: str
     seed: int
@@ -45,13 +50,16 @@ class ImageSpec:
     height: int
     steps: int
     guidance: float
+    strength: float = 1.0
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)   # (H, W, 3) uint8
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)    # (H, W) float32, 1 = change
 
     @property
     def uses_cfg(self) -> bool:
         return self.guidance > 1.0
 
     def batch_key(self) -> tuple:
-        return (self.width, self.height, self.steps, self.uses_cfg)
+        return (self.width, self.height, self.steps, self.uses_cfg, self.image is not None, self.strength)
 
 
 @dataclass
@@ -83,6 +91,10 @@ class Pipeline(Protocol):
 
     def kept_prompt(self, prompt: str) -> str:
         """The part of an over-long prompt the model actually reads (the response's `revised_prompt`)."""
+        ...
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many tokens of `prompt` the model reads (a streamed image's `usage`)."""
         ...
 
     def fast_path(self) -> FastPath | None:
@@ -142,21 +154,26 @@ class LoadedModel:
     chat: ChatParts | None = None             # set for the models that also chat
 
 
-_step_hook: ContextVar[Callable[[], list[int] | None] | None] = ContextVar("rfserve_step_hook", default=None)
+# Rows of the batch now → their pictures as the flow stands, (len(rows), H, W, 3) uint8: the clean image the
+# last step points at, decoded. Only streaming rows are ever asked for, so a preview costs nobody else.
+Preview = Callable[[list[int]], np.ndarray]
+StepHook = Callable[[Preview], "list[int] | None"]
+_step_hook: ContextVar[StepHook | None] = ContextVar("rfserve_step_hook", default=None)
 
 
-def between_steps() -> list[int] | None:
+def between_steps(preview: Preview) -> list[int] | None:
     """Every multi-step sampling loop calls this after each step. It is the engine's seam inside a batch:
-    there the device turns to queued chat steps (server/device.py), and rows whose request was cancelled
-    or passed its deadline leave. It returns the rows to keep (indices into the current rows), which the
-    loop then keeps of its whole state (`model_zoo.samplers.keep_rows`), or None when all stay. Outside
-    the engine it does nothing and returns None."""
+    there the device turns to queued chat steps (server/device.py), streaming requests take their previews
+    (`preview`, called only for their rows and only at their preview steps), and rows whose request was
+    cancelled or passed its deadline leave. It returns the rows to keep (indices into the current rows),
+    which the loop then keeps of its whole state (`model_zoo.samplers.keep_rows`), or None when all stay.
+    Outside the engine it does nothing and returns None."""
     hook = _step_hook.get()
-    return None if hook is None else hook()
+    return None if hook is None else hook(preview)
 
 
 @contextmanager
-def step_hook(hook: Callable[[], list[int] | None]) -> Iterator[None]:
+def step_hook(hook: StepHook) -> Iterator[None]:
     """Run `hook` at every `between_steps()` of the sampling loops called inside this block (this thread)."""
     token = _step_hook.set(hook)
     try:

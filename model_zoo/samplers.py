@@ -30,3 +30,10 @@ def euler_update(x: torch.Tensor, v: torch.Tensor, dt: float,
     if guidance is None:
         return x + dt * v
     return kernels.cfg_euler_step(x, v, dt, guidance)
+
+
+def straight_ahead(x_prev: torch.Tensor, x: torch.Tensor, rows: list[int], remaining: float,
+                   dt: float) -> torch.Tensor:
+    """The clean latent of `rows` where the flow is straight: the last step (dt of progress, from x_prev to x)
+    continued over the `remaining` progress. For InstaFlow that is x̂₁ = x_t + (1 − t)·v."""
+    return x[rows] + (x[rows] - x_prev[rows]) * (remaining / dt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from model_zoo.edits import EditLatents, composite, edit_latents
 from model_zoo.fast_path import CompiledCalls, sd_fast_path
 from model_zoo.samplers import guidance_tensor
 from model_zoo.sd_components import SDComponents, to_uint8
@@ -25,9 +26,15 @@ class SDFlowPipeline:
         side = self.parts.unet.config.sample_size * self.parts.vae_scale_factor
         return side, side
 
-    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int,
-               guidance: torch.Tensor | float | None) -> torch.Tensor:
+    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int, guidance: torch.Tensor | float | None,
+               edit: EditLatents | None = None) -> torch.Tensor:
+        """The flow from noise `x` (or, for an edit, from part-way along it) to latents."""
         raise NotImplementedError
+
+    def preview(self, latents: torch.Tensor, edit: EditLatents | None, rows: list[int]):
+        """The picture a clean-latent estimate of `rows` shows: decoded (the tiny VAE when one is given),
+        composited for a masked edit, as uint8 (len(rows), H, W, 3)."""
+        return to_uint8(composite(edit, self.parts.decode(latents), rows))[0]
 
     def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):
         """Float images (B, 3, H, W) in [0, 1] and per-image prompt-truncation flags."""
@@ -40,13 +47,15 @@ class SDFlowPipeline:
                 neg, _ = self.text.encode([s.negative_prompt for s in specs])
                 emb = torch.cat([neg, emb])                      # (2B, L, D), negative first
                 guidance = guidance_tensor([s.guidance for s in specs], p.device)
-        with timer.stage("sample"):
+        with timer.stage("encode"):
             noise = initial_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
                                   dtype=p.dtype, device=p.device)
-            latents = self.sample(noise * self.init_noise_sigma, emb, first.steps, guidance)
+            edit = edit_latents(specs, p.vae, noise)
+        with timer.stage("sample"):
+            latents = self.sample(noise * self.init_noise_sigma, emb, first.steps, guidance, edit)
         with timer.stage("decode"):
             images = p.decode(latents)
-        return images, truncated
+        return composite(edit, images), truncated
 
     def run(self, specs: list[ImageSpec]) -> BatchOutput:
         return self.run_timed(specs, StageTimer(sync=self.parts.synchronize))
@@ -59,9 +68,13 @@ class SDFlowPipeline:
 
     def kept_prompt(self, prompt: str) -> str:
         """The part of an over-long prompt the text encoder actually reads."""
-        tok = self.parts.tokenizer
-        ids = tok(prompt, truncation=True, max_length=self.parts.max_tokens).input_ids
-        return tok.decode(ids, skip_special_tokens=True)
+        return self.parts.tokenizer.decode(self._read_ids(prompt), skip_special_tokens=True)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self._read_ids(prompt))
+
+    def _read_ids(self, prompt: str) -> list[int]:
+        return self.parts.tokenizer(prompt, truncation=True, max_length=self.parts.max_tokens).input_ids
 
     def fast_path(self) -> CompiledCalls:
         return sd_fast_path(self.parts)

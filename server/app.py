@@ -1,19 +1,22 @@
 """The HTTP gateway: validates, queues, awaits the worker, encodes off the loop."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_zoo.base import ModelCard
-from server import __version__, contract, jobs
+from model_zoo.base import ImageSpec, ModelCard
+from server import __version__, contract, edits, jobs, streaming
 from server.chat.routes import chat_router
 from server.encoding import MEDIA_TYPES, encode_all
 from server.engine import Engine
@@ -22,14 +25,24 @@ from server.errors import (APIError, api_error_handler, documented, http_error_h
 from server.image_store import ImageStore
 from server.limits import BodyLimitMiddleware
 from server.playground import playground_router
-from server.schemas import (Health, ImageData, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject,
-                            Readiness)
+from server.schemas import (Health, ImageData, ImageGenerationRequest, ImageOptions, ImagesResponse, ModelList,
+                            ModelObject, Readiness)
 from server.security import APIKeyMiddleware
 from server.specs import image_specs
 
 log = logging.getLogger("rfserve.api")
 
 STARTED = int(time.time())
+
+
+def stream_doc(kind: str) -> dict:
+    """The 200 of an image route: JSON, or with `stream` events (the schema describes one event)."""
+    event = {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string", "enum": [f"{kind}.partial_image", f"{kind}.completed", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"}}}
+    return {"content": {"text/event-stream": {"schema": event}},
+            "description": f"JSON, or with `stream` server-sent events: `partial_images` {kind}.partial_image "
+                           f"previews, then one {kind}.completed (or an error event)"}
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -48,32 +61,82 @@ def create_app(engine: Engine) -> FastAPI:
     app.exception_handler(StarletteHTTPException)(http_error_handler)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-              responses=documented(400, 404, 413, 429, 499, 500, 503, 504, 507))
+              responses={200: stream_doc("image_generation"),
+                         **documented(400, 404, 413, 429, 499, 500, 503, 504, 507)})
     async def generate_images(body: ImageGenerationRequest, request: Request):
-        start = time.perf_counter()
-        name = body.model if body.model is not None else (engine.specs[0].name if engine.specs else "")
-        try:
-            jobs.check_admitting(engine)
-            card = engine.cards.get(name)
-            if card is None:
-                raise model_not_found(name, engine.cards)
+        name = _model_name(body.model)
+        with counted(name):
+            card = _card(name)
             specs = image_specs(card, body.prompt, max_n=config.max_images_per_request, n=body.n, size=body.size,
                                 steps=body.num_inference_steps, guidance=body.guidance_scale, seed=body.seed,
                                 negative_prompt=body.negative_prompt, quality=body.quality)
-            if body.timeout is not None and body.timeout > config.max_request_timeout_s:
-                raise APIError(400, f"timeout must be at most {config.max_request_timeout_s:g} seconds",
-                               param="timeout")
-            if config.log_prompts:
-                log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, body.prompt)
-            job = jobs.submit(engine, name, specs, timeout_s=body.timeout,
-                              device_jpeg=body.output_compression if body.output_format == "jpeg" else None)
-            result = await jobs.wait(job, request)
-            images = await encode_all(result.images, as_base64=body.response_format == "b64_json",
-                                      fmt=body.output_format, quality=body.output_compression, encoded=result.encoded)
+            return await answer(name, specs, body, request, "image_generation")
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+              openapi_extra=edits.OPENAPI_BODY,
+              responses={200: stream_doc("image_edit"), **documented(400, 404, 413, 429, 499, 500, 503, 504, 507)})
+    async def edit_images(request: Request):
+        """OpenAI's image edit, multipart (server/edits.py): the flow run from the input, a mask keeping the rest."""
+        body, image, change = await edits.read_edit(request, config)
+        name = _model_name(body.model)
+        with counted(name):
+            card = _card(name)
+            specs = edits.edit_specs(card, body, image, change, config.max_images_per_request)
+            return await answer(name, specs, body, request, "image_edit")
+
+    def _model_name(model: str | None) -> str:
+        return model if model is not None else (engine.specs[0].name if engine.specs else "")
+
+    def _card(name: str) -> ModelCard:
+        jobs.check_admitting(engine)
+        card = engine.cards.get(name)
+        if card is None:
+            raise model_not_found(name, engine.cards)
+        return card
+
+    @contextmanager
+    def counted(name: str) -> Iterator[None]:
+        """A refused request is counted under its status (and an unknown model under "unknown")."""
+        try:
+            yield
         except APIError as err:
             metrics.requests.labels(name if name in engine.cards else "unknown", str(err.status)).inc()
             raise
-        revised = engine.models[name].pipeline.kept_prompt(body.prompt) if result.prompt_truncated else None
+
+    async def answer(name: str, specs: list[ImageSpec], body: ImageOptions, request: Request, kind: str):
+        """Queue the specs and answer: JSON with every image, or with `stream` the events of server/streaming.py."""
+        start = time.perf_counter()
+        if body.timeout is not None and body.timeout > config.max_request_timeout_s:
+            raise APIError(400, f"timeout must be at most {config.max_request_timeout_s:g} seconds", param="timeout")
+        if body.stream and body.n > 1:
+            raise APIError(400, "n must be 1 when streaming: the events carry no image index", param="n")
+        if config.log_prompts:
+            log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, specs[0].prompt)
+        size = f"{specs[0].width}x{specs[0].height}"
+        jpeg = body.output_compression if body.output_format == "jpeg" else None
+        if body.stream:
+            previews: asyncio.Queue = asyncio.Queue()
+            job = jobs.submit(engine, name, specs, timeout_s=body.timeout, device_jpeg=jpeg,
+                              partial_images=body.partial_images,
+                              on_partial=streaming.previews_to(asyncio.get_running_loop(), previews))
+            fmt = streaming.StreamFormat(kind, body.output_format, body.output_compression, body.quality, size,
+                                         "opaque")
+            used = streaming.usage(engine.models[name].pipeline.prompt_tokens(specs[0].prompt))
+
+            def finished(status: int) -> None:
+                metrics.requests.labels(name, str(status)).inc()
+                if status == 200:
+                    metrics.images.labels(name).inc()
+                    metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
+
+            return StreamingResponse(streaming.events(job, previews, fmt, used, finished),
+                                     media_type="text/event-stream")
+        job = jobs.submit(engine, name, specs, timeout_s=body.timeout, device_jpeg=jpeg)
+        result = await jobs.wait(job, request)
+        images = await encode_all(result.images, as_base64=body.response_format == "b64_json",
+                                  fmt=body.output_format, quality=body.output_compression, encoded=result.encoded)
+        prompt = specs[0].prompt
+        revised = engine.models[name].pipeline.kept_prompt(prompt) if result.prompt_truncated else None
         data = []
         if body.response_format == "url":
             media = MEDIA_TYPES[body.output_format]
@@ -85,8 +148,8 @@ def create_app(engine: Engine) -> FastAPI:
         metrics.images.labels(name).inc(len(images))
         metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
         response = ImagesResponse(created=int(time.time()), data=data, output_format=body.output_format,
-                                  quality=body.quality, size=f"{specs[0].width}x{specs[0].height}", model=name,
-                                  seed=specs[0].seed, prompt_truncated=result.prompt_truncated, timings=timings)
+                                  quality=body.quality, size=size, model=name, seed=specs[0].seed,
+                                  prompt_truncated=result.prompt_truncated, timings=timings)
         if body.response_format == "url":
             return response
         return Response(images_json(response, images, revised), media_type="application/json")
@@ -149,4 +212,4 @@ def _model_object(card: ModelCard) -> ModelObject:
     d = card.defaults
     return ModelObject(id=card.name, created=STARTED, family=card.family, sizes=list(card.sizes),
                        default_size=d.size, default_steps=d.steps, default_guidance_scale=d.guidance,
-                       max_steps=card.max_steps)
+                       max_steps=card.max_steps, edits=card.supports_edits)

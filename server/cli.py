@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model")
     serve.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
-    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
+    serve.add_argument("--max-input-pixels", type=int, default=d.max_input_pixels,
+                       help="width x height cap on an edit's image and mask, checked before decoding")
     serve.add_argument("--max-steps", type=int, default=None, help="cap on num_inference_steps for every model")
     serve.add_argument("--max-request-timeout", type=float, default=d.max_request_timeout_s,
                        help="cap on a request's own `timeout` field, seconds")
@@ -123,7 +125,8 @@ def serve(args) -> None:
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_steps=args.max_steps,
                           request_timeout_s=args.request_timeout, max_request_timeout_s=args.max_request_timeout,
                           shutdown_grace_s=args.shutdown_grace, watchdog_s=args.watchdog_timeout,
-                          max_body_bytes=args.max_body_bytes, warmup=not args.no_warmup,
+                          max_body_bytes=args.max_body_bytes,
+                          max_input_pixels=args.max_input_pixels, warmup=not args.no_warmup,
                           fault_injection=args.enable_fault_injection, log_prompts=args.log_prompts,
                           api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
                           cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,

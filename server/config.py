@@ -22,7 +22,8 @@ class ServerConfig:
     max_request_timeout_s: float = 600.0  # cap on a request's own `timeout`
     shutdown_grace_s: float = 30.0    # after SIGTERM, how long in-flight work may finish
     watchdog_s: float = 300.0         # a batch running longer marks /health unhealthy
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 8 << 20     # a request body (413 past it): an edit's upload, chat's data: URLs
+    max_input_pixels: int = 4096 * 4096   # an edit's image and mask, checked from the header before decoding
     image_store_items: int = 256      # `url` results kept for GET /v1/images/{id}
     image_store_ttl_s: float = 3600.0
     cpu_threads: int | None = None    # fixed torch threads on CPU; default: cores - 1, all cores for the

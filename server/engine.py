@@ -7,7 +7,9 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -201,9 +203,12 @@ class Engine:
         return True, None
 
     def submit(self, model: str, specs: list[ImageSpec], timeout_s: float | None = None,
-               device_jpeg: int | None = None) -> Job:
+               device_jpeg: int | None = None, partial_images: int = 0,
+               on_partial: Callable[[int, np.ndarray], None] | None = None) -> Job:
+        """Queue `specs`; a streaming request's `partial_images` previews go to `on_partial` (see Job)."""
         deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
-        job = Job(model=model, specs=specs, deadline=deadline, device_jpeg=device_jpeg)
+        job = Job(model=model, specs=specs, deadline=deadline, device_jpeg=device_jpeg,
+                  partial_images=partial_images, on_partial=on_partial)
         with self._inflight_lock:
             self._inflight.add(job)
         job.future.add_done_callback(lambda _: self._forget(job))

@@ -30,10 +30,10 @@ def check_admitting(engine: Engine) -> None:
         raise not_ready()
 
 
-def submit(engine: Engine, name: str, specs: list[ImageSpec], timeout_s: float | None = None,
-           device_jpeg: int | None = None) -> Job:
+def submit(engine: Engine, name: str, specs: list[ImageSpec], **options) -> Job:
+    """`options`: those of `Engine.submit`."""
     try:
-        return engine.submit(name, specs, timeout_s=timeout_s, device_jpeg=device_jpeg)
+        return engine.submit(name, specs, **options)
     except QueueFull as full:
         why = "it would not finish before its deadline" if full.would_miss_deadline else "the queue is full"
         raise APIError(429, f"{name} is overloaded ({why}); retry after {full.retry_after}s",
@@ -53,7 +53,16 @@ async def wait(job: Job, request: Request) -> JobResult:
         result.cancel()
         if gone in done:
             raise APIError(499, "client closed the request", code="client_closed")
-        raise APIError(504, "the request passed its deadline before it finished", code="deadline_exceeded")
+        raise past_deadline()
+    return outcome(result)
+
+
+def past_deadline() -> APIError:
+    return APIError(504, "the request passed its deadline before it finished", code="deadline_exceeded")
+
+
+def outcome(result: asyncio.Future) -> JobResult:
+    """A finished job's result, or its failure as the HTTP error it answers."""
     try:
         return result.result()
     except DeadlineExceeded:

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from model_zoo.base import ImageSpec
+from model_zoo.edits import run_steps
 
 
 class QueueFull(Exception):
@@ -60,6 +61,10 @@ class Job:
     done_images: int = 0
     started: float | None = None
     device_jpeg: int | None = None    # the JPEG quality to encode at on the GPU, when the batch decodes there
+    # A streaming request's previews: how many, and where each goes (its index, its pixels), from the worker.
+    partial_images: int = 0
+    on_partial: Callable[[int, np.ndarray], None] | None = None
+    _partials_sent: int = 0
     _images: dict[int, np.ndarray] = field(default_factory=dict)
     _encoded: dict[int, bytes] = field(default_factory=dict)
     _truncated: bool = False
@@ -77,6 +82,19 @@ class Job:
         """The client is gone: the batcher drops the job and nobody waits on the future."""
         self.cancelled = True
         self.future.cancel()
+
+    def preview_due(self, step: int) -> bool:
+        """Whether a preview follows `step` (1-based): `partial_images` of them, evenly spaced over the steps the
+        flow runs, never at the last, which makes the image itself. So a one-step model sends none."""
+        spec = self.specs[0]
+        total = run_steps(spec.steps, spec.strength)
+        due = {j * total // (self.partial_images + 1) for j in range(1, self.partial_images + 1)}
+        return self._partials_sent < self.partial_images and 0 < step < total and step in due
+
+    def send_preview(self, image: np.ndarray) -> None:
+        if self.on_partial is not None and self._partials_sent < self.partial_images:
+            self.on_partial(self._partials_sent, image)
+            self._partials_sent += 1
 
     def record(self, index: int, image: np.ndarray, truncated: bool, timings: dict[str, float],
                encoded: bytes | None = None) -> None:

@@ -22,10 +22,12 @@ def whole_numbers(*fields: str):
     return field_validator(*fields, mode="before")(whole)
 
 
-class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
+class ImageOptions(BaseModel):
+    """The fields generations and edits share: the model, the count, the output, streaming, our extensions."""
+    # Streamed events carry no image index, so a stream makes one image (a 400 naming `n` otherwise).
+    model_config = ConfigDict(json_schema_extra={"if": {"properties": {"stream": {"const": True}},
+                                                        "required": ["stream"]},
+                                                 "then": {"properties": {"n": {"const": 1}}}})
     model: str | None = Field(None, description="a served model; the first one when left out")
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description="WxH, one of the model's sizes; the model's default when left out")
@@ -39,6 +41,12 @@ class ImageGenerationRequest(BaseModel):
         "for multi-step models, the step count when `num_inference_steps` is not given: low = half the default, "
         "high and hd = 1.5 times it (up to the model's maximum), auto, medium and standard = the default; "
         "one-step models take it and change nothing"))
+    stream: bool = Field(False, description=(
+        "server-sent events: `partial_images` previews, then the image (n must be 1); `response_format` "
+        "does not apply, every event carries base64"))
+    partial_images: int = Field(0, ge=0, le=3, description=(
+        "previews to stream, evenly spaced over the steps, taken from the flow's estimate of the finished "
+        "image; a one-step model sends none, and a short run may send fewer"))
     user: str | None = Field(None, max_length=256)
     # extensions
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when left out")
@@ -46,8 +54,6 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0)
     timeout: float | None = Field(None, gt=0.0, description="seconds; capped by the server")
-
-    _whole = whole_numbers("n", "seed", "num_inference_steps", "output_compression")
 
     @field_validator("background", mode="before")
     @classmethod
@@ -57,12 +63,30 @@ class ImageGenerationRequest(BaseModel):
                              "use auto or opaque")
         return v
 
-    @field_validator("prompt")
+    @field_validator("prompt", check_fields=False)
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not re.search(NON_BLANK, v):
             raise ValueError("must not be empty")
         return v
+
+
+class ImageGenerationRequest(ImageOptions):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
+
+    _whole = whole_numbers("n", "seed", "num_inference_steps", "output_compression", "partial_images")
+
+
+class ImageEditRequest(ImageOptions):
+    """The text fields of a multipart edit (the files are checked apart, in server/edits.py). Form fields
+    arrive as text, so numbers and booleans are parsed from it."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
+    strength: float = Field(0.8, ge=0.0, le=1.0, description=(
+        "the share of the flow run from the input: near 0 returns the input, 1 ignores it (text-to-image)"))
 
 
 class ImageData(BaseModel):
@@ -95,6 +119,7 @@ class ModelObject(BaseModel):
     default_steps: int
     default_guidance_scale: float
     max_steps: int
+    edits: bool = Field(description="whether /v1/images/edits takes this model")
 
 
 class ModelList(BaseModel):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from model_zoo.base import ImageSpec, Pipeline, step_hook
+from model_zoo.base import ImageSpec, Pipeline, Preview, step_hook
 from server import faults
 from server.buckets import BucketPlan
 from server.device import DeviceTurns
@@ -119,8 +119,9 @@ class Worker:
             kept.extend(range(len(padded)))
             if model in self.threads:
                 self.threads[model].apply(len(padded))
+            steps = [0]                           # steps done, counted at each `between_steps`
             with self.turns.turn():
-                with step_hook(lambda: self._between_steps(model, kept, jobs)):
+                with step_hook(lambda preview: self._between_steps(model, kept, jobs, steps, preview)):
                     out = self.pipelines[model].run(padded)
                 qualities = {k: q for k, spec in enumerate(kept)
                              if spec < len(specs) and (q := jobs[spec].device_jpeg) is not None}
@@ -155,8 +156,18 @@ class Worker:
                 rows[spec] = (out.images[k], out.prompt_truncated[spec], jpeg.get(k))
         return rows
 
-    def _between_steps(self, model: str, kept: list[int], jobs: list[Job]) -> list[int] | None:
-        """Let queued chat run, then drop the rows whose request is gone; the rows to keep, or None."""
+    def _between_steps(self, model: str, kept: list[int], jobs: list[Job], steps: list[int],
+                       preview: Preview) -> list[int] | None:
+        """Send the previews due now, let queued chat run, then drop the rows whose request is gone; the rows to
+        keep, or None."""
+        steps[0] += 1
+        due = [k for k, spec in enumerate(kept) if spec < len(jobs) and jobs[spec].preview_due(steps[0])]
+        if due:
+            try:
+                for k, image in zip(due, preview(due)):
+                    jobs[kept[k]].send_preview(image)
+            except Exception:  # noqa: BLE001 — a preview that fails costs its stream a picture, never the batch
+                log.exception("a preview on %s failed; the images go on", model)
         self.turns.pause()
         now, keep, gone = time.monotonic(), [], set()
         for k, spec in enumerate(kept):

@@ -17,7 +17,7 @@ pinned() {
   done
 }
 pinned diffusers transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
-       sniffio anyio h11 openai
+       sniffio anyio h11 openai python-multipart
 pinned fpng simplejpeg pybase64 py-spy          # the encoders server/encoding.py imports; the host profile
 # Then whatever those need that the image lacks, until nothing is missing.
 for _ in 1 2 3 4 5; do

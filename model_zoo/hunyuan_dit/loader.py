@@ -23,4 +23,5 @@ def hunyuan_card(preset: Preset, pipe: HunyuanPipeline) -> ModelCard:
     sample_size = pipe.parts.transformer.config.sample_size  # type: ignore[attr-defined]  # set at run time
     defaults = replace(preset.defaults, size=scaled_size(preset.defaults.size, sample_size))
     return ModelCard(name=preset.name, family=preset.family, defaults=defaults, sizes=supported_sizes(sample_size),
-                     max_steps=preset.max_steps, max_prompt_tokens=BERT_TOKENS)
+                     max_steps=preset.max_steps, max_prompt_tokens=BERT_TOKENS,
+                     supports_edits=True)

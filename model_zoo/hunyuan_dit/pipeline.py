@@ -9,11 +9,12 @@ import torch
 
 import kernels
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
+from model_zoo.edits import EditLatents, composite, edit_latents, run_steps
 from model_zoo.fast_path import CompiledCalls
 from model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from model_zoo.hunyuan_dit.geometry import rotary_tables
 from model_zoo.hunyuan_dit.guidance import guided_prediction
-from model_zoo.hunyuan_dit.schedulers import make_scheduler, scheduler_name, step_kwargs
+from model_zoo.hunyuan_dit.schedulers import clean_estimate, make_scheduler, scheduler_name, step_kwargs
 from model_zoo.hunyuan_dit.text import TextEmbeddings
 from model_zoo.samplers import guidance_tensor, keep_rows
 from model_zoo.sd_components import to_uint8
@@ -63,14 +64,24 @@ class HunyuanPipeline:
 
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, cond: dict, steps: int, guidance: torch.Tensor | float | None,
-               generators: list[torch.Generator]) -> torch.Tensor:
-        """x: (B, C, h, w) noise; `cond` holds (2B, ...) tensors, unconditional first, with guidance."""
+               generators: list[torch.Generator], edit: EditLatents | None = None) -> torch.Tensor:
+        """x: (B, C, h, w) noise; `cond` holds (2B, ...) tensors, unconditional first, with guidance. An edit
+        runs the schedule's last `run_steps` timesteps from the scheduler's `add_noise` of its input, and a
+        mask is held as diffusers' inpainting holds it; at strength 1 it starts from noise, as text-to-image."""
         scheduler = make_scheduler(self.scheduler, self.parts.scheduler_config)
         scheduler.set_timesteps(steps, device=x.device)
+        timesteps = scheduler.timesteps
         extra = step_kwargs(scheduler, generators)
         learn_sigma = self.parts.transformer.config.learn_sigma
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        if edit is not None and run_steps(len(timesteps), edit.strength) < len(timesteps):
+            begin = len(timesteps) - run_steps(len(timesteps), edit.strength)
+            timesteps = timesteps[begin:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin)
+            x = scheduler.add_noise(edit.data, x, timesteps[:1].repeat(len(x)))
+        else:
+            x = x * scheduler.init_noise_sigma
+        for i, t in enumerate(timesteps):
             x_in = x if guidance is None else torch.cat([x, x])                # (2B, C, h, w)
             x_in = scheduler.scale_model_input(x_in, t)
             t_in = t.expand(x_in.shape[0]).to(x.dtype)                          # the reference's t_expand
@@ -78,15 +89,26 @@ class HunyuanPipeline:
             pred = out.chunk(2, dim=1)[0] if learn_sigma else out              # (2B, C, h, w): variance dropped
             if guidance is not None:
                 pred = guided_prediction(pred, guidance, self.guidance_rescale)
-            x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
-            keep = between_steps()
+            x_t, x = x, scheduler.step(pred, t, x, **extra, return_dict=False)[0]
+            if edit is not None:
+                t_next = timesteps[i + 1:i + 2]
+                x = edit.hold(x, lambda data, noise: scheduler.add_noise(data, noise, t_next.repeat(len(x)))
+                              if len(t_next) else data)
+            keep = between_steps(lambda rows: self.preview(clean_estimate(scheduler, pred[rows], t, x_t[rows]),
+                                                           edit, rows))
             if keep is not None:
                 x, guidance = keep_rows(keep, x), keep_rows(keep, guidance)
                 pairs = 1 + (guidance is not None)                                  # (2B, ...) under CFG
                 cond = {k: v if k == "image_rotary_emb" else keep_rows(keep, v, pairs) for k, v in cond.items()}
                 generators = [generators[k] for k in keep]
                 extra = step_kwargs(scheduler, generators)
+                if edit is not None:
+                    edit.keep(keep)
         return x
+
+    def preview(self, latents: torch.Tensor, edit: EditLatents | None, rows: list[int]):
+        """The picture a clean-latent estimate of `rows` shows, as uint8 (len(rows), H, W, 3)."""
+        return to_uint8(composite(edit, self.parts.decode(latents), rows))[0]
 
     def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):
         """Float images (B, 3, H, W) in [0, 1] and per-image prompt-truncation flags."""
@@ -102,13 +124,15 @@ class HunyuanPipeline:
                 text = TextEmbeddings.cat([neg, text])                         # (2B, ...), negative first
                 guidance = guidance_tensor([s.guidance for s in specs], p.device)
             cond = self.conditioning(text, first.width, first.height)
-        with timer.stage("sample"):
+        with timer.stage("encode"):
             noise, generators = seeded_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
                                              dtype=p.dtype, device=p.device)
-            latents = self.sample(noise, cond, first.steps, guidance, generators)
+            edit = edit_latents(specs, p.vae, noise)
+        with timer.stage("sample"):
+            latents = self.sample(noise, cond, first.steps, guidance, generators, edit)
         with timer.stage("decode"):
             images = p.decode(latents)
-        return images, truncated
+        return composite(edit, images), truncated
 
     def fast_path(self) -> CompiledCalls:
         """The transformer compiled per (batch, size) bucket. The RoPE tables are the same tensors for every
@@ -118,8 +142,14 @@ class HunyuanPipeline:
 
     def kept_prompt(self, prompt: str) -> str:
         """What the shorter encoder (BERT, 77 tokens) reads of an over-long prompt."""
-        tok = self.parts.tokenizer
-        return tok.decode(tok(prompt, truncation=True, max_length=BERT_TOKENS).input_ids, skip_special_tokens=True)
+        return self.parts.tokenizer.decode(self._read_ids(prompt), skip_special_tokens=True)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Counted as BERT reads the prompt (mT5 reads the same text, in up to 256 tokens)."""
+        return len(self._read_ids(prompt))
+
+    def _read_ids(self, prompt: str) -> list[int]:
+        return self.parts.tokenizer(prompt, truncation=True, max_length=BERT_TOKENS).input_ids
 
     def run(self, specs: list[ImageSpec]) -> BatchOutput:
         timer = StageTimer(sync=self.parts.synchronize)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from model_zoo.loading import CheckpointError
@@ -45,3 +47,15 @@ def step_kwargs(scheduler, generators: list) -> dict:
     if "generator" in accepted:
         kwargs["generator"] = generators
     return kwargs
+
+
+def clean_estimate(scheduler, pred: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """x̂₀ from the guided prediction at `timestep` (`sample` is x_t), in the checkpoint's prediction type:
+    for v-prediction √ᾱ·x_t − √(1 − ᾱ)·v, for epsilon (x_t − √(1 − ᾱ)·ε) / √ᾱ. One multiply-add, for previews."""
+    a = scheduler.alphas_cumprod[int(timestep)].to(sample)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * pred
+    if kind == "epsilon":
+        return (sample - (1 - a).sqrt() * pred) / a.sqrt()
+    return pred

@@ -31,7 +31,7 @@ from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.fast_path import CompiledCalls
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts, load_parts
-from model_zoo.samplers import guidance_tensor, keep_rows
+from model_zoo.samplers import guidance_tensor, keep_rows, straight_ahead
 from model_zoo.seeding import initial_noise
 
 NOISE_DTYPE = torch.bfloat16
@@ -76,6 +76,10 @@ class JanusFlowPipeline:
         """The first `max_prompt_tokens` tokens of the prompt, as text."""
         proc = self.parts.processor
         return proc.tokenizer.decode(proc.text_tokens(prompt)[:self.max_prompt_tokens])
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """The prompt's prefix, template included, as the LLM reads it."""
+        return len(self.prefixes([prompt])[0][0])
 
     def fast_path(self) -> CompiledCalls:
         """The per-step forward (`velocity`) compiled per (rows, padded prefix) bucket."""
@@ -122,8 +126,9 @@ class JanusFlowPipeline:
         for step in range(steps):
             t = torch.full((R,), step / steps * 1000.0, device=dev).to(z.dtype)
             v = self.flow_step(torch.cat([z, z]), t, gen_pos, mask, kv, P)          # (R, 4, h, w)
-            z = kernels.janus_cfg_euler_step(z, v, dt, guidance)
-            keep = between_steps()
+            z_prev, z = z, kernels.janus_cfg_euler_step(z, v, dt, guidance)
+            keep = between_steps(lambda rows: self.decode(straight_ahead(z_prev, z, rows, 1.0 - (step + 1) / steps,
+                                                                         dt)))
             if keep is not None:
                 R = 2 * len(keep)
                 rows = keep + [len(z) + k for k in keep]                            # [cond; uncond] rows kept

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from model_zoo.base import between_steps
+from model_zoo.edits import EditLatents, run_steps
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.delta import is_delta_folder, merge_delta
 from model_zoo.perflow.scheduler import PeRFlowScheduler
-from model_zoo.samplers import keep_rows
+from model_zoo.samplers import keep_rows, straight_ahead
 from model_zoo.sd_components import SDComponents, load_unet
 from model_zoo.sd_pipeline import SDFlowPipeline
 
@@ -44,16 +45,28 @@ class PeRFlowPipeline(SDFlowPipeline):
         return cls(parts, prediction_type)
 
     @torch.inference_mode()
-    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int,
-               guidance: torch.Tensor | float | None) -> torch.Tensor:
-        """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance."""
+    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int, guidance: torch.Tensor | float | None,
+               edit: EditLatents | None = None) -> torch.Tensor:
+        """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance. An edit runs the
+        last `run_steps` timesteps of the schedule, from its input's point on the windows' path."""
         sched, cfg = self.scheduler, guidance is not None
         sched.set_timesteps(steps)
-        for t in sched.timesteps.tolist():                  # ints 1000, 750, ... kept on the host
+        timesteps = sched.timesteps.tolist()                # ints 1000, 750, ... kept on the host
+        if edit is not None:
+            timesteps = timesteps[len(timesteps) - run_steps(len(timesteps), edit.strength):]
+            x = sched.noised(edit.data, x, timesteps[0])
+        for i, t in enumerate(timesteps):
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0
             x_in = x if guidance is None else torch.cat([x, x])
             eps = self.parts.denoiser(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
-            x = sched.fused_step(eps, t, x, guidance)
-            keep = between_steps()
+            x_prev, x = x, sched.fused_step(eps, t, x, guidance)
+            if edit is not None:
+                x = edit.hold(x, lambda data, noise: sched.noised(data, noise, t_next))
+            # Inside a window the path is straight: its line, continued to t = 0, is the preview.
+            keep = between_steps(lambda rows: self.preview(straight_ahead(x_prev, x, rows, t_next, t - t_next),
+                                                           edit, rows))
             if keep is not None:
                 x, emb, guidance = keep_rows(keep, x), keep_rows(keep, emb, 1 + cfg), keep_rows(keep, guidance)
+                if edit is not None:
+                    edit.keep(keep)
         return x

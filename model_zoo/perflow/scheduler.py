@@ -101,6 +101,26 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         return WindowStep(lam=lam_s * (t_e - t_s) / denom, eta=eta_s * (t_e - t_c) / denom,
                           inv_span=inv_span, dt=dt)
 
+    def noised(self, data: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """Where the path from `noise` to `data` is at `timestep` (0 = data). Windows are straight between their
+        end points: with a velocity model those lie on the line from noise to data, otherwise on the SD
+        marginal √ᾱ·data + √(1 − ᾱ)·noise, at the ᾱ indices `window_step` uses. The path starts at pure
+        noise, as text-to-image does, so an edit of strength 1 is text-to-image."""
+        t_c = timestep / self.config.num_train_timesteps
+        if t_c <= self.config.t_clean:
+            return data
+        if t_c >= self.config.t_noise:
+            return noise
+        t_s, t_e = self.window(t_c)
+        if self.config.prediction_type == "velocity":
+            return t_c * noise + (1 - t_c) * data
+        n_train = self.config.num_train_timesteps
+        a_s = float(self.alphas_cumprod[int(t_s * n_train) - 1])
+        a_e = float(self.alphas_cumprod[max(int(t_e * n_train) - 1, 0)])
+        at_start = noise if t_s >= self.config.t_noise else math.sqrt(a_s) * data + math.sqrt(1 - a_s) * noise
+        at_end = math.sqrt(a_e) * data + math.sqrt(1 - a_e) * noise
+        return ((t_c - t_e) * at_start + (t_s - t_c) * at_end) / (t_s - t_e)
+
     def fused_step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
                    guidance: torch.Tensor | float | None = None) -> torch.Tensor:
         """CFG (when `model_output` is the (2B, ...) uncond-first output) and the window step

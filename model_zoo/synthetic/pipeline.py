@@ -61,6 +61,9 @@ class SyntheticPipeline:
     def kept_prompt(self, prompt: str) -> str:
         return prompt                                  # prompts are never truncated: they are not read
 
+    def prompt_tokens(self, prompt: str) -> int:
+        return 0                                       # nothing reads the prompt
+
     def fast_path(self) -> None:
         return None
 

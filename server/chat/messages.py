@@ -5,19 +5,15 @@
 - In a user message, parts are joined with "\\n" and each image part becomes
   `<image_placeholder>`, so [image, text] gives the demo's "<image_placeholder>\\n{question}".
 - Images: `data:` URLs always; http(s) URLs only for hosts on the configured allow-list.
-  The pixel count is checked from the header before any decoding (decompression bombs).
+  The pixel count is checked from the header before any decoding (`server.uploads.open_image`).
 Every rejection is an APIError(400) naming the offending field.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 from dataclasses import dataclass
 from urllib.parse import urlparse
-
-from PIL import Image
 
 from model_zoo.janusflow.processor import SYSTEM_PROMPT, JanusFlowProcessor
 from server.chat.config import ChatConfig
@@ -109,26 +105,3 @@ def check_remote(url: str, field: str, cfg: ChatConfig) -> None:
     if (parsed.hostname or "").lower() not in cfg.image_hosts:
         raise APIError(400, f"{field}: remote image URLs are disabled for host {parsed.hostname!r}; "
                             "send the image as a data: URL", param=field)
-
-
-def open_image(raw: bytes, field: str, cfg: ChatConfig) -> Image.Image:
-    """Bytes → RGB image; the size is checked from the header before pixels are decoded."""
-    if len(raw) > cfg.max_image_bytes:
-        raise APIError(400, f"{field}: image too large ({len(raw)} bytes, at most {cfg.max_image_bytes})",
-                       param=field)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            w, h = img.size
-            if w * h > cfg.max_image_pixels:
-                raise APIError(400, f"{field}: image too large ({w}x{h} pixels, at most {cfg.max_image_pixels})",
-                               param=field)
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(400, f"{field}: image too large (decompression bomb guard)", param=field) from None
-    except (OSError, SyntaxError, ValueError):
-        raise APIError(400, f"{field}: the image cannot be decoded", param=field) from None
-    if img.width < 1 or img.height < 1:
-        raise APIError(400, f"{field}: the image is empty", param=field)
-    return img.convert("RGB")

@@ -19,13 +19,15 @@ from fastapi.responses import StreamingResponse
 from model_zoo.janusflow.processor import sft_prompt
 from server.chat.batcher import ChatClosed, ChatEvent, ChatQueueFull, ChatSequence
 from server.chat.config import ChatConfig
-from server.chat.messages import Conversation, check_remote, decode_data_url, open_image, parse_conversation
+from server.chat.messages import Conversation, check_remote, decode_data_url, parse_conversation
 from server.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                                  Choice, ChunkChoice, Delta, ImageContent, ImageOptions, ImageURL, Usage)
-from server import faults, jobs
+from server import faults, jobs, streaming
 from server.encoding import encode_all
 from server.errors import APIError, documented, model_not_found, shutting_down
+from server.scheduler import JobResult
 from server.specs import image_specs
+from server.uploads import open_image
 
 
 def _chat_model(engine, name: str | None):
@@ -99,7 +101,9 @@ async def _load_image(field: str, url: str, cfg: ChatConfig):
     else:
         check_remote(url, field, cfg)
         raw = await _fetch(url, field, cfg.max_image_bytes)
-    return await asyncio.to_thread(open_image, raw, field, cfg)
+    image = await asyncio.to_thread(open_image, raw, field, max_bytes=cfg.max_image_bytes,
+                                    max_pixels=cfg.max_image_pixels)
+    return image.convert("RGB")
 
 
 async def _fetch(url: str, field: str, limit: int) -> bytes:
@@ -189,24 +193,45 @@ async def _sse(seq, events, rid, created, name, include_usage):
 
 
 async def _image_answer(engine, name, proc, conv: Conversation, body, request, rid, created):
-    """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text."""
+    """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text. Streamed, the
+    previews come first, each an image chunk with its `partial_image_index`, then the image and [DONE]."""
     if conv.image_urls:
         raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
     opts = body.image or ImageOptions()
     specs = image_specs(engine.models[name].card, conv.last_user_text, max_n=1, size=opts.size,
                         steps=opts.num_inference_steps, guidance=opts.guidance_scale, seed=body.seed, prefix="image.")
-    images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
-    (b64,) = await encode_all(images, as_base64=True)
-    part = ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64.decode()}"))
     prompt_tokens = len(proc.t2i_prefix(conv.last_user_text))
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     if body.stream:
-        async def one_chunk():
-            msg = ChatCompletionChunk(id=rid, created=created, model=name,
-                                      choices=[ChunkChoice(delta=Delta(role="assistant", content=[part]),
-                                                           finish_reason="stop")])
-            yield f"data: {msg.model_dump_json(exclude_none=True)}\n\n"
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(one_chunk(), media_type="text/event-stream")
+        previews: asyncio.Queue = asyncio.Queue()
+        job = jobs.submit(engine, name, specs, partial_images=opts.partial_images,
+                          on_partial=streaming.previews_to(asyncio.get_running_loop(), previews))
+        return StreamingResponse(_image_chunks(job, previews, rid, created, name), media_type="text/event-stream")
+    images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
     return ChatCompletion(id=rid, created=created, model=name, usage=usage, seed=specs[0].seed,
-                          choices=[Choice(message=AssistantMessage(content=[part]), finish_reason="stop")])
+                          choices=[Choice(message=AssistantMessage(content=[await _png_part(images[0])]),
+                                          finish_reason="stop")])
+
+
+async def _png_part(image, partial_index: int | None = None) -> ImageContent:
+    (b64,) = await encode_all([image], as_base64=True)
+    return ImageContent(image_url=ImageURL(url=f"data:image/png;base64,{b64.decode()}"),
+                        partial_image_index=partial_index)
+
+
+async def _image_chunks(job, previews, rid, created, name):
+    def chunk(delta: Delta, finish=None) -> str:
+        body = ChatCompletionChunk(id=rid, created=created, model=name,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+    yield chunk(Delta(role="assistant", content=""))
+    try:
+        async for item in streaming.progress(job, previews):
+            if isinstance(item, JobResult):
+                yield chunk(Delta(content=[await _png_part(item.images[0])]), finish="stop")
+            else:
+                yield chunk(Delta(content=[await _png_part(item[1], partial_index=item[0])]))
+    except APIError as err:
+        yield f"data: {streaming.error_event(err)}\n\n"
+    yield "data: [DONE]\n\n"

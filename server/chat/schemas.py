@@ -49,8 +49,10 @@ class ImageOptions(BaseModel):
     size: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0)
+    partial_images: int = Field(2, ge=0, le=3, description=(
+        "with `stream`, previews sent as image chunks (`partial_image_index` set) before the image"))
 
-    _whole = whole_numbers("num_inference_steps")
+    _whole = whole_numbers("num_inference_steps", "partial_images")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -88,6 +90,7 @@ class Usage(BaseModel):
 class ImageContent(BaseModel):
     type: Literal["image_url"] = "image_url"
     image_url: ImageURL
+    partial_image_index: int | None = None      # set on a streamed preview; the image itself has none
 
 
 class AssistantMessage(BaseModel):

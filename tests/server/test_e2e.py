@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from server.config import ServerConfig
 from tests.server.serving import ServerProcess, decode_png, openai_client
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ def test_malformed_json_and_oversize_body(server):
     r = httpx.post(f"{server.url}/v1/images/generations", content=b"{nope",
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    r = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x" * (2 << 20)})
+    r = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x" * (ServerConfig().max_body_bytes + 1)})
     assert r.status_code == 413
 
 

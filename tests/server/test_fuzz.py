@@ -8,6 +8,7 @@ refused with a 4xx, and a 405 must list `Allow`. CI bounds the cases per operati
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,13 +16,14 @@ from tests.server.serving import ServerProcess
 
 pytestmark = pytest.mark.slow
 
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 EXAMPLES = os.environ.get("RFSERVE_FUZZ_EXAMPLES", "40")
 ST = shutil.which("st") or shutil.which("schemathesis")
 
 
 def schemathesis(url: str, folder, *extra: str) -> subprocess.CompletedProcess:
     """`st run` in `folder`, where it keeps its cache, so nothing lands in the checkout."""
-    return subprocess.run([ST, "run", f"{url}/openapi.json", "-c", "all", "-n", EXAMPLES, "--seed", "1",
+    return subprocess.run([ST, "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "-c", "all", "-n", EXAMPLES, "--seed", "1",
                            "--workers", "1", "--no-color", "--generation-database", "none", *extra],
                           capture_output=True, text=True, timeout=600, cwd=folder)
 
