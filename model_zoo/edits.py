@@ -22,9 +22,10 @@ from model_zoo.base import ImageSpec
 
 
 def run_steps(steps: int, strength: float) -> int:
-    """How many of an N-step schedule an edit runs: its share of the path, and at least one, so a one-step
-    model still takes its step from wherever the edit starts."""
-    return max(1, min(steps, round(steps * strength)))
+    """How many of an N-step schedule an edit runs: its share of the path. None near strength 0, where the
+    edit returns the input through the VAE. InstaFlow's continuous time takes at least one step, from wherever
+    its edit starts, so a one-step model still edits."""
+    return min(steps, round(steps * strength))
 
 
 @torch.inference_mode()
@@ -61,7 +62,9 @@ class EditLatents:
         that should change is pinned to the input."""
         stacked = torch.from_numpy(np.stack([s.image for s in specs]))                    # (B, H, W, 3) uint8
         image = (stacked.permute(0, 3, 1, 2).to(noise.device, torch.float32) / 255).to(noise.dtype)
-        data = encode(image).to(noise.dtype)
+        # In the noise's layout: a VAE may return channels-last latents, and a mix would pass that layout to
+        # the denoiser, whose kernels then round differently from text-to-image's.
+        data = encode(image).to(noise.dtype).contiguous()
         pixel_mask = mask = None
         if any(s.mask is not None for s in specs):
             masks = [np.ones((s.height, s.width), np.float32) if s.mask is None else s.mask for s in specs]

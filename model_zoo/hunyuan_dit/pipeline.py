@@ -73,12 +73,12 @@ class HunyuanPipeline:
         timesteps = scheduler.timesteps
         extra = step_kwargs(scheduler, generators)
         learn_sigma = self.parts.transformer.config.learn_sigma
-        if edit is not None and run_steps(len(timesteps), edit.strength) < len(timesteps):
-            begin = len(timesteps) - run_steps(len(timesteps), edit.strength)
+        if edit is not None and (n := run_steps(len(timesteps), edit.strength)) < len(timesteps):
+            begin = len(timesteps) - n
             timesteps = timesteps[begin:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(begin)
-            x = scheduler.add_noise(edit.data, x, timesteps[:1].repeat(len(x)))
+            x = scheduler.add_noise(edit.data, x, timesteps[:1].repeat(len(x))) if n else edit.data
         else:
             x = x * scheduler.init_noise_sigma
         for i, t in enumerate(timesteps):

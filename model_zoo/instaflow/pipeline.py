@@ -31,7 +31,7 @@ class InstaFlowPipeline(SDFlowPipeline):
         its input's point on that line and takes its share of the steps, each as long as text-to-image's."""
         start, n, cfg = 0.0, steps, guidance is not None
         if edit is not None:
-            start, n = 1.0 - edit.strength, run_steps(steps, edit.strength)
+            start, n = 1.0 - edit.strength, max(1, run_steps(steps, edit.strength))
             x = line_point(edit.data, x, start)
         dt = (1.0 - start) / n
         for i in range(n):

@@ -48,13 +48,14 @@ class PeRFlowPipeline(SDFlowPipeline):
     def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int, guidance: torch.Tensor | float | None,
                edit: EditLatents | None = None) -> torch.Tensor:
         """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance. An edit runs the
-        last `run_steps` timesteps of the schedule, from its input's point on the windows' path."""
+        last `run_steps` timesteps of the schedule (none: the input itself), from its input's point on the
+        windows' path."""
         sched, cfg = self.scheduler, guidance is not None
         sched.set_timesteps(steps)
         timesteps = sched.timesteps.tolist()                # ints 1000, 750, ... kept on the host
         if edit is not None:
             timesteps = timesteps[len(timesteps) - run_steps(len(timesteps), edit.strength):]
-            x = sched.noised(edit.data, x, timesteps[0])
+            x = sched.noised(edit.data, x, timesteps[0] if timesteps else 0)
         for i, t in enumerate(timesteps):
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0
             x_in = x if guidance is None else torch.cat([x, x])
