@@ -124,3 +124,20 @@ def test_max_tokens_over_the_context_is_rejected(client):
     with pytest.raises(BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10_000)
     assert "max_tokens" in str(info.value)
+
+
+def test_a_streamed_image_answer_sends_previews_then_the_image(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a red cat"}], "modalities": ["image"],
+            "seed": 4, "stream": True, "image": {"num_inference_steps": 6, "partial_images": 2}}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    assert chunks[0]["delta"]["role"] == "assistant"
+    parts = [c["delta"]["content"][0] for c in chunks[1:]]
+    assert [p.get("partial_image_index") for p in parts] == [0, 1, None]
+    assert [c.get("finish_reason") for c in chunks[1:]] == [None, None, "stop"]
+    unstreamed = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        **body, "stream": False}).json()["choices"][0]["message"]["content"][0]
+    assert parts[-1]["image_url"]["url"] == unstreamed["image_url"]["url"]

@@ -1,5 +1,6 @@
-"""A request that leaves mid-batch: its rows go within one step, it is answered at once, and the rows that
-stay make the same images as a batch it never joined (the seed contract). For every multi-step family."""
+"""The step loop, for every multi-step family: a request that leaves mid-batch goes within one step and is
+answered at once, while the rows that stay make the same images as a batch it never joined (the seed
+contract); a streaming row gets its previews there and changes no image."""
 import time
 from dataclasses import replace
 
@@ -97,3 +98,21 @@ def test_a_request_past_its_deadline_leaves_and_a_batch_of_none_stops(family, mo
     assert engine.metrics.dropped.labels(preset, "deadline")._value.get() == 1
     again = submit_together(engine, preset, [[7]])[0]     # the worker goes on serving
     assert len(again.future.result(120).images) == 1
+
+
+def test_a_streaming_row_gets_its_previews_and_changes_no_image(family):
+    """Previews are taken between steps for the streaming row only: they arrive evenly spaced, and neither its
+    image nor its batch-mate's differs from the same requests unstreamed."""
+    engine, preset, *_ = family
+    base = replace(engine.default_spec(engine.cards[preset], "a red circle", 0), steps=STEPS, guidance=2.0)
+    specs = {s: [replace(base, prompt=f"a red circle {s}", seed=s)] for s in (1, 2)}
+    previews: list[tuple[int, np.ndarray]] = []
+    streamed = [engine.submit(preset, specs[1], partial_images=3, on_partial=lambda i, img: previews.append((i, img))),
+                engine.submit(preset, specs[2])]
+    images = [j.future.result(120).images[0] for j in streamed]
+    assert engine.metrics.batch_size.labels(preset)._sum.get() == 2          # one batch held both
+    assert [i for i, _ in previews] == [0, 1, 2]
+    assert all(img.shape == images[0].shape and img.dtype == np.uint8 for _, img in previews)
+    plain = [engine.submit(preset, specs[s]) for s in (1, 2)]
+    for got, want in zip(images, [j.future.result(120).images[0] for j in plain]):
+        assert np.array_equal(got, want)
