@@ -15,9 +15,10 @@ async function loadModels() {
   try {
     const { data: models } = await (await api("/v1/models")).json();
     slot.textContent = "";
-    if (models.length) {
-      setupT2I(models);
-      setupEdit(models);
+    if (models.length) setupT2I(models);
+    const editable = models.filter((m) => m.edits);
+    if (editable.length) {
+      setupEdit(editable);
       document.getElementById("edit").hidden = false;
     }
     const chatty = models.filter((m) => m.family === "janusflow");

@@ -31,7 +31,7 @@ async function edit(form, mask) {
   for (const name of FIELDS) {
     if (name === "prompt" || f[name].value.trim() !== "") data.append(name, f[name].value);
   }
-  const seedText = seedToSend(f, streaming);
+  const seedText = seedToSend(f);
   if (seedText !== null) data.append("seed", seedText);
   data.append("response_format", "b64_json");
   if (streaming) {

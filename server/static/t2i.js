@@ -60,7 +60,7 @@ async function generate(form) {
   };
   if (f.negative_prompt.value) body.negative_prompt = f.negative_prompt.value;
   if (streaming) Object.assign(body, { stream: true, partial_images: PARTIALS });
-  const seedText = seedToSend(f, streaming);
+  const seedText = seedToSend(f);
   const card = addCard("gallery", body.prompt, Number.isInteger(body.n) && body.n > 0 ? Math.min(body.n, 16) : 1);
   button.disabled = true;
   try {
@@ -88,12 +88,10 @@ function withSeed(body, seedText) {
   return JSON.stringify({ ...body, seed: 0 }).replace(/"seed":0}$/, `"seed":${seedText}}`);
 }
 
-// The seed to send: the one typed, or null for the server to draw one and report it. A stream's events
-// carry no seed, so for a stream the page draws it.
-export function seedToSend(fields, streaming) {
-  const typed = fields.random.checked ? "" : fields.seed.value.trim();
-  if (typed || !streaming) return typed || null;
-  return String(crypto.getRandomValues(new Uint32Array(1))[0]);
+// The seed to send: the one typed, or null for the server to draw one and report it (in a JSON answer
+// and in a stream's completed event alike).
+export function seedToSend(fields) {
+  return (!fields.random.checked && fields.seed.value.trim()) || null;
 }
 
 // The seed a result was made with, which then fills the field so the image can be made again.
@@ -104,7 +102,8 @@ export function usedSeed(fields, result, seedText) {
 }
 
 // Reads an image stream (`kind` is image_generation or image_edit): each partial image replaces the
-// card's preview; resolves with the completed event, shaped like a non-streamed response.
+// card's preview; resolves with the completed event (seed and timings included), shaped like a
+// non-streamed response.
 export async function streamed(resp, card, kind) {
   for await (const { event, data } of events(resp)) {
     const message = JSON.parse(data);

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 CHAT = "janusflow" in FAMILY_LOADERS
 MULTI_STEP = "rf-shapes-2rf" if RF_SHAPES.exists() else "instaflow-2rf"   # its previews come between steps
+ONE_STEP = "rf-shapes" if RF_SHAPES.exists() else "instaflow-0.9b"
+STAGES = ("queue", "encode", "sample", "decode", "total")
 
 
 def _need(ok: bool, why: str) -> None:
@@ -45,10 +48,10 @@ def server(request, tmp_path_factory):
     _need(CHROMIUM.exists(), f"{CHROMIUM} is not installed (apt-get install chromium chromium-driver)")
     _need(sync_playwright is not None, "playwright is not installed (pip install -e '.[dev]')")
     if RF_SHAPES.exists():
-        image = ["rf-shapes", MULTI_STEP]
+        image = [ONE_STEP, MULTI_STEP]
     else:
         tiny = request.getfixturevalue("tiny_sd")
-        image = [f"instaflow-0.9b={tiny}", f"{MULTI_STEP}={tiny}"]
+        image = [f"{ONE_STEP}={tiny}", f"{MULTI_STEP}={tiny}"]
     chat = []
     if CHAT:
         from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
@@ -109,14 +112,25 @@ def record_previews(page, gallery):
     }""", gallery)
 
 
-def sse_types(body: str) -> list[tuple[str, str]]:
-    """(event line, data's `type`) of each message of an SSE body."""
+def sse_messages(body: str) -> list[tuple[str, dict]]:
+    """(event line, parsed data) of each message of an SSE body."""
     out = []
     for message in body.replace("\r\n", "\n").split("\n\n"):
         lines = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
         if "data" in lines:
-            out.append((lines.get("event"), json.loads(lines["data"])["type"]))
+            out.append((lines.get("event"), json.loads(lines["data"])))
     return out
+
+
+def shows_the_servers_seed(form, result, model, completed):
+    """With Random on, the seed shown, and put in the Seed field, is the one the stream's completed event
+    carries; its timings show as a JSON answer's do (toFixed(1): the nearest tenth, ties up)."""
+    seed, timings = completed["seed"], completed["timings"]
+    assert {"queue", "encode", "sample", "decode"} <= set(timings), timings
+    expect(form.get_by_label("Seed", exact=True)).to_have_value(str(seed))      # to make the image again
+    tenths = {s: Decimal(timings[s]).quantize(Decimal("0.1"), ROUND_HALF_UP) for s in STAGES if s in timings}
+    text = " · ".join([model, f"seed {seed}", *(f"{s} {t} ms" for s, t in tenths.items())])
+    expect(result.locator(".timings")).to_have_text(text)
 
 
 def record_forms(page):
@@ -173,7 +187,7 @@ def test_generate_shows_images_timings_and_downloads(browser, server, tmp_path):
     widths = images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
     assert all(w > 0 for w in widths), widths
     timings = result.locator(".timings")
-    for stage in ("seed 7", "queue", "encode", "sample", "decode", "total"):
+    for stage in ("seed 7", *STAGES):
         expect(timings).to_contain_text(stage)
     downloads = result.get_by_role("link", name="Download image with seed 8")
     assert downloads.get_attribute("download").endswith("-8.png")
@@ -269,9 +283,11 @@ def test_stream_shows_previews_then_the_image(browser, server, tmp_path):
         page.get_by_role("button", name="Generate").click()
     sent = answer.value.request.post_data_json
     assert (sent["stream"], sent["partial_images"], sent["n"]) == (True, 2, 1)
+    assert "seed" not in sent                                            # Random: the server draws it
     assert answer.value.headers["content-type"].startswith("text/event-stream")
+    messages = sse_messages(answer.value.text())
     partial, completed = "image_generation.partial_image", "image_generation.completed"
-    assert sse_types(answer.value.text()) == [(partial, partial), (partial, partial), (completed, completed)]
+    assert [(e, m["type"]) for e, m in messages] == [(partial, partial), (partial, partial), (completed, completed)]
 
     result = page.locator("#gallery .result").first
     expect(result).not_to_have_attribute("aria-busy", "true")
@@ -280,12 +296,13 @@ def test_stream_shows_previews_then_the_image(browser, server, tmp_path):
     assert all(p["src"].startswith("blob:") for p in previews)
     assert result.locator("figure.preview").count() == 0                 # the final image replaced the preview
     assert shown(page, result.locator("figure img")) == [64]
-    assert result.get_by_role("link", name="Download").get_attribute("download").endswith(".png")
-    expect(result.locator(".timings")).to_contain_text(re.compile(rf"^{MULTI_STEP} · seed \d+"))
+    final = messages[-1][1]
+    shows_the_servers_seed(form, result, MULTI_STEP, final)
+    assert result.get_by_role("link", name="Download").get_attribute("download") == f"{MULTI_STEP}-{final['seed']}.png"
     save_shot(page, tmp_path, "playground-stream.png")
 
     # a one-step model has no step to preview after: only the completed event, and the image
-    form.get_by_label("Model").select_option("rf-shapes" if RF_SHAPES.exists() else "instaflow-0.9b")
+    form.get_by_label("Model").select_option(ONE_STEP)
     record_previews(page, "#gallery")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#gallery .result")).to_have_count(2)
@@ -299,6 +316,15 @@ def test_edit_sends_the_image_and_a_painted_mask(browser, server, tmp_path):
     page, errors = open_page(browser, server)
     expect(page.locator("#edit")).to_be_visible()
     form = page.locator("#edit-form")
+    # only the models /v1/images/edits takes: JanusFlow, served for chat and text-to-image, is left out
+    served = page.evaluate("""async key => (await (await fetch("/v1/models",
+        {headers: {authorization: `Bearer ${key}`}})).json()).data""", KEY)
+    assert [m["id"] for m in served if m["edits"]] == [ONE_STEP, MULTI_STEP]
+    assert [m["id"] for m in served if not m["edits"]] == (["janusflow-1.3b"] if CHAT else [])
+    options = "select => [...select.options].map(o => o.value)"
+    assert form.get_by_label("Model").evaluate(options) == [ONE_STEP, MULTI_STEP]
+    t2i_models = page.locator("#t2i-form").get_by_label("Model").evaluate(options)
+    assert t2i_models == [m["id"] for m in served]
     picture = tmp_path / "source.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(picture)
     form.get_by_label("Model").select_option(MULTI_STEP)
@@ -343,12 +369,33 @@ def test_edit_sends_the_image_and_a_painted_mask(browser, server, tmp_path):
         form.get_by_role("button", name="Edit").click()
     parts = last_form(page)
     assert "mask" not in parts and (parts["stream"], parts["partial_images"]) == ("true", "2")
-    assert [t for _, t in sse_types(answer.value.text())][-1] == "image_edit.completed"
+    assert "seed" not in parts                                           # Random: the server draws it
+    event, completed = sse_messages(answer.value.text())[-1]
+    assert event == completed["type"] == "image_edit.completed"
     expect(page.locator("#edit-gallery .result")).to_have_count(2)
     result = page.locator("#edit-gallery .result").first
     expect(result).not_to_have_attribute("aria-busy", "true")
     assert shown(page, result.locator("figure img")) == [64]
     assert [p["label"] for p in page.evaluate("window.previews")] == ["preview 1/2", "preview 2/2"]
+    shows_the_servers_seed(form, result, MULTI_STEP, completed)
+    assert errors == []
+
+
+def test_edit_panel_is_hidden_when_no_model_takes_edits(browser, server):
+    page, errors = open_page(browser, server)
+
+    def no_edits(route):
+        resp = route.fetch()
+        models = resp.json()
+        for model in models["data"]:
+            model["edits"] = False
+        route.fulfill(response=resp, json=models)
+
+    page.route("**/v1/models", no_edits)
+    page.reload()                                                        # the key stays in the tab's session
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator("#t2i")).to_be_visible()
+    expect(page.locator("#edit")).to_be_hidden()
     assert errors == []
 
 
