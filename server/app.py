@@ -129,7 +129,7 @@ def create_app(engine: Engine) -> FastAPI:
                     metrics.images.labels(name).inc()
                     metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
 
-            return StreamingResponse(streaming.events(job, previews, fmt, used, finished),
+            return StreamingResponse(streaming.events(job, previews, fmt, used, finished, start),
                                      media_type="text/event-stream")
         job = jobs.submit(engine, name, specs, timeout_s=body.timeout, device_jpeg=jpeg)
         result = await jobs.wait(job, request)

@@ -90,15 +90,17 @@ def error_event(err: APIError) -> str:
 
 
 async def events(job: Job, previews: asyncio.Queue, fmt: StreamFormat, used: dict,
-                 done: Callable[[int], None]) -> AsyncIterator[str]:
-    """The image route's events. The completed event adds our `seed` and `timings` (ms per stage), as a JSON
-    answer has them. `done` gets the status the stream ended with (499 when the client left), for metrics."""
+                 done: Callable[[int], None], started: float) -> AsyncIterator[str]:
+    """The image route's events. The completed event adds our `seed` and `timings` (ms per stage, and the total
+    since `started`, a perf_counter time), as a JSON answer has them. `done` gets the status the stream ended
+    with (499 when the client left), for metrics."""
     status = 499
     try:
         async for item in progress(job, previews):
             if isinstance(item, JobResult):
-                timings = {k: round(v * 1000, 3) for k, v in item.timings.items()}
                 b64 = await fmt.encode(item.images[0], item.encoded[0])
+                timings = {k: round(v * 1000, 3) for k, v in item.timings.items()}
+                timings["total"] = round((time.perf_counter() - started) * 1000, 3)
                 status = 200
                 yield fmt.event("completed", b64, usage=used, seed=job.specs[0].seed, timings=timings)
             else:

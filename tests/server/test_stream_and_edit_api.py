@@ -59,6 +59,8 @@ def test_stream_sends_the_previews_then_the_unstreamed_image(client, partial_ima
     assert [e.partial_image_index for e in events[:-1]] == list(range(partial_images))
     assert events[-1].b64_json == plain
     assert events[-1].usage.input_tokens > 0 and events[-1].size == "64x64"
+    ours = events[-1].to_dict()                                    # our extensions, as a JSON answer has them
+    assert ours["seed"] == 11 and {"queue", "sample", "decode", "total"} <= set(ours["timings"])
     for e in events[:-1]:
         assert decode_png(e.b64_json).shape == decode_png(plain).shape
 
