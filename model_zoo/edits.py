@@ -33,7 +33,7 @@ def edit_latents(specs: list[ImageSpec], vae, noise: torch.Tensor) -> "EditLaten
     """The batch's edit inputs, encoded by `vae`; None for text-to-image."""
     if specs[0].image is None:
         return None
-    return EditLatents.build(specs, lambda images: vae_latents(vae, images), noise)
+    return EditLatents.build(specs, vae, noise)
 
 
 def vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
@@ -56,15 +56,14 @@ class EditLatents:
     mask: torch.Tensor | None           # (B, 1, h, w)
 
     @classmethod
-    def build(cls, specs: list[ImageSpec], encode: Callable[[torch.Tensor], torch.Tensor],
-              noise: torch.Tensor) -> "EditLatents":
+    def build(cls, specs: list[ImageSpec], vae, noise: torch.Tensor) -> "EditLatents":
         """At the latent's size a latent counts as changing where any of its pixels may change, so no pixel
         that should change is pinned to the input."""
         stacked = torch.from_numpy(np.stack([s.image for s in specs]))                    # (B, H, W, 3) uint8
         image = (stacked.permute(0, 3, 1, 2).to(noise.device, torch.float32) / 255).to(noise.dtype)
         # In the noise's layout: a VAE may return channels-last latents, and a mix would pass that layout to
         # the denoiser, whose kernels then round differently from text-to-image's.
-        data = encode(image).to(noise.dtype).contiguous()
+        data = vae_latents(vae, image).to(noise.dtype).contiguous()
         pixel_mask = mask = None
         if any(s.mask is not None for s in specs):
             masks = [np.ones((s.height, s.width), np.float32) if s.mask is None else s.mask for s in specs]
