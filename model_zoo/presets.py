@@ -50,6 +50,14 @@ PRESETS: dict[str, Preset] = {
         # JanusFlow: one native square size from the checkpoint (384² for the 1.3B); CFG weight w = 2.
         Preset("janusflow-1.3b", "janusflow", "deepseek-ai/JanusFlow-1.3B",
                ImageDefaults(steps=30, guidance=2.0, size="384x384"), size_factors=((1.0, 1.0),)),
+        # Janus-Pro: 576 VQ tokens generated autoregressively, decoded to 384² (the checkpoint's native square).
+        # Official defaults: CFG weight 5, temperature 1 (sampling). The token count is fixed, so steps is 1.
+        Preset("janus-pro-1b", "janus", "deepseek-community/Janus-Pro-1B",
+               ImageDefaults(steps=1, guidance=5.0, size="384x384"), size_factors=((1.0, 1.0),), max_steps=1,
+               options={"temperature": 1.0}),
+        Preset("janus-pro-7b", "janus", "deepseek-community/Janus-Pro-7B",
+               ImageDefaults(steps=1, guidance=5.0, size="384x384"), size_factors=((1.0, 1.0),), max_steps=1,
+               options={"temperature": 1.0}),
         # Benchmarks only: paced photographs (model_zoo/synthetic). No source: it needs no checkpoint.
         Preset("synthetic", "synthetic", "", ImageDefaults(steps=1, guidance=0.0), max_steps=1),
     ]

@@ -15,6 +15,7 @@ import torch
 from model_zoo.base import LoadedModel, ModelCard
 from model_zoo.hunyuan_dit import load_hunyuan
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from model_zoo.janus import load_janus
 from model_zoo.janusflow import load_janusflow
 from model_zoo.loading import CheckpointError, resolve_source
 from model_zoo.perflow.pipeline import PeRFlowPipeline
@@ -23,7 +24,7 @@ from model_zoo.presets import PRESETS, ModelSpec, Preset
 from model_zoo.synthetic import load_synthetic
 
 SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling",
-                "ms_per_image", "ms_per_batch", "sizes"}
+                "ms_per_image", "ms_per_batch", "sizes", "temperature"}
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -76,6 +77,7 @@ FAMILY_LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "instaflow": _load_instaflow,
     "perflow": _load_perflow,
     "janusflow": load_janusflow,
+    "janus": load_janus,
     "hunyuan-dit": load_hunyuan,
     "synthetic": load_synthetic,
 }

@@ -1,0 +1,171 @@
+"""Janus / Janus-Pro text-to-image: the image's VQ tokens generated autoregressively, for a batch at once.
+
+Semantics are transformers' `JanusForConditionalGeneration.generate(generation_mode="image")`, which follows
+the official demo:
+- the prompt is the checkpoint's chat template for one user turn plus the generation prompt, then BOI
+  (`JanusProcessor(generation_mode="image")`); the tokenizer adds BOS;
+- rows are [cond B; uncond B]; an unconditional row is its prompt with every token but BOS and BOI replaced
+  by the pad token, with the same attention mask;
+- G tokens (576 for 384²), each from the generation head's logits of the last position, guided
+  u + (c − u)·w, then greedy or sampled at temperature T; the next input is the token's generation embedding
+  (`prepare_embeddings_for_image_generation`), fed to both rows of its prompt;
+- the VQ decoder turns the G tokens into pixels; clip(−1, 1) → (x+1)/2·255, truncated, as the official code.
+
+Where we differ, exactly:
+- Prompts are right-padded (transformers pads left): each row has its own RoPE positions and its padding is
+  masked, so the logits are the same up to float rounding (RoPE sees only relative positions).
+- The KV cache is ours: one preallocated (2B, kv_heads, P + G, d) buffer per layer written in place
+  (`model_zoo.janusflow.llm`), as transformers' static cache is, but one whose rows we can drop when a
+  request leaves between tokens. Every step attends over the buffer's full width under a mask, so its
+  shapes never change (the benchmark compares it with `generate()` on its StaticCache).
+- With sampling, each row draws from its own seeded generator (`model_zoo.janus.sampling`), so an image is
+  the same alone or in any batch; `generate()` draws the whole batch from the global RNG.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM
+
+from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
+from model_zoo.janus.loading import JanusParts, load_parts
+from model_zoo.janus.sampling import guided_logits, next_tokens, row_generators
+from model_zoo.janusflow.llm import KVBuffers, run_layers
+from model_zoo.samplers import guidance_tensor, keep_rows
+
+
+class _Body:
+    """`run_layers` reads a Llama body as `lm.model` (a LlamaForCausalLM); Janus holds the bare LlamaModel."""
+
+    def __init__(self, body):
+        self.model, self.config = body, body.config
+
+
+class JanusPipeline:
+    family = "janus"
+
+    def __init__(self, parts: JanusParts, temperature: float = 1.0):
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        self.parts = parts
+        self.temperature = temperature                    # 0 = greedy
+        self.lm = cast(LlamaForCausalLM, _Body(parts.model.model.language_model))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
+                        temperature: float = 1.0) -> "JanusPipeline":
+        return cls(load_parts(Path(path), device=device, dtype=dtype), temperature)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.parts.image_side, self.parts.image_side
+
+    @cached_property
+    def max_prompt_tokens(self) -> int:
+        """Room left in the context for the prompt text after the template and the G image tokens."""
+        return self.parts.context_length - self.parts.num_image_tokens - len(self.chat_ids(""))
+
+    def text_ids(self, prompt: str) -> list[int]:
+        return self.parts.tokenizer(prompt, add_special_tokens=False).input_ids
+
+    def chat_ids(self, text: str) -> list[int]:
+        """The prompt as the processor builds it for image generation: the checkpoint's chat template for
+        one user turn and the generation prompt, then BOI; the tokenizer adds BOS."""
+        proc = self.parts.processor
+        chat = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                        add_generation_prompt=True)
+        return proc(text=chat, generation_mode="image", return_tensors=None).input_ids[0]
+
+    def prompt_ids(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Each prompt's ids; prompts longer than `max_prompt_tokens` are cut to it."""
+        limit = self.max_prompt_tokens
+        cuts = [len(self.text_ids(prompt)) > limit for prompt in prompts]
+        return [self.chat_ids(self.kept_prompt(p) if cut else p) for p, cut in zip(prompts, cuts)], cuts
+
+    def kept_prompt(self, prompt: str) -> str:
+        """The first `max_prompt_tokens` tokens of the prompt, as text."""
+        return self.parts.tokenizer.decode(self.text_ids(prompt)[:self.max_prompt_tokens])
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """The prompt as the LLM reads it, template, BOS and BOI included."""
+        return len(self.prompt_ids([prompt])[0][0])
+
+    def fast_path(self) -> None:
+        """No compiled path yet: the step's shapes are already static (a full-width masked cache)."""
+        return None
+
+    def prompt_batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (2B, P) as [cond B; uncond B], right-padded, and the prompts' lengths (2B,)."""
+        p, dev, B = self.parts, self.parts.device, len(prompts)
+        P = max(len(ids) for ids in prompts)
+        ids = torch.full((2 * B, P), p.pad_id, dtype=torch.long)
+        for i, row in enumerate(prompts):
+            ids[i, :len(row)] = ids[B + i, :len(row)] = torch.tensor(row)
+        uncond = ids[B:]
+        uncond.masked_fill_(~torch.isin(uncond, torch.tensor(p.keep_ids)), p.pad_id)     # BOS, BOI kept
+        lengths = torch.tensor([len(row) for row in prompts] * 2)
+        return ids.to(dev), lengths.to(dev)
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[list[int]], guidance: torch.Tensor | float,
+               generators: list[torch.Generator]) -> torch.Tensor:
+        """B prompts' token ids → image tokens (B', G) of the rows still kept at the end (B' ≤ B)."""
+        p, lm, model = self.parts, self.lm, self.parts.model
+        dev, B, G = p.device, len(prompts), p.num_image_tokens
+        ids, lengths = self.prompt_batch(prompts)                                   # (R, P), (R,)
+        R, P = ids.shape
+        col = torch.arange(P + G, device=dev)
+        visible = col[None, :] < lengths[:, None]                                   # (R, P+G): prompt keys
+        kv = KVBuffers.allocate(lm, R, P + G, device=dev, dtype=p.dtype)
+        causal = torch.ones(P, P + G, dtype=torch.bool, device=dev).tril()
+        h = run_layers(lm, model.get_input_embeddings()(ids), col[:P].expand(R, P), kv, write=0,
+                       mask=causal[None, None] & visible[:, None, None, :])          # (R, P, D)
+        h = h[torch.arange(R, device=dev), lengths - 1]                             # (R, D): each last token
+
+        tokens = torch.zeros(B, G, dtype=torch.long, device=dev)
+        for i in range(G):
+            scores = guided_logits(model.model.generation_head(h), guidance)        # (B, V)
+            tokens[:, i] = next_tokens(scores, self.temperature, generators)
+            keep = between_steps(lambda rows, n=i + 1: self.decode(self.preview_tokens(tokens[rows], n)))
+            if keep is not None:
+                pairs = keep + [len(tokens) + k for k in keep]                      # [cond; uncond] rows kept
+                tokens, guidance = tokens[keep], keep_rows(keep, guidance)
+                generators = [generators[k] for k in keep]
+                lengths, visible, kv = lengths[pairs], visible[pairs], kv.take(pairs)
+            if i == G - 1 or not len(tokens):
+                break
+            x = model.prepare_embeddings_for_image_generation(tokens[:, i].repeat(2)[:, None])   # (R, 1, D)
+            visible[:, P + i] = True
+            h = run_layers(lm, x, (lengths + i)[:, None], kv, write=P + i,
+                           mask=visible[:, None, None, :])[:, 0]                    # (R, D)
+        return tokens
+
+    def preview_tokens(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        """A full grid from the first n tokens: the rest repeat the n-th. The VQ decoder needs every cell;
+        the raster's last token is the best guess for what follows it, and keeps the unfinished part of the
+        preview in the colours generated so far rather than one arbitrary codebook entry."""
+        G = tokens.shape[1]
+        return torch.cat([tokens[:, :n], tokens[:, n - 1:n].expand(-1, G - n)], dim=1)      # (b, G)
+
+    @torch.inference_mode()
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, G) → pixels (B, H, W, 3) in [−1, 1], float32."""
+        return self.parts.model.decode_image_tokens(tokens).float().clip(-1.0, 1.0)
+
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        return ((self.decode_pixels(tokens) + 1) / 2 * 255).cpu().numpy().astype(np.uint8)
+
+    def run(self, specs: list[ImageSpec]) -> BatchOutput:
+        timer = StageTimer(sync=self.parts.synchronize)
+        with timer.stage("encode"):
+            prompts, truncated = self.prompt_ids([s.prompt for s in specs])
+            guidance = guidance_tensor([s.guidance for s in specs], self.parts.device)
+        with timer.stage("sample"):
+            tokens = self.sample(prompts, guidance, row_generators([s.seed for s in specs]))
+        with timer.stage("decode"):
+            images = self.decode(tokens) if len(tokens) else np.zeros((0, *self.default_size, 3), np.uint8)
+        return BatchOutput(images, truncated, timer.timings)
