@@ -132,11 +132,34 @@ class ChatDecoder(Protocol):
         ...
 
 
+@dataclass
+class ChatPrompt:
+    """A conversation as the model reads it: token ids, the positions image features overwrite, the pixels."""
+    ids: list[int]
+    image_positions: list[int]
+    pixel_values: Any                         # (n, 3, S, S), or None without images
+
+
+class ChatProcessor(Protocol):
+    """A chat model's own prompt format: the chat route builds every prompt through it."""
+    eos_id: int
+    image_tag: str                            # what an image part becomes in a turn's text
+    default_system: str                       # the system prompt when the request gives none
+
+    def reserved_in(self, text: str) -> str | None:
+        """The first special-token string inside `text` (client text may not forge turns or image slots)."""
+        ...
+
+    def prompt(self, turns: list[tuple[str, str]], system: str, images: list[Any]) -> ChatPrompt:
+        """(role "User"/"Assistant", text with `image_tag`s) turns, ending with the user's, ready to answer."""
+        ...
+
+
 class ChatParts(Protocol):
     """What the chat route and its batcher use of a model that also chats."""
 
     @property
-    def processor(self) -> Any: ...
+    def processor(self) -> ChatProcessor: ...
 
     @property
     def tokenizer(self) -> Any: ...

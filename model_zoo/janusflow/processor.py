@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from model_zoo.base import ChatPrompt
 from model_zoo.loading import CheckpointError, read_json
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -138,6 +139,17 @@ class JanusFlowProcessor:
     def encode(self, text: str) -> list[int]:
         """`tokenizer.encode(text)` as the official code calls it: BOS, then the text."""
         return ([self.bos_id] if self.add_bos else []) + self.tokenizer.encode(text, add_special_tokens=False)
+
+    default_system = SYSTEM_PROMPT
+
+    @property
+    def image_tag(self) -> str:
+        return self.tags.image
+
+    def prompt(self, turns: list[tuple[str, str]], system: str, images: list[Image.Image]) -> ChatPrompt:
+        """The official SFT format (`sft_prompt`), its image tags expanded (`chat_ids`)."""
+        ids, positions = self.chat_ids(sft_prompt(turns, system))
+        return ChatPrompt(ids, positions, self.pixels(images) if images else None)
 
     def reserved_in(self, text: str) -> str | None:
         """The first special-token string inside user text (which would inject image slots or turns)."""

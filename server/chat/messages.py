@@ -15,7 +15,7 @@ import binascii
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from model_zoo.janusflow.processor import SYSTEM_PROMPT, JanusFlowProcessor
+from model_zoo.base import ChatProcessor
 from server.chat.config import ChatConfig
 from server.chat.schemas import Message, TextPart
 from server.errors import APIError
@@ -34,8 +34,8 @@ def _parts(msg: Message):
         [p.model_dump() for p in msg.content]
 
 
-def parse_conversation(messages: list[Message], proc: JanusFlowProcessor, cfg: ChatConfig) -> Conversation:
-    system, body = SYSTEM_PROMPT, list(enumerate(messages))
+def parse_conversation(messages: list[Message], proc: ChatProcessor, cfg: ChatConfig) -> Conversation:
+    system, body = proc.default_system, list(enumerate(messages))
     if messages[0].role in ("system", "developer"):
         system = _text_only(messages[0], "messages[0]")
         body = body[1:]
@@ -56,7 +56,7 @@ def parse_conversation(messages: list[Message], proc: JanusFlowProcessor, cfg: C
                 texts.append(part["text"])
             else:
                 urls.append((f"{field}.content[{j}].image_url.url", part["image_url"]["url"]))
-                pieces.append(proc.tags.image)
+                pieces.append(proc.image_tag)
         has_text |= any(t.strip() for t in texts)
         last_text = "\n".join(texts)
         turns.append(("User", "\n".join(pieces)))
@@ -80,7 +80,7 @@ def _text_only(msg: Message, field: str) -> str:
     return "\n".join(texts)
 
 
-def _checked(text: str, proc: JanusFlowProcessor, field: str) -> str:
+def _checked(text: str, proc: ChatProcessor, field: str) -> str:
     token = proc.reserved_in(text)
     if token is not None:
         raise APIError(400, f"{field} contains the reserved token {token!r}", param=field)

@@ -1,4 +1,4 @@
-"""`POST /v1/chat/completions` for JanusFlow: validation, the continuous batcher, SSE.
+"""`POST /v1/chat/completions` for the models that chat: validation, the continuous batcher, SSE.
 
 Text answers come from the model's `ContinuousBatcher`, which the engine owns (one per served
 chat model, started on first use). With `modalities: ["image"]` the last user message's text becomes a
@@ -16,7 +16,6 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from model_zoo.janusflow.processor import sft_prompt
 from server.chat.batcher import ChatClosed, ChatEvent, ChatQueueFull, ChatSequence
 from server.chat.config import ChatConfig
 from server.chat.messages import Conversation, check_remote, decode_data_url, parse_conversation
@@ -60,12 +59,12 @@ def chat_router(engine) -> APIRouter:
         conv = parse_conversation(body.messages, proc, cfg)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.modalities and "image" in body.modalities:
-            return await _image_answer(engine, name, proc, conv, body, request, rid, created)
+            return await _image_answer(engine, name, conv, body, request, rid, created)
         images = [await _load_image(field, url, cfg) for field, url in conv.image_urls]
-        ids, positions = proc.chat_ids(sft_prompt(conv.turns, conv.system))
-        max_tokens = _budget(len(ids), body, engine.chat_max_len(name), cfg.default_max_tokens)
+        prompt = proc.prompt(conv.turns, conv.system, images)
+        max_tokens = _budget(len(prompt.ids), body, engine.chat_max_len(name), cfg.default_max_tokens)
         loop, events = asyncio.get_running_loop(), asyncio.Queue[ChatEvent]()
-        seq = ChatSequence(ids, proc.pixels(images) if images else None, positions, max_tokens, body.temperature,
+        seq = ChatSequence(prompt.ids, prompt.pixel_values, prompt.image_positions, max_tokens, body.temperature,
                            body.top_p, body.stops, body.seed, emit=_bridge(loop, events),
                            fault=faults.find(conv.last_user_text) if engine.config.fault_injection else None)
         try:
@@ -192,15 +191,15 @@ async def _sse(seq, events, rid, created, name, include_usage):
         seq.cancel()              # a no-op once finished; frees the slot if the client left
 
 
-async def _image_answer(engine, name, proc, conv: Conversation, body, request, rid, created):
-    """`modalities: ["image"]`: JanusFlow text-to-image from the last user message's text. Streamed, the
+async def _image_answer(engine, name, conv: Conversation, body, request, rid, created):
+    """`modalities: ["image"]`: text-to-image from the last user message's text. Streamed, the
     previews come first, each an image chunk with its `partial_image_index`, then the image and [DONE]."""
     if conv.image_urls:
         raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
     opts = body.image or ImageOptions()
     specs = image_specs(engine.models[name].card, conv.last_user_text, max_n=1, size=opts.size,
                         steps=opts.num_inference_steps, guidance=opts.guidance_scale, seed=body.seed, prefix="image.")
-    prompt_tokens = len(proc.t2i_prefix(conv.last_user_text))
+    prompt_tokens = engine.models[name].pipeline.prompt_tokens(conv.last_user_text)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     if body.stream:
         previews: asyncio.Queue = asyncio.Queue()
