@@ -1,0 +1,104 @@
+"""Janus-Pro text-to-image, ours against transformers' `generate(generation_mode="image")` in the same run.
+
+Both sample the G image tokens at the official defaults (CFG weight 5, temperature 1) on the same random
+weights and prompts and decode them with the same VQ decoder; the figure is seconds per image (the batch's
+median wall time over its size), at batch 1 and 8. transformers runs its own loop over a StaticCache; ours
+runs `JanusPipeline.sample` over the preallocated buffers of `model_zoo.janusflow.llm`, so the ratio also
+says which cache is faster here. The tiny preset runs on the CPU in seconds; `--real` builds the Janus-Pro-1B
+architecture with random weights (bf16 on CUDA; fp32 on the CPU, where it takes many minutes).
+
+    python -m benchmarks.bench_janus [--real] [--out benchmarks/out/]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks.timing import median_ms
+from model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
+from model_zoo.janus.loading import JanusParts
+from model_zoo.janus.pipeline import JanusPipeline
+from model_zoo.janus.random_checkpoint import build_processor, random_model
+from model_zoo.janus.sampling import row_generators
+
+PROMPTS = ["a photo of a cat sitting on a red chair", "a blue square next to a green circle",
+           "the quick brown fox jumps over the lazy dog", "write a short poem about the sea",
+           "a red chair", "describe the image in detail", "what color is the sky", "a cat"]
+
+
+def random_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> JanusPipeline:
+    arch = ARCHS[name]
+    processor = build_processor(arch.image_size, arch.image_tokens)
+    model = random_model(name, processor, seed=0).to(device=device, dtype=dtype)
+    parts = JanusParts(model, processor, model.generation_config, device, dtype)
+    return JanusPipeline(parts, temperature=GENERATION_DEFAULTS.temperature)
+
+
+def ours(pipe: JanusPipeline, prompts: list[str]) -> None:
+    ids, _ = pipe.prompt_ids(prompts)
+    pipe.decode(pipe.sample(ids, GENERATION_DEFAULTS.cfg_weight, row_generators(list(range(len(prompts))))))
+
+
+@torch.inference_mode()
+def transformers_generate(pipe: JanusPipeline, prompts: list[str]) -> None:
+    """The documented recipe: the chat template, the processor in image mode, generate, decode_image_tokens."""
+    proc, model = pipe.parts.processor, pipe.parts.model
+    chats = [proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
+                                      add_generation_prompt=True) for p in prompts]
+    inputs = proc(text=chats, generation_mode="image", padding=True, return_tensors="pt").to(pipe.parts.device)
+    tokens = model.generate(**inputs, generation_mode="image", do_sample=True,
+                            temperature=GENERATION_DEFAULTS.temperature, guidance_scale=GENERATION_DEFAULTS.cfg_weight)
+    model.decode_image_tokens(tokens).float().cpu()
+
+
+def bench(pipe: JanusPipeline, batch: int, warmup: int, repeat: int) -> dict:
+    prompts = PROMPTS[:batch]
+    device = pipe.parts.device
+    ours_s = median_ms(lambda: ours(pipe, prompts), device, warmup=warmup, repeat=repeat) / 1e3 / batch
+    ref_s = median_ms(lambda: transformers_generate(pipe, prompts), device, warmup=warmup, repeat=repeat) / 1e3 / batch
+    return {"batch": batch, "ours_s_per_image": ours_s, "transformers_s_per_image": ref_s, "speedup": ref_s / ours_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--real", action="store_true", help="the Janus-Pro-1B architecture with random weights")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.real and torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = "janus-pro-1b" if args.real else "tiny"
+    pipe = random_pipeline(name, device, dtype)
+    warmup, repeat = (1, 2) if args.real else (3, 9)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "preset": name, "image_tokens": pipe.parts.num_image_tokens,
+        "image_side": pipe.parts.image_side, "t2i": [bench(pipe, b, warmup, repeat) for b in (1, 8)],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_janus_{name}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Janus ({r['preset']}: {r['image_tokens']} tokens, {r['image_side']}²), {r['device']}, "
+             f"torch {r['torch']}, transformers {r['transformers']}, {r['dtype']}, {r['date']}", "",
+             "| batch | ours s/image | transformers generate s/image | speedup |", "|---|---|---|---|"]
+    for t in r["t2i"]:
+        lines.append(f"| {t['batch']} | {t['ours_s_per_image']:.4f} | {t['transformers_s_per_image']:.4f} | "
+                     f"{t['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
