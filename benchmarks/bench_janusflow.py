@@ -26,7 +26,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from model_zoo.janusflow.config import JanusFlowConfig, preset
-from model_zoo.janusflow.decoder import SlotDecoder
+from model_zoo.janusflow.decoder import JanusFlowChat
 from model_zoo.janusflow.loading import JanusFlowParts
 from model_zoo.janusflow.pipeline import JanusFlowPipeline
 from model_zoo.janusflow.processor import SYSTEM_PROMPT, USER, ImageProcessorConfig, JanusFlowProcessor, sft_prompt
@@ -106,7 +106,7 @@ def chat_prompt(parts: JanusFlowParts) -> list[int]:
 
 def ours_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int, max_len: int) -> float:
     ids = chat_prompt(parts)
-    batcher = ContinuousBatcher(SlotDecoder(parts, concurrency, max_len), parts.tokenizer, eos_id=-1,
+    batcher = ContinuousBatcher(JanusFlowChat(parts).decoder(concurrency, max_len), parts.tokenizer, eos_id=-1,
                                 max_waiting=concurrency).start()
     finished, done = [], threading.Event()
 

@@ -13,12 +13,17 @@ overwrites harmlessly). Eagerly, `decode` reads only the columns in use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import nn
 
 from model_zoo.fast_path import Captured, CompiledCalls
 from model_zoo.janusflow.llm import KVBuffers, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts
+
+# A prompt's ids (L,), its images' pixels (or None) and the positions their features overwrite → (L, D).
+EmbedPrompt = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,16 +44,20 @@ class JanusFlowChat:
         return self.parts.context_length
 
     def decoder(self, slots: int, max_len: int) -> "SlotDecoder":
-        return SlotDecoder(self.parts, slots, max_len)
+        p, lm = self.parts, self.parts.model.language_model
+        return SlotDecoder(lm, lm.lm_head, p.model.embed_prompt, p.device, p.dtype, slots, max_len)
 
 
 class SlotDecoder:
-    def __init__(self, parts: JanusFlowParts, slots: int, max_len: int):
-        self.parts, self.slots, self.max_len = parts, slots, max_len
-        self.lm = parts.model.language_model
+    """Over any Llama body `lm` (read as `run_layers` reads it), its text head and the model's prompt embedding."""
+
+    def __init__(self, lm, head: nn.Module, embed_prompt: EmbedPrompt, device: torch.device, dtype: torch.dtype,
+                 slots: int, max_len: int):
+        self.lm, self.head, self.embed_prompt = lm, head, embed_prompt
+        self.device, self.dtype, self.slots, self.max_len = device, dtype, slots, max_len
         with torch.inference_mode():        # inference tensors, as everything that writes into them runs so
-            self.kv = KVBuffers.allocate(self.lm, slots, max_len, device=parts.device, dtype=parts.dtype)
-        self.columns = torch.arange(max_len, device=parts.device)
+            self.kv = KVBuffers.allocate(lm, slots, max_len, device=device, dtype=dtype)
+        self.columns = torch.arange(max_len, device=device)
         self.buckets: tuple[int, ...] = ()
         self.step = self.full_width_step         # the hot call, which the fast path swaps for a compiled one
 
@@ -65,16 +74,15 @@ class SlotDecoder:
         columns it writes are free."""
         for b in self.buckets:
             for _ in range(2):
-                tokens, positions = (torch.zeros(b, dtype=torch.long, device=self.parts.device) for _ in range(2))
+                tokens, positions = (torch.zeros(b, dtype=torch.long, device=self.device) for _ in range(2))
                 self.step(tokens, positions)                   # two tensors: decode never passes one twice
 
     @torch.inference_mode()
     def embed(self, ids: list[int], pixel_values: torch.Tensor | None, image_positions: list[int]) -> torch.Tensor:
         """Prompt embeddings (L, D) with image features in place."""
-        p = self.parts
-        ids_t = torch.tensor(ids, device=p.device)
-        pixels = None if pixel_values is None else pixel_values.to(p.device, p.dtype)
-        return p.model.embed_prompt(ids_t, pixels, torch.tensor(image_positions, dtype=torch.long, device=p.device))
+        ids_t = torch.tensor(ids, device=self.device)
+        pixels = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
+        return self.embed_prompt(ids_t, pixels, torch.tensor(image_positions, dtype=torch.long, device=self.device))
 
     @torch.inference_mode()
     def prefill(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
@@ -84,12 +92,12 @@ class SlotDecoder:
         mask = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None, None]      # (1, 1, L, L)
         positions = torch.arange(L, device=dev)[None]
         h = run_layers(self.lm, embeds[None], positions, self.kv.rows(row + 1, row), write=0, mask=mask)
-        return self.lm.lm_head(h[0, -1]).float()
+        return self.head(h[0, -1]).float()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """One step for rows 0..n−1: token i sits at position lengths[i]; returns logits (n, V) fp32."""
-        n, dev = len(tokens), self.parts.device
+        n, dev = len(tokens), self.device
         bucket = next((b for b in self.buckets if b >= n), None) if isinstance(self.step, Captured) else None
         if bucket is not None:
             pad = [0] * (bucket - n)
@@ -103,10 +111,10 @@ class SlotDecoder:
         return self._step(tokens, positions, self.columns)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        embeds = self.lm.get_input_embeddings()(tokens)[:, None]                      # (b, 1, D)
+        embeds = self.lm.model.embed_tokens(tokens)[:, None]                          # (b, 1, D)
         mask = (columns[None, :] <= positions[:, None])[:, None, None]                # (b, 1, 1, W)
         h = run_layers(self.lm, embeds, positions[:, None], self.kv.rows(len(tokens)), write=positions, mask=mask)
-        return self.lm.lm_head(h[:, 0]).float()                                        # (b, V)
+        return self.head(h[:, 0]).float()                                              # (b, V)
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:

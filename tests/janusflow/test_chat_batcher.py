@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.janusflow.decoder import SlotDecoder
+from model_zoo.janusflow.decoder import JanusFlowChat
 from model_zoo.janusflow.processor import IMAGE_TAG, SYSTEM_PROMPT, USER, sft_prompt
 from server.chat.batcher import ChatSequence, ContinuousBatcher
 from server.chat.detok import TextStream
@@ -58,7 +58,7 @@ def test_greedy_tokens_equal_generate_while_requests_join_and_leave(janus_pipe):
     image = Image.fromarray(rng.integers(0, 255, (20, 12, 3), dtype=np.uint8))
     requests = [("hi", [], 8), ("describe the image in detail please", [image], 12),
                 ("what color is the sky", [], 9), ("a longer question about numbers 0 1 2 3 4", [], 10)]
-    batcher = ContinuousBatcher(SlotDecoder(parts, slots=3, max_len=256), parts.tokenizer,
+    batcher = ContinuousBatcher(JanusFlowChat(parts).decoder(slots=3, max_len=256), parts.tokenizer,
                                 parts.processor.eos_id).start()
     try:
         seqs = [make_seq(parts, t, im, n) for t, im, n in requests]
@@ -89,7 +89,7 @@ def test_greedy_tokens_equal_generate_while_requests_join_and_leave(janus_pipe):
 def test_cancel_frees_the_slot(janus_pipe):
     """A sequence cancelled mid-decode leaves at the next step, without finishing."""
     parts = janus_pipe.parts
-    batcher = ContinuousBatcher(SlotDecoder(parts, slots=2, max_len=256), parts.tokenizer,
+    batcher = ContinuousBatcher(JanusFlowChat(parts).decoder(slots=2, max_len=256), parts.tokenizer,
                                 parts.processor.eos_id).start()
     try:
         seq, sink = make_seq(parts, "write a short poem about the sea", [], 100, temperature=1.0)
