@@ -15,12 +15,13 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
 import transformers
 
-from benchmarks.timing import median_ms
+from benchmarks.timing import call_ms
 from model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
 from model_zoo.janus.loading import JanusParts
 from model_zoo.janus.pipeline import JanusPipeline
@@ -58,10 +59,16 @@ def transformers_generate(pipe: JanusPipeline, prompts: list[str]) -> None:
 
 
 def bench(pipe: JanusPipeline, batch: int, warmup: int, repeat: int) -> dict:
-    prompts = PROMPTS[:batch]
-    device = pipe.parts.device
-    ours_s = median_ms(lambda: ours(pipe, prompts), device, warmup=warmup, repeat=repeat) / 1e3 / batch
-    ref_s = median_ms(lambda: transformers_generate(pipe, prompts), device, warmup=warmup, repeat=repeat) / 1e3 / batch
+    """The two runs alternate after both have warmed up, so that a noisy, shared host slows both alike."""
+    prompts, device = PROMPTS[:batch], pipe.parts.device
+    runs = {"ours": lambda: ours(pipe, prompts), "transformers": lambda: transformers_generate(pipe, prompts)}
+    for fn in [*runs.values()] * warmup:
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            times[name].append(call_ms(fn, device) / 1e3 / batch)
+    ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["transformers"])
     return {"batch": batch, "ours_s_per_image": ours_s, "transformers_s_per_image": ref_s, "speedup": ref_s / ours_s}
 
 
