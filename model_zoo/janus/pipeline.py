@@ -34,15 +34,8 @@ from transformers import LlamaForCausalLM
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.janus.loading import JanusParts, load_parts
 from model_zoo.janus.sampling import guided_logits, next_tokens, row_generators
-from model_zoo.janusflow.llm import KVBuffers, run_layers
+from model_zoo.janusflow.llm import KVBuffers, LlamaBody, run_layers
 from model_zoo.samplers import guidance_tensor, keep_rows
-
-
-class _Body:
-    """`run_layers` reads a Llama body as `lm.model` (a LlamaForCausalLM); Janus holds the bare LlamaModel."""
-
-    def __init__(self, body):
-        self.model, self.config = body, body.config
 
 
 class JanusPipeline:
@@ -53,7 +46,7 @@ class JanusPipeline:
             raise ValueError(f"temperature must be ≥ 0, got {temperature}")
         self.parts = parts
         self.temperature = temperature                    # 0 = greedy
-        self.lm = cast(LlamaForCausalLM, _Body(parts.model.model.language_model))
+        self.lm = cast(LlamaForCausalLM, LlamaBody(parts.model.model.language_model))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,

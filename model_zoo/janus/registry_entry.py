@@ -1,5 +1,5 @@
-"""The registry's entry for the `janus` family: the text-to-image pipeline and the card the gateway
-validates against.
+"""The registry's entry for the `janus` family: the text-to-image pipeline, the chat parts (over the same
+loaded model) and the card the gateway validates against.
 
 SPEC option `?temperature=` overrides the preset's sampling temperature (1, the official default;
 0 decodes greedily)."""
@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from model_zoo.base import LoadedModel, ModelCard
+from model_zoo.janus.chat import JanusChat
 from model_zoo.janus.pipeline import JanusPipeline
 from model_zoo.presets import ModelSpec, Preset
 
@@ -16,7 +17,7 @@ from model_zoo.presets import ModelSpec, Preset
 def load_janus(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
     temperature = float(spec.options.get("temperature", spec.preset.options.get("temperature", 1.0)))
     pipe = JanusPipeline.from_pretrained(root, device=device, dtype=dtype, temperature=temperature)
-    return LoadedModel(janus_card(spec.preset, pipe), pipe)
+    return LoadedModel(janus_card(spec.preset, pipe), pipe, chat=JanusChat(pipe.parts))
 
 
 def janus_card(preset: Preset, pipe: JanusPipeline) -> ModelCard:

@@ -20,6 +20,14 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
+class LlamaBody:
+    """A bare LlamaModel (as Janus holds its language model) seen as `run_layers` reads a LlamaForCausalLM:
+    its body under `.model`, and its `.config`."""
+
+    def __init__(self, body):
+        self.model, self.config = body, body.config
+
+
 @dataclass
 class KVBuffers:
     """Per layer, keys and values (B, kv_heads, S, head_dim)."""
