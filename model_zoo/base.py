@@ -180,19 +180,20 @@ class LoadedModel:
 # Rows of the batch now → their pictures as the flow stands, (len(rows), H, W, 3) uint8: the clean image the
 # last step points at, decoded. Only streaming rows are ever asked for, so a preview costs nobody else.
 Preview = Callable[[list[int]], np.ndarray]
-StepHook = Callable[[Preview], "list[int] | None"]
+StepHook = Callable[[Preview, int], "list[int] | None"]
 _step_hook: ContextVar[StepHook | None] = ContextVar("rfserve_step_hook", default=None)
 
 
-def between_steps(preview: Preview) -> list[int] | None:
-    """Every multi-step sampling loop calls this after each step. It is the engine's seam inside a batch:
-    there the device turns to queued chat steps (server/device.py), streaming requests take their previews
-    (`preview`, called only for their rows and only at their preview steps), and rows whose request was
+def between_steps(preview: Preview, steps: int) -> list[int] | None:
+    """Every multi-step sampling loop calls this after each of its `steps` steps. It is the engine's seam
+    inside a batch: there the device turns to queued chat steps (server/device.py), streaming requests take
+    their previews (`preview`, called only for their rows and only at their preview steps, spaced over
+    `steps`), and rows whose request was
     cancelled or passed its deadline leave. It returns the rows to keep (indices into the current rows),
     which the loop then keeps of its whole state (`model_zoo.samplers.keep_rows`), or None when all stay.
     Outside the engine it does nothing and returns None."""
     hook = _step_hook.get()
-    return None if hook is None else hook(preview)
+    return None if hook is None else hook(preview, steps)
 
 
 @contextmanager

@@ -21,7 +21,6 @@ from typing import Callable
 import numpy as np
 
 from model_zoo.base import ImageSpec
-from model_zoo.edits import run_steps
 
 
 class QueueFull(Exception):
@@ -83,11 +82,9 @@ class Job:
         self.cancelled = True
         self.future.cancel()
 
-    def preview_due(self, step: int) -> bool:
-        """Whether a preview follows `step` (1-based): `partial_images` of them, evenly spaced over the steps the
-        flow runs, never at the last, which makes the image itself. So a one-step model sends none."""
-        spec = self.specs[0]
-        total = run_steps(spec.steps, spec.strength)
+    def preview_due(self, step: int, total: int) -> bool:
+        """Whether a preview follows `step` (1-based) of the `total` the sampling loop runs: `partial_images` of
+        them, evenly spaced, never at the last, which makes the image itself. So a one-step model sends none."""
         due = {j * total // (self.partial_images + 1) for j in range(1, self.partial_images + 1)}
         return self._partials_sent < self.partial_images and 0 < step < total and step in due
 

@@ -121,7 +121,7 @@ class Worker:
                 self.threads[model].apply(len(padded))
             steps = [0]                           # steps done, counted at each `between_steps`
             with self.turns.turn():
-                with step_hook(lambda preview: self._between_steps(model, kept, jobs, steps, preview)):
+                with step_hook(lambda preview, total: self._between_steps(model, kept, jobs, steps, preview, total)):
                     out = self.pipelines[model].run(padded)
                 qualities = {k: q for k, spec in enumerate(kept)
                              if spec < len(specs) and (q := jobs[spec].device_jpeg) is not None}
@@ -157,11 +157,11 @@ class Worker:
         return rows
 
     def _between_steps(self, model: str, kept: list[int], jobs: list[Job], steps: list[int],
-                       preview: Preview) -> list[int] | None:
+                       preview: Preview, total: int) -> list[int] | None:
         """Send the previews due now, let queued chat run, then drop the rows whose request is gone; the rows to
         keep, or None."""
         steps[0] += 1
-        due = [k for k, spec in enumerate(kept) if spec < len(jobs) and jobs[spec].preview_due(steps[0])]
+        due = [k for k, spec in enumerate(kept) if spec < len(jobs) and jobs[spec].preview_due(steps[0], total)]
         if due:
             try:
                 for k, image in zip(due, preview(due)):

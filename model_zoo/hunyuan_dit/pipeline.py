@@ -95,7 +95,7 @@ class HunyuanPipeline:
                 x = edit.hold(x, lambda data, noise: scheduler.add_noise(data, noise, t_next.repeat(len(x)))
                               if len(t_next) else data)
             keep = between_steps(lambda rows: self.preview(clean_estimate(scheduler, pred[rows], t, x_t[rows]),
-                                                           edit, rows))
+                                                           edit, rows), len(timesteps))
             if keep is not None:
                 x, guidance = keep_rows(keep, x), keep_rows(keep, guidance)
                 pairs = 1 + (guidance is not None)                                  # (2B, ...) under CFG

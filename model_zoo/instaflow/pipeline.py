@@ -44,7 +44,7 @@ class InstaFlowPipeline(SDFlowPipeline):
             if edit is not None:
                 x = edit.hold(x, lambda data, noise: line_point(data, noise, s + dt))
             keep = between_steps(lambda rows: self.preview(straight_ahead(x_prev, x, rows, 1.0 - s - dt, dt),
-                                                           edit, rows))
+                                                           edit, rows), n)
             if keep is not None:
                 x, emb, guidance = keep_rows(keep, x), keep_rows(keep, emb, 1 + cfg), keep_rows(keep, guidance)
                 if edit is not None:

@@ -123,7 +123,7 @@ class JanusPipeline:
         for i in range(G):
             scores = guided_logits(model.model.generation_head(h), guidance)        # (B, V)
             tokens[:, i] = next_tokens(scores, self.temperature, generators)
-            keep = between_steps(lambda rows, n=i + 1: self.decode(self.preview_tokens(tokens[rows], n)))
+            keep = between_steps(lambda rows, n=i + 1: self.decode(self.preview_tokens(tokens[rows], n)), G)
             if keep is not None:
                 pairs = keep + [len(tokens) + k for k in keep]                      # [cond; uncond] rows kept
                 tokens, guidance = tokens[keep], keep_rows(keep, guidance)

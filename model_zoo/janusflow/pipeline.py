@@ -128,7 +128,7 @@ class JanusFlowPipeline:
             v = self.flow_step(torch.cat([z, z]), t, gen_pos, mask, kv, P)          # (R, 4, h, w)
             z_prev, z = z, kernels.janus_cfg_euler_step(z, v, dt, guidance)
             keep = between_steps(lambda rows: self.decode(straight_ahead(z_prev, z, rows, 1.0 - (step + 1) / steps,
-                                                                         dt)))
+                                                                         dt)), steps)
             if keep is not None:
                 R = 2 * len(keep)
                 rows = keep + [len(z) + k for k in keep]                            # [cond; uncond] rows kept

@@ -65,7 +65,7 @@ class PeRFlowPipeline(SDFlowPipeline):
                 x = edit.hold(x, lambda data, noise: sched.noised(data, noise, t_next))
             # Inside a window the path is straight: its line, continued to t = 0, is the preview.
             keep = between_steps(lambda rows: self.preview(straight_ahead(x_prev, x, rows, t_next, t - t_next),
-                                                           edit, rows))
+                                                           edit, rows), len(timesteps))
             if keep is not None:
                 x, emb, guidance = keep_rows(keep, x), keep_rows(keep, emb, 1 + cfg), keep_rows(keep, guidance)
                 if edit is not None:

@@ -80,7 +80,8 @@ def test_row_leaving_mid_run_keeps_the_others(janus_pipe):
     full = janus_pipe.run(specs).images
     steps = []
 
-    def hook(preview):
+    def hook(preview, total):
+        assert total == janus_pipe.parts.num_image_tokens
         steps.append(preview)
         if len(steps) == 5:
             assert preview([0, 2]).shape == (2, 16, 16, 3)

@@ -102,16 +102,17 @@ def test_an_edit_is_the_same_alone_and_batched(pipe):
 def test_the_preview_at_the_last_step_is_the_image(pipe, strength):
     """Each family's clean estimate is a real x̂: after the last step there is nothing left to run, so the
     preview taken there decodes to the image itself. Earlier previews are pictures of the same size."""
-    previews = []
+    previews, totals = [], set()
 
-    def hook(preview):
+    def hook(preview, steps):
         previews.append(preview([0]))
+        totals.add(steps)
         return None
 
     one = spec(pipe, 5, strength=strength, image=photo(pipe) if strength < 1 else None)
     with step_hook(hook):
         image = pipe.run([one]).images[0]
-    assert len(previews) == (STEPS if strength == 1 else STEPS // 2)
+    assert len(previews) == (STEPS if strength == 1 else STEPS // 2) and totals == {len(previews)}
     assert all(p.shape == (1, *image.shape) and p.dtype == np.uint8 for p in previews)
     assert np.abs(previews[-1][0].astype(int) - image.astype(int)).max() <= 2
 
