@@ -1,10 +1,12 @@
-"""Janus-Pro text-to-image, ours against transformers' `generate(generation_mode="image")` in the same run.
+"""Janus-Pro, ours against transformers in the same run: text-to-image against
+`generate(generation_mode="image")`, and chat decode tokens/s against `generate()`.
 
 Both sample the G image tokens at the official defaults (CFG weight 5, temperature 1) on the same random
 weights and prompts and decode them with the same VQ decoder; the figure is seconds per image (the batch's
 median wall time over its size), at batch 1 and 8. transformers runs its own loop over a StaticCache; ours
 runs `JanusPipeline.sample` over the preallocated buffers of `model_zoo.janusflow.llm`, so the ratio also
-says which cache is faster here. The tiny preset runs on the CPU in seconds; `--real` builds the Janus-Pro-1B
+says which cache is faster here. Chat: greedy streams of one prompt, 1 and 8 at once, through our continuous
+batcher (the slot KV cache) against one batched `generate()` of the same count. The tiny preset runs on the CPU in seconds; `--real` builds the Janus-Pro-1B
 architecture with random weights (bf16 on CUDA; fp32 on the CPU, where it takes many minutes).
 
     python -m benchmarks.bench_janus [--real] [--out benchmarks/out/]
@@ -16,12 +18,15 @@ import datetime
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import transformers
 
+from benchmarks.bench_janusflow import QUESTION, ours_decode, sync
 from benchmarks.timing import call_ms
+from model_zoo.janus.chat import JanusChat
 from model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
 from model_zoo.janus.loading import JanusParts
 from model_zoo.janus.pipeline import JanusPipeline
@@ -72,6 +77,29 @@ def bench(pipe: JanusPipeline, batch: int, warmup: int, repeat: int) -> dict:
     return {"batch": batch, "ours_s_per_image": ours_s, "transformers_s_per_image": ref_s, "speedup": ref_s / ours_s}
 
 
+@torch.inference_mode()
+def hf_decode(pipe: JanusPipeline, ids: list[int], concurrency: int, new_tokens: int) -> float:
+    model, device, eos = pipe.parts.model, pipe.parts.device, pipe.parts.tokenizer.eos_token_id
+    input_ids = torch.tensor([ids] * concurrency, device=device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=eos,
+              eos_token_id=None)
+    model.generate(input_ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})     # warm-up
+    sync(device)
+    start = time.perf_counter()
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+    sync(device)
+    return concurrency * new_tokens / (time.perf_counter() - start)
+
+
+def decode(pipe: JanusPipeline, new_tokens: int) -> list[dict]:
+    chat = JanusChat(pipe.parts)
+    ids = chat.processor.prompt([("User", QUESTION)], chat.processor.default_system, []).ids
+    ours_decode(chat, ids, 1, 4, pipe.parts.device)                                         # warm-up
+    return [{"concurrency": c, "new_tokens": new_tokens,
+             "ours_tok_s": ours_decode(chat, ids, c, new_tokens, pipe.parts.device),
+             "hf_generate_tok_s": hf_decode(pipe, ids, c, new_tokens)} for c in (1, 8)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", action="store_true", help="the Janus-Pro-1B architecture with random weights")
@@ -89,6 +117,7 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."), "preset": name, "image_tokens": pipe.parts.num_image_tokens,
         "image_side": pipe.parts.image_side, "t2i": [bench(pipe, b, warmup, repeat) for b in (1, 8)],
+        "decode": decode(pipe, new_tokens=32 if args.real else 16),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_janus_{name}"
@@ -104,6 +133,11 @@ def markdown(r: dict) -> str:
     for t in r["t2i"]:
         lines.append(f"| {t['batch']} | {t['ours_s_per_image']:.4f} | {t['transformers_s_per_image']:.4f} | "
                      f"{t['speedup']:.2f}x |")
+    lines += ["", "| chat decode, streams | new tokens each | ours tok/s (aggregate) | transformers generate tok/s | "
+              "ratio |", "|---|---|---|---|---|"]
+    for d in r["decode"]:
+        lines.append(f"| {d['concurrency']} | {d['new_tokens']} | {d['ours_tok_s']:.1f} | {d['hf_generate_tok_s']:.1f} "
+                     f"| {d['ours_tok_s'] / d['hf_generate_tok_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

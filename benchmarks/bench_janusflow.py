@@ -25,6 +25,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
+from model_zoo.base import ChatParts
 from model_zoo.janusflow.config import JanusFlowConfig, preset
 from model_zoo.janusflow.decoder import JanusFlowChat
 from model_zoo.janusflow.loading import JanusFlowParts
@@ -104,10 +105,10 @@ def chat_prompt(parts: JanusFlowParts) -> list[int]:
     return ids
 
 
-def ours_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int, max_len: int) -> float:
-    ids = chat_prompt(parts)
-    batcher = ContinuousBatcher(JanusFlowChat(parts).decoder(concurrency, max_len), parts.tokenizer, eos_id=-1,
-                                max_waiting=concurrency).start()
+def ours_decode(chat: ChatParts, ids: list[int], concurrency: int, new_tokens: int, device: torch.device) -> float:
+    """Aggregate tokens/s of `concurrency` greedy streams of one prompt through a chat model's continuous batcher."""
+    decoder = chat.decoder(concurrency, len(ids) + new_tokens + 1)
+    batcher = ContinuousBatcher(decoder, chat.tokenizer, eos_id=-1, max_waiting=concurrency).start()
     finished, done = [], threading.Event()
 
     def emit(event):                       # runs on the batcher thread
@@ -117,7 +118,7 @@ def ours_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int, max_le
                 done.set()
 
     seqs = [ChatSequence(ids, None, [], new_tokens, 0.0, 1.0, [], None, emit) for _ in range(concurrency)]
-    sync(parts.device)
+    sync(device)
     start = time.perf_counter()
     for seq in seqs:
         batcher.submit(seq)
@@ -160,7 +161,7 @@ def main() -> None:
         "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "preset": name,
         "t2i": bench_t2i(parts, steps, repeats),
         "decode": [{"concurrency": c, "new_tokens": new_tokens,
-                    "ours_tok_s": ours_decode(parts, c, new_tokens, len(chat_prompt(parts)) + new_tokens + 1),
+                    "ours_tok_s": ours_decode(JanusFlowChat(parts), chat_prompt(parts), c, new_tokens, parts.device),
                     "hf_generate_tok_s": hf_decode(parts, c, new_tokens)} for c in concurrency],
     }
     args.out.mkdir(parents=True, exist_ok=True)
