@@ -6,7 +6,8 @@ weights and prompts and decode them with the same VQ decoder; the figure is seco
 median wall time over its size), at batch 1 and 8. transformers runs its own loop over a StaticCache; ours
 runs `JanusPipeline.sample` over the preallocated buffers of `model_zoo.janusflow.llm`, so the ratio also
 says which cache is faster here. Chat: greedy streams of one prompt, 1 and 8 at once, through our continuous
-batcher (the slot KV cache) against one batched `generate()` of the same count. The tiny preset runs on the CPU in seconds; `--real` builds the Janus-Pro-1B
+batcher (the slot KV cache) against one batched `generate()` of the same count. The tiny preset runs on the
+CPU in seconds; `--real` builds the Janus-Pro-1B
 architecture with random weights (bf16 on CUDA; fp32 on the CPU, where it takes many minutes).
 
     python -m benchmarks.bench_janus [--real] [--out benchmarks/out/]
@@ -31,7 +32,7 @@ from model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
 from model_zoo.janus.loading import JanusParts
 from model_zoo.janus.pipeline import JanusPipeline
 from model_zoo.janus.random_checkpoint import build_processor, random_model
-from model_zoo.janus.sampling import row_generators
+from model_zoo.seeding import generators
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "a blue square next to a green circle",
            "the quick brown fox jumps over the lazy dog", "write a short poem about the sea",
@@ -48,7 +49,7 @@ def random_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> Janu
 
 def ours(pipe: JanusPipeline, prompts: list[str]) -> None:
     ids, _ = pipe.prompt_ids(prompts)
-    pipe.decode(pipe.sample(ids, GENERATION_DEFAULTS.cfg_weight, row_generators(list(range(len(prompts))))))
+    pipe.decode(pipe.sample(ids, GENERATION_DEFAULTS.cfg_weight, generators(list(range(len(prompts))))))
 
 
 @torch.inference_mode()
@@ -103,6 +104,8 @@ def decode(pipe: JanusPipeline, new_tokens: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", action="store_true", help="the Janus-Pro-1B architecture with random weights")
+    ap.add_argument("--repeat", type=int, help="timed runs per case (default 9 tiny, 2 real)")
+    ap.add_argument("--warmup", type=int, help="untimed runs first (default 3 tiny, 1 real)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.real and torch.cuda.is_available() else "cpu")
@@ -110,6 +113,7 @@ def main() -> None:
     name = "janus-pro-1b" if args.real else "tiny"
     pipe = random_pipeline(name, device, dtype)
     warmup, repeat = (1, 2) if args.real else (3, 9)
+    warmup, repeat = args.warmup if args.warmup is not None else warmup, args.repeat or repeat
     result = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if device.type == "cuda"

@@ -4,8 +4,8 @@
 
 - **Previews:** one batch of `batch` images with 0, 1 and all rows streaming (`partial_images` 3). The extra
   time over the plain batch, divided by the previews sent, is the cost of one preview; every row of a batch
-  waits for it, so the batch time against the plain batch is what the plain rows beside a stream pay. For scale, one decode of a
-  single row and of the whole batch: a preview decodes its own row only.
+  waits for it, so the batch time against the plain batch is what the plain rows beside a stream pay. For
+  scale, one decode of a single row and of the whole batch: a preview decodes its own row only.
 - **Edits:** ms per batch, text-to-image against an edit at strength 1 (the same steps, plus the VAE encode)
   and at 0.5 (half the steps), at the model's default step count.
 """
@@ -77,8 +77,8 @@ def run(model: str, device: str, batch: int, repeat: int) -> dict:
                       for strength in (1.0, 0.5)})
         measured = interleaved(engine, model, cases, repeat)
         plain = measured["stream 0"][0]
-        previews = [{"streaming_rows": n, "batch_ms": measured[f"stream {n}"][0], "previews": measured[f"stream {n}"][1],
-                     "time_vs_plain": measured[f"stream {n}"][0] / plain} for n in (0, 1, batch)]
+        previews = [{"streaming_rows": n, "batch_ms": ms, "previews": sent, "time_vs_plain": ms / plain}
+                    for n in (0, 1, batch) for ms, sent in [measured[f"stream {n}"]]]
         for row in previews:
             row["per_preview_ms"] = (row["batch_ms"] - plain) / row["previews"] if row["previews"] else 0.0
         parts = engine.models[model].pipeline.parts            # type: ignore[attr-defined]  # an SD family
@@ -96,8 +96,8 @@ def run(model: str, device: str, batch: int, repeat: int) -> dict:
 
 def markdown(result: dict, env: dict) -> str:
     r = result
-    lines = [f"{r['model']}, batch {r['batch']}, {r['steps']} steps, {r['size']}, `partial_images` {r['partial_images']}"
-             f" ({env['device']}, torch {env['torch']}, {env['date'][:10]})", "",
+    lines = [f"{r['model']}, batch {r['batch']}, {r['steps']} steps, {r['size']}, "
+             f"`partial_images` {r['partial_images']} ({env['device']}, torch {env['torch']}, {env['date'][:10]})", "",
              "| streaming rows | batch ms | × plain batch | previews | ms per preview |", "|---|---|---|---|---|"]
     for p in r["previews"]:
         lines.append(f"| {p['streaming_rows']} | {p['batch_ms']:.1f} | {p['time_vs_plain']:.2f} | {p['previews']} | "

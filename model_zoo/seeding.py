@@ -18,15 +18,20 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """Image i's own CPU generator: every random draw for that image comes from it, never from the batch."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], *, dtype: torch.dtype,
                  device: torch.device | str) -> tuple[torch.Tensor, list[torch.Generator]]:
     """`shape` is one image's latent shape (C, h, w); returns ((B, C, h, w) noise, the B generators).
 
     Samplers that keep drawing after the initial noise (DDPM's per-step variance noise) continue from
     each image's own generator, as diffusers does with a list of them."""
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    draws = [torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]
-    return torch.cat(draws, dim=0).to(device), generators
+    gens = generators(seeds)
+    draws = [torch.randn((1, *shape), generator=g, dtype=dtype) for g in gens]
+    return torch.cat(draws, dim=0).to(device), gens
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], *, dtype: torch.dtype,

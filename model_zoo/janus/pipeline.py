@@ -33,9 +33,10 @@ from transformers import LlamaForCausalLM
 
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.janus.loading import JanusParts, load_parts
-from model_zoo.janus.sampling import guided_logits, next_tokens, row_generators
+from model_zoo.janus.sampling import guided_logits, next_tokens
 from model_zoo.janusflow.llm import KVBuffers, LlamaBody, run_layers
 from model_zoo.samplers import guidance_tensor, keep_rows
+from model_zoo.seeding import generators
 
 
 class JanusPipeline:
@@ -158,7 +159,7 @@ class JanusPipeline:
             prompts, truncated = self.prompt_ids([s.prompt for s in specs])
             guidance = guidance_tensor([s.guidance for s in specs], self.parts.device)
         with timer.stage("sample"):
-            tokens = self.sample(prompts, guidance, row_generators([s.seed for s in specs]))
+            tokens = self.sample(prompts, guidance, generators([s.seed for s in specs]))
         with timer.stage("decode"):
             images = self.decode(tokens) if len(tokens) else np.zeros((0, *self.default_size, 3), np.uint8)
         return BatchOutput(images, truncated, timer.timings)

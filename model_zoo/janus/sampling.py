@@ -11,11 +11,6 @@ from __future__ import annotations
 import torch
 
 
-def row_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU generator per row, seeded as `model_zoo.seeding` seeds an image's noise."""
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
 def guided_logits(logits: torch.Tensor, guidance: torch.Tensor | float) -> torch.Tensor:
     """logits (2B, V) as [cond B; uncond B] → (B, V); `guidance` a float or (B,) weights."""
     cond, uncond = logits.float().chunk(2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model_zoo.base import ImageSpec, step_hook
-from model_zoo.janus.sampling import row_generators
+from model_zoo.seeding import generators
 
 PROMPTS = ["a cat", "a photo of a red square on a table next to a blue circle", "the quick brown fox"]
 
@@ -70,7 +70,7 @@ def test_sampling_follows_the_distribution(janus_pipe):
     from model_zoo.janus.sampling import next_tokens
 
     scores = torch.log(torch.tensor([[0.7, 0.0, 0.3]])).expand(4000, 3)
-    drawn = next_tokens(scores, 1.0, row_generators(list(range(4000))))
+    drawn = next_tokens(scores, 1.0, generators(list(range(4000))))
     share = torch.bincount(drawn, minlength=3).float() / 4000
     assert share[1] == 0 and abs(share[0] - 0.7) < 0.03
 

@@ -23,8 +23,9 @@ ST = shutil.which("st") or shutil.which("schemathesis")
 
 def schemathesis(url: str, folder, *extra: str) -> subprocess.CompletedProcess:
     """`st run` in `folder`, where it keeps its cache, so nothing lands in the checkout."""
-    return subprocess.run([ST, "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "-c", "all", "-n", EXAMPLES, "--seed", "1",
-                           "--workers", "1", "--no-color", "--generation-database", "none", *extra],
+    return subprocess.run([ST, "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "-c", "all",
+                           "-n", EXAMPLES, "--seed", "1", "--workers", "1", "--no-color",
+                           "--generation-database", "none", *extra],
                           capture_output=True, text=True, timeout=600, cwd=folder)
 
 
