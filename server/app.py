@@ -166,7 +166,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return ModelList(data=[_model_object(c) for c in engine.cards.values()])
+        return ModelList(data=[_model_object(m.card, chats=m.chat is not None) for m in engine.models.values()])
 
     @app.get("/health", response_model=Health, response_model_exclude_none=True,
              responses={503: {"model": Health, "description": "the worker stopped, or a batch is stuck"}})
@@ -208,8 +208,8 @@ def images_json(response: ImagesResponse, b64: list[bytes], revised_prompt: str 
     return b"".join(parts)
 
 
-def _model_object(card: ModelCard) -> ModelObject:
+def _model_object(card: ModelCard, chats: bool) -> ModelObject:
     d = card.defaults
     return ModelObject(id=card.name, created=STARTED, family=card.family, sizes=list(card.sizes),
                        default_size=d.size, default_steps=d.steps, default_guidance_scale=d.guidance,
-                       max_steps=card.max_steps, edits=card.supports_edits)
+                       max_steps=card.max_steps, edits=card.supports_edits, chat=chats)

@@ -120,6 +120,7 @@ class ModelObject(BaseModel):
     default_guidance_scale: float
     max_steps: int
     edits: bool = Field(description="whether /v1/images/edits takes this model")
+    chat: bool = Field(description="whether /v1/chat/completions takes this model")
 
 
 class ModelList(BaseModel):

@@ -21,7 +21,7 @@ async function loadModels() {
       setupEdit(editable);
       document.getElementById("edit").hidden = false;
     }
-    const chatty = models.filter((m) => m.family === "janusflow");
+    const chatty = models.filter((m) => m.chat);
     if (chatty.length) {
       setupChat(chatty);
       document.getElementById("chat").hidden = false;

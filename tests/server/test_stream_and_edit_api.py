@@ -120,6 +120,12 @@ def test_an_edit_streams_its_previews(server, client):
     assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
 
 
+def test_the_model_list_says_what_each_model_takes(server):
+    models = httpx.get(f"{server.url}/v1/models").json()["data"]
+    assert {m["id"]: (m["edits"], m["chat"]) for m in models} == {MULTI: (True, False), ONE_STEP: (True, False),
+                                                                  TINY: (True, False)}
+
+
 def _edit(server, files, **fields):
     data = {"model": MULTI, "prompt": "a red circle", **fields}
     return httpx.post(f"{server.url}/v1/images/edits", files=files, data=data, timeout=30)
@@ -166,7 +172,7 @@ def test_a_model_that_cannot_edit_is_named(tmp_path_factory):
     srv = ServerProcess("--model", f"janusflow-1.3b={folder}", ready_timeout=240)
     try:
         models = httpx.get(f"{srv.url}/v1/models").json()["data"]
-        assert [m["edits"] for m in models] == [False]
+        assert [(m["edits"], m["chat"]) for m in models] == [(False, True)]
         r = httpx.post(f"{srv.url}/v1/images/edits", data={"prompt": "x"},
                        files={"image": ("in.png", png(photo_like(16, 16, 0)), "image/png")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
