@@ -1,7 +1,6 @@
 """Janus chat through the continuous batcher: greedy tokens equal `JanusForConditionalGeneration.generate()`
 token for token, for 4 concurrent requests of different lengths, with and without an image; and our prompt
 is the one `JanusProcessor` builds from the checkpoint's chat template."""
-import threading
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ from PIL import Image
 
 from model_zoo.janus.chat import JanusChat
 from server.chat.batcher import ChatSequence, ContinuousBatcher
+from tests.janusflow.test_chat_batcher import Collector
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,6 @@ def hf_generate(chat, text, images, max_new: int) -> list[int]:
                                     pad_token_id=eos)
     tokens = out[0, inputs.input_ids.shape[1]:].tolist()
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
-
-
-class Collector:
-    def __init__(self):
-        self.events, self.done = [], threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if event.finish_reason:
-            self.done.set()
 
 
 @pytest.mark.timeout(120)
