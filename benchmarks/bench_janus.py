@@ -104,6 +104,7 @@ def decode(pipe: JanusPipeline, new_tokens: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", action="store_true", help="the Janus-Pro-1B architecture with random weights")
+    ap.add_argument("--batches", default="1,8", help="text-to-image batch sizes, comma-separated")
     ap.add_argument("--repeat", type=int, help="timed runs per case (default 9 tiny, 2 real)")
     ap.add_argument("--warmup", type=int, help="untimed runs first (default 3 tiny, 1 real)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -120,7 +121,7 @@ def main() -> None:
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."), "preset": name, "image_tokens": pipe.parts.num_image_tokens,
-        "image_side": pipe.parts.image_side, "t2i": [bench(pipe, b, warmup, repeat) for b in (1, 8)],
+        "image_side": pipe.parts.image_side, "t2i": [bench(pipe, int(b), warmup, repeat) for b in args.batches.split(",")],
         "decode": decode(pipe, new_tokens=32 if args.real else 16),
     }
     args.out.mkdir(parents=True, exist_ok=True)
