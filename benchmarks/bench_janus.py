@@ -121,7 +121,8 @@ def main() -> None:
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."), "preset": name, "image_tokens": pipe.parts.num_image_tokens,
-        "image_side": pipe.parts.image_side, "t2i": [bench(pipe, int(b), warmup, repeat) for b in args.batches.split(",")],
+        "image_side": pipe.parts.image_side,
+        "t2i": [bench(pipe, int(b), warmup, repeat) for b in args.batches.split(",")],
         "decode": decode(pipe, new_tokens=32 if args.real else 16),
     }
     args.out.mkdir(parents=True, exist_ok=True)
