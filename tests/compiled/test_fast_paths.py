@@ -94,8 +94,17 @@ def _greedy(decoder, prompts: list[list[int]], steps: int) -> list[list[int]]:
     return out
 
 
-def test_chat_decode_step(tiny_janus):
-    capture, _ = chat_case(f"janusflow-1.3b={tiny_janus}", slots=max(BUCKETS))
+@pytest.fixture(scope="module")
+def tiny_janus_pro(tmp_path_factory):
+    from model_zoo.janus.random_checkpoint import save_random_checkpoint
+
+    return save_random_checkpoint(tmp_path_factory.mktemp("janus-pro"), "tiny", seed=0)
+
+
+@pytest.mark.parametrize("preset, checkpoint", [("janusflow-1.3b", "tiny_janus"), ("janus-pro-1b", "tiny_janus_pro")])
+def test_chat_decode_step(preset, checkpoint, request):
+    """Every chat model's decode step: JanusFlow's, and Janus-Pro's over its bare Llama body."""
+    capture, _ = chat_case(f"{preset}={request.getfixturevalue(checkpoint)}", slots=max(BUCKETS))
     decoder = capture.decoder
     vocab = decoder.lm.config.vocab_size
     rng = np.random.default_rng(0)
