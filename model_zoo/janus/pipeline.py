@@ -12,8 +12,10 @@ the official demo:
 - the VQ decoder turns the G tokens into pixels; clip(−1, 1) → (x+1)/2·255, truncated, as the official code.
 
 Where we differ, exactly:
-- Prompts are right-padded (transformers pads left): each row has its own RoPE positions and its padding is
-  masked, so the logits are the same up to float rounding (RoPE sees only relative positions).
+- Prompts are right-padded (transformers pads left), to a multiple of PREFIX_BUCKET tokens so that the token
+  step has one shape per bucket of prompt lengths (its compiled graph, `fast_path`): each row has its own RoPE
+  positions and its padding is masked, so the logits are the same up to float rounding (RoPE sees only
+  relative positions).
 - The KV cache is ours: one preallocated (2B, kv_heads, P + G, d) buffer per layer written in place
   (`model_zoo.janusflow.llm`), as transformers' static cache is, but one whose rows we can drop when a
   request leaves between tokens. Every step attends over the buffer's full width under a mask, so its
@@ -32,11 +34,17 @@ import torch
 from transformers import LlamaForCausalLM
 
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
+from model_zoo.fast_path import CompiledCalls
 from model_zoo.janus.loading import JanusParts, load_parts
 from model_zoo.janus.sampling import guided_logits, next_tokens
 from model_zoo.janusflow.llm import KVBuffers, LlamaBody, run_layers
 from model_zoo.samplers import guidance_tensor, keep_rows
 from model_zoo.seeding import generators
+
+
+# Prompts are padded to a multiple of this: the token step's shapes, and so its compiled graph, depend on the
+# padded length only; masked columns add exact zeros to attention.
+PREFIX_BUCKET = 64
 
 
 class JanusPipeline:
@@ -48,6 +56,7 @@ class JanusPipeline:
         self.parts = parts
         self.temperature = temperature                    # 0 = greedy
         self.lm = cast(LlamaForCausalLM, LlamaBody(parts.model.model.language_model))
+        self.token_step = self.next_scores       # the hot call, which the fast path swaps for a compiled one
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
@@ -88,14 +97,24 @@ class JanusPipeline:
         """The prompt as the LLM reads it, template, BOS and BOI included."""
         return len(self.prompt_ids([prompt])[0][0])
 
-    def fast_path(self) -> None:
-        """No compiled path yet: the step's shapes are already static (a full-width masked cache)."""
-        return None
+    def fast_path(self) -> CompiledCalls:
+        """The token step (`next_scores`) compiled per (rows, padded prompt) bucket: every step attends over the
+        cache's full width under a mask and writes its column through a tensor, so one graph serves all G."""
+        return CompiledCalls([(self, "token_step")])
+
+    def next_scores(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: KVBuffers,
+                    write: torch.Tensor) -> torch.Tensor:
+        """The generation head's logits (R, V) after feeding each row its last image token `tokens` (R,) at RoPE
+        `positions` (R,), its key and value written at column `write` (R,); `mask` (R, 1, 1, W) the visible keys."""
+        model = self.parts.model
+        x = model.prepare_embeddings_for_image_generation(tokens[:, None])                  # (R, 1, D)
+        h = run_layers(self.lm, x, positions[:, None], kv, write=write, mask=mask)[:, 0]    # (R, D)
+        return model.model.generation_head(h)
 
     def prompt_batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (2B, P) as [cond B; uncond B], right-padded, and the prompts' lengths (2B,)."""
         p, dev, B = self.parts, self.parts.device, len(prompts)
-        P = max(len(ids) for ids in prompts)
+        P = -(-max(len(ids) for ids in prompts) // PREFIX_BUCKET) * PREFIX_BUCKET                 # padded prompt
         ids = torch.full((2 * B, P), p.pad_id, dtype=torch.long)
         for i, row in enumerate(prompts):
             ids[i, :len(row)] = ids[B + i, :len(row)] = torch.tensor(row)
@@ -119,10 +138,11 @@ class JanusPipeline:
         h = run_layers(lm, model.get_input_embeddings()(ids), col[:P].expand(R, P), kv, write=0,
                        mask=causal[None, None] & visible[:, None, None, :])          # (R, P, D)
         h = h[torch.arange(R, device=dev), lengths - 1]                             # (R, D): each last token
+        logits = model.model.generation_head(h)                                     # (R, V)
 
         tokens = torch.zeros(B, G, dtype=torch.long, device=dev)
         for i in range(G):
-            scores = guided_logits(model.model.generation_head(h), guidance)        # (B, V)
+            scores = guided_logits(logits, guidance)                                # (B, V)
             tokens[:, i] = next_tokens(scores, self.temperature, generators)
             keep = between_steps(lambda rows, n=i + 1: self.decode(self.preview_tokens(tokens[rows], n)), G)
             if keep is not None:
@@ -132,10 +152,9 @@ class JanusPipeline:
                 lengths, visible, kv = lengths[pairs], visible[pairs], kv.take(pairs)
             if i == G - 1 or not len(tokens):
                 break
-            x = model.prepare_embeddings_for_image_generation(tokens[:, i].repeat(2)[:, None])   # (R, 1, D)
             visible[:, P + i] = True
-            h = run_layers(lm, x, (lengths + i)[:, None], kv, write=P + i,
-                           mask=visible[:, None, None, :])[:, 0]                    # (R, D)
+            logits = self.token_step(tokens[:, i].repeat(2), lengths + i, visible[:, None, None, :], kv,
+                                     torch.full_like(lengths, P + i))                 # (R, V)
         return tokens
 
     def preview_tokens(self, tokens: torch.Tensor, n: int) -> torch.Tensor:

@@ -77,6 +77,19 @@ def test_janusflow_flow_step(tiny_janus):
     assert _uses_attention(_compiled_images_match_eager(fast, run, calls_per_bucket=1))
 
 
+@pytest.fixture(scope="module")
+def tiny_janus_pro(tmp_path_factory):
+    from model_zoo.janus.random_checkpoint import save_random_checkpoint
+
+    return save_random_checkpoint(tmp_path_factory.mktemp("janus-pro"), "tiny", seed=0)
+
+
+def test_janus_pro_token_step(tiny_janus_pro):
+    """Greedy, so that the compiled graph's rounding cannot move a sampled token."""
+    fast, run = image_case(f"janus-pro-1b={tiny_janus_pro}?temperature=0")
+    assert _uses_attention(_compiled_images_match_eager(fast, run, calls_per_bucket=1))
+
+
 def _greedy(decoder, prompts: list[list[int]], steps: int) -> list[list[int]]:
     """Prefill each prompt into its own slot, then decode greedily for `steps` tokens, every row at once."""
     tokens, lengths = [], []
@@ -92,13 +105,6 @@ def _greedy(decoder, prompts: list[list[int]], steps: int) -> list[list[int]]:
         for row, t in enumerate(tokens):
             out[row].append(t)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_janus_pro(tmp_path_factory):
-    from model_zoo.janus.random_checkpoint import save_random_checkpoint
-
-    return save_random_checkpoint(tmp_path_factory.mktemp("janus-pro"), "tiny", seed=0)
 
 
 @pytest.mark.parametrize("preset, checkpoint", [("janusflow-1.3b", "tiny_janus"), ("janus-pro-1b", "tiny_janus_pro")])
