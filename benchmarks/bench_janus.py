@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.bench_janusflow import QUESTION, ours_decode, sync
+from benchmarks.bench_janusflow import QUESTION, decode_table, ours_decode, sync
 from benchmarks.timing import call_ms
 from model_zoo.janus.chat import JanusChat
 from model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
@@ -139,11 +139,7 @@ def markdown(r: dict) -> str:
     for t in r["t2i"]:
         lines.append(f"| {t['batch']} | {t['ours_s_per_image']:.4f} | {t['transformers_s_per_image']:.4f} | "
                      f"{t['speedup']:.2f}x |")
-    lines += ["", "| chat decode, streams | new tokens each | ours tok/s (aggregate) | transformers generate tok/s | "
-              "ratio |", "|---|---|---|---|---|"]
-    for d in r["decode"]:
-        lines.append(f"| {d['concurrency']} | {d['new_tokens']} | {d['ours_tok_s']:.1f} | {d['hf_generate_tok_s']:.1f} "
-                     f"| {d['ours_tok_s'] / d['hf_generate_tok_s']:.2f}x |")
+    lines += ["", *decode_table(r["decode"])]
     return "\n".join(lines) + "\n"
 
 

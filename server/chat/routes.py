@@ -199,14 +199,14 @@ async def _image_answer(engine, name, conv: Conversation, body, request, rid, cr
     opts = body.image or ImageOptions()
     specs = image_specs(engine.models[name].card, conv.last_user_text, max_n=1, size=opts.size,
                         steps=opts.num_inference_steps, guidance=opts.guidance_scale, seed=body.seed, prefix="image.")
-    prompt_tokens = engine.models[name].pipeline.prompt_tokens(conv.last_user_text)
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     if body.stream:
         previews: asyncio.Queue = asyncio.Queue()
         job = jobs.submit(engine, name, specs, partial_images=opts.partial_images,
                           on_partial=streaming.previews_to(asyncio.get_running_loop(), previews))
         return StreamingResponse(_image_chunks(job, previews, rid, created, name), media_type="text/event-stream")
     images = (await jobs.wait(jobs.submit(engine, name, specs), request)).images
+    prompt_tokens = engine.models[name].pipeline.prompt_tokens(conv.last_user_text)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     return ChatCompletion(id=rid, created=created, model=name, usage=usage, seed=specs[0].seed,
                           choices=[Choice(message=AssistantMessage(content=[await _png_part(images[0])]),
                                           finish_reason="stop")])
