@@ -16,10 +16,10 @@ Where we differ, exactly:
   step has one shape per bucket of prompt lengths (its compiled graph, `fast_path`): each row has its own RoPE
   positions and its padding is masked, so the logits are the same up to float rounding (RoPE sees only
   relative positions).
-- The KV cache is ours: one preallocated (2B, kv_heads, P + G, d) buffer per layer written in place
-  (`model_zoo.janusflow.llm`), as transformers' static cache is, but one whose rows we can drop when a
-  request leaves between tokens. Every step attends over the buffer's full width under a mask, so its
-  shapes never change (the benchmark compares it with `generate()` on its StaticCache).
+- The KV cache is ours: a (2B, kv_heads, P + G, d) buffer per layer written in place, taken from the
+  pipeline's `KVPool` (`model_zoo.janusflow.llm`) at fixed addresses, as transformers' static cache is, but
+  one whose rows we can drop when a request leaves between tokens. Every step attends over the buffer's full
+  width under a mask, so its shapes never change (the benchmark compares it with `generate()` on its StaticCache).
 - With sampling, each row draws from its own seeded generator (`model_zoo.janus.sampling`), so an image is
   the same alone or in any batch; `generate()` draws the whole batch from the global RNG.
 """
@@ -37,7 +37,7 @@ from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.fast_path import CompiledCalls
 from model_zoo.janus.loading import JanusParts, load_parts
 from model_zoo.janus.sampling import guided_logits, next_tokens
-from model_zoo.janusflow.llm import KVBuffers, LlamaBody, run_layers
+from model_zoo.janusflow.llm import KVBuffers, KVPool, LlamaBody, run_layers
 from model_zoo.samplers import guidance_tensor, keep_rows
 from model_zoo.seeding import generators
 
@@ -56,6 +56,7 @@ class JanusPipeline:
         self.parts = parts
         self.temperature = temperature                    # 0 = greedy
         self.lm = cast(LlamaForCausalLM, LlamaBody(parts.model.model.language_model))
+        self.kv_pool = KVPool(self.lm, parts.device, parts.dtype)
         self.token_step = self.next_scores       # the hot call, which the fast path swaps for a compiled one
 
     @classmethod
@@ -133,7 +134,7 @@ class JanusPipeline:
         R, P = ids.shape
         col = torch.arange(P + G, device=dev)
         visible = col[None, :] < lengths[:, None]                                   # (R, P+G): prompt keys
-        kv = KVBuffers.allocate(lm, R, P + G, device=dev, dtype=p.dtype)
+        kv = self.kv_pool.batch(R, P + G)
         causal = torch.ones(P, P + G, dtype=torch.bool, device=dev).tril()
         h = run_layers(lm, model.get_input_embeddings()(ids), col[:P].expand(R, P), kv, write=0,
                        mask=causal[None, None] & visible[:, None, None, :])          # (R, P, D)
@@ -149,7 +150,7 @@ class JanusPipeline:
                 pairs = keep + [len(tokens) + k for k in keep]                      # [cond; uncond] rows kept
                 tokens, guidance = tokens[keep], keep_rows(keep, guidance)
                 generators = [generators[k] for k in keep]
-                lengths, visible, kv = lengths[pairs], visible[pairs], kv.take(pairs)
+                lengths, visible, kv = lengths[pairs], visible[pairs], self.kv_pool.keep(kv, pairs)
             if i == G - 1 or not len(tokens):
                 break
             visible[:, P + i] = True

@@ -2,7 +2,8 @@
 
 transformers' caches grow by appending; both JanusFlow paths need something else:
 - text-to-image writes the prompt KV once and then *overwrites* the same 1 + G columns at
-  every ODE step, so the prompt is never recomputed and nothing is reallocated;
+  every ODE step, so the prompt is never recomputed and nothing is reallocated (Janus-Pro's
+  image tokens write one column a step); its batches share one `KVPool`;
 - chat keeps one slot per sequence in a fixed (slots, heads, max_len, d) buffer, and each
   decode step writes one column per sequence at that sequence's own position.
 
@@ -12,6 +13,7 @@ the plain HF forward and with `generate()`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,20 +38,66 @@ class KVBuffers:
 
     @classmethod
     def allocate(cls, lm: LlamaForCausalLM, batch: int, length: int, *, device, dtype) -> "KVBuffers":
-        c = lm.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        shape = (batch, c.num_key_value_heads, length, head_dim)
-        n = c.num_hidden_layers
+        shape, n = (batch, *_kv_shape(lm, length)), lm.config.num_hidden_layers
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
-
-    def take(self, rows: list[int]) -> "KVBuffers":
-        """Copies of the given rows, in that order (a batch that lost requests between steps)."""
-        return KVBuffers([k[rows] for k in self.keys], [v[rows] for v in self.values])
 
     def rows(self, stop: int, start: int = 0) -> "KVBuffers":
         """A view of rows [start, stop): writes through it land in these buffers."""
         return KVBuffers([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])
+
+
+def _kv_shape(lm: LlamaForCausalLM, length: int) -> tuple[int, int, int]:
+    """(kv_heads, length, head_dim): one row of one layer's keys or values."""
+    c = lm.config
+    return c.num_key_value_heads, length, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+class KVPool:
+    """The KV memory every text-to-image batch of one pipeline lives in: per layer, one flat buffer for keys
+    and one for values, of which each batch takes the leading (rows, kv_heads, length, d) as a contiguous view.
+
+    Why not a fresh `KVBuffers` per batch: the compiled step writes its keys and values into the cache in
+    place, and CUDA graphs capture a graph that writes an input only when that input is static, at an address
+    fixed from one replay to the next (inductor otherwise skips CUDA graphs for it: "mutated inputs"). Every
+    view starts at its buffer's first element, so a bucket's graph always sees the same addresses, and the
+    views are marked static. A view is contiguous, so its strides depend on its own shape alone, never on how
+    large the pool has grown: the compiled graphs' stride guards hold. The pool grows to the largest batch
+    asked for and keeps that memory, as a serving KV cache does; after a growth each captured graph
+    re-records once. One batch at a time uses it: the worker runs a pipeline's batches one after another.
+    """
+
+    def __init__(self, lm: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):
+        self.lm, self.device, self.dtype = lm, device, dtype
+        self.flat: list[torch.Tensor] = []         # keys of every layer, then values
+
+    def batch(self, rows: int, length: int) -> KVBuffers:
+        """Zeroed buffers for a batch of `rows` sequences of up to `length` columns. Zeroed, so that a masked
+        column holds no NaN left by an earlier batch: attention weighs it 0, and 0 × NaN would still be NaN."""
+        kv = self._views(rows, length)
+        for t in (*kv.keys, *kv.values):
+            t.zero_()
+        return kv
+
+    def keep(self, kv: KVBuffers, rows: list[int]) -> KVBuffers:
+        """The batch `kv` (this pool's) cut to `rows`, in that order, moved to the front of the pool: a batch
+        that lost requests between steps."""
+        kept = [t[rows] for t in (*kv.keys, *kv.values)]             # copies first: the new views overlap them
+        out = self._views(len(rows), kv.keys[0].shape[2])
+        for dst, src in zip((*out.keys, *out.values), kept):
+            dst.copy_(src)
+        return out
+
+    def _views(self, rows: int, length: int) -> KVBuffers:
+        shape = (rows, *_kv_shape(self.lm, length))
+        size, n = math.prod(shape), self.lm.config.num_hidden_layers
+        if not self.flat or self.flat[0].numel() < size:
+            self.flat = []                                           # the old memory goes before the new comes
+            self.flat = [torch.zeros(size, device=self.device, dtype=self.dtype) for _ in range(2 * n)]
+        views = [f[:size].view(shape) for f in self.flat]            # (rows, kv_heads, length, d), contiguous
+        for v in views:
+            torch._dynamo.mark_static_address(v)
+        return KVBuffers(views[:n], views[n:])
 
 
 def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tensor, kv: KVBuffers,

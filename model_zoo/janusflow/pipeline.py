@@ -29,7 +29,7 @@ import torch
 import kernels
 from model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from model_zoo.fast_path import CompiledCalls
-from model_zoo.janusflow.llm import KVBuffers, run_layers
+from model_zoo.janusflow.llm import KVBuffers, KVPool, run_layers
 from model_zoo.janusflow.loading import JanusFlowParts, load_parts
 from model_zoo.samplers import guidance_tensor, keep_rows, straight_ahead
 from model_zoo.seeding import initial_noise
@@ -45,6 +45,7 @@ class JanusFlowPipeline:
 
     def __init__(self, parts: JanusFlowParts):
         self.parts = parts
+        self.kv_pool = KVPool(parts.model.language_model, parts.device, parts.dtype)
         self.flow_step = self.velocity          # the hot call, which the fast path swaps for a compiled one
 
     @classmethod
@@ -113,7 +114,7 @@ class JanusFlowPipeline:
         visible = col[None, :] < lengths[:, None]                     # (R, P) prompt keys
         visible[B:] = col[None, :] == 0
 
-        kv = KVBuffers.allocate(lm, R, P + 1 + G, device=dev, dtype=p.dtype)
+        kv = self.kv_pool.batch(R, P + 1 + G)
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         run_layers(lm, lm.get_input_embeddings()(ids), col.expand(R, P), kv, write=0,
                    mask=causal[None, None] & visible[:, None, None, :])              # (R, 1, P, P)
@@ -133,7 +134,7 @@ class JanusFlowPipeline:
                 R = 2 * len(keep)
                 rows = keep + [len(z) + k for k in keep]                            # [cond; uncond] rows kept
                 z, guidance, gen_pos, mask = keep_rows(keep, z), keep_rows(keep, guidance), gen_pos[rows], mask[rows]
-                kv = kv.take(rows)
+                kv = self.kv_pool.keep(kv, rows)
         return z
 
     @torch.inference_mode()

@@ -1,9 +1,10 @@
 """Text-to-image with the prompt KV reused equals the official loop, which recomputes the
-whole sequence at every step; batching does not change an image."""
+whole sequence at every step; batching does not change an image. The batches' KV pool keeps fixed addresses."""
 import numpy as np
 import torch
 
 from model_zoo.base import ImageSpec
+from model_zoo.janusflow.llm import KVPool
 
 
 def official_loop(parts, prompt: str, z: torch.Tensor, steps: int, w: float) -> torch.Tensor:
@@ -85,3 +86,31 @@ def test_over_long_prompt_is_truncated_and_flagged(janus_pipe):
     prefixes, truncated = janus_pipe.prefixes(["blue " * (limit + 20), "short"])
     assert truncated == [True, False]
     assert len(prefixes[0]) + 1 + janus_pipe.parts.num_gen_tokens <= janus_pipe.parts.context_length
+
+
+def test_kv_pool_views_sit_at_fixed_addresses(janus_pipe):
+    """Every batch's cache starts at the pool's first element, contiguous and marked static, so a captured CUDA
+    graph replays over the same addresses; it grows only for a larger batch."""
+    pool = KVPool(janus_pipe.parts.model.language_model, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        big = pool.batch(4, 70)
+        start = big.keys[0].data_ptr()
+        for rows, length in ((4, 70), (2, 70), (4, 33)):
+            kv = pool.batch(rows, length)
+            assert kv.keys[0].shape == (rows, *big.keys[0].shape[1:2], length, big.keys[0].shape[3])
+            assert all(t.is_contiguous() and t._dynamo_static_input_type for t in (*kv.keys, *kv.values))
+            assert kv.keys[0].data_ptr() == start and kv.values[-1].data_ptr() == big.values[-1].data_ptr()
+        assert pool.batch(6, 70).keys[0].data_ptr() != start                  # grown: a new buffer
+
+
+def test_kv_pool_keeps_rows_in_order_and_zeroes_each_batch(janus_pipe):
+    pool = KVPool(janus_pipe.parts.model.language_model, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        kv = pool.batch(3, 8)
+        for t in (*kv.keys, *kv.values):
+            t.copy_(torch.arange(3.0)[:, None, None, None].expand_as(t))      # row r holds r
+        kept = pool.keep(kv, [2, 0])
+        assert kept.keys[0].data_ptr() == kv.keys[0].data_ptr()
+        assert [float(t[r].unique()) for t in (kept.keys[1], kept.values[0]) for r in (0, 1)] == [2, 0, 2, 0]
+        kept.keys[0].fill_(float("nan"))                                     # a bad batch's cache
+        assert all(bool((t == 0).all()) for t in (*pool.batch(3, 8).keys, *pool.batch(3, 8).values))
