@@ -14,6 +14,7 @@ import contextlib
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,19 +29,48 @@ from model_zoo.registry import load_model, parse_spec
 CPU = torch.device("cpu")
 
 
+@dataclass
+class RecordedGraph:
+    """One compiled graph: its sorted operation names, and why CUDA graphs would not capture it (None: they would)."""
+    ops: list[str]
+    cudagraph_blocker: str | None = "not checked: inductor's inner compile did not run"
+
+
+def cudagraph_blocker(gm, compiled, static_input_idxs) -> str | None:
+    """Inductor's own reasons to skip CUDA graphs for a compiled graph, those that do not depend on the device, so
+    that the CPU can check them: an op CUDA graphs cannot hold, a lowering that rules them out (an index_put with a
+    boolean mask, control flow), and an input written in place that is not a static input. The last is what a
+    cache handed in fresh each call does; a buffer at a fixed address marked static (parameters, buffers, and
+    `torch._dynamo.mark_static_address`) may be written in place."""
+    from torch._inductor.cudagraph_utils import check_for_mutation_ignore_cuda_graph_managed_tensor
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    node = get_first_incompatible_cudagraph_node(gm)
+    return (compiled.disabled_cudagraphs_reason or (f"incompatible op {node.target}" if node is not None else None)
+            or check_for_mutation_ignore_cuda_graph_managed_tensor(gm, compiled.mutated_inputs,
+                                                                   compiled.mutated_input_idxs, static_input_idxs))
+
+
 @contextlib.contextmanager
-def recorded_graphs() -> Iterator[list[list[str]]]:
-    """While open, torch.compile records each graph's operations before inductor compiles it; yields the list
-    of graphs, each its sorted operation names. Counters and compiled code start from scratch."""
-    from torch._inductor.compile_fx import compile_fx
+def recorded_graphs() -> Iterator[list[RecordedGraph]]:
+    """While open, torch.compile records each graph before inductor compiles it, and inductor's verdict on CUDA
+    graphs after. Counters and compiled code start from scratch; the AOT autograd cache is off, since a hit there
+    would skip the inner compile that the verdict reads (inductor's own graph cache still serves)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     real = torch.compile
-    graphs: list[list[str]] = []
+    graphs: list[RecordedGraph] = []
 
     def backend(gm, inputs):
-        graphs.append(sorted({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
-                              if n.op in ("call_function", "call_method")}))
-        return compile_fx(gm, inputs)
+        graph = RecordedGraph(sorted({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                                      if n.op in ("call_function", "call_method")}))
+        graphs.append(graph)
+
+        def inner(lowered, example_inputs, **kwargs):
+            compiled = compile_fx_inner(lowered, example_inputs, **kwargs)
+            graph.cudagraph_blocker = cudagraph_blocker(lowered, compiled, kwargs.get("static_input_idxs", ()))
+            return compiled
+        return compile_fx(gm, inputs, inner_compile=inner)
 
     def compile_recording(fn, mode=None, fullgraph=False, dynamic=None):
         return real(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
@@ -49,7 +79,8 @@ def recorded_graphs() -> Iterator[list[list[str]]]:
     counters.clear()
     torch.compile = compile_recording                       # type: ignore[assignment]
     try:
-        yield graphs
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            yield graphs
     finally:
         torch.compile = real
 
@@ -111,8 +142,9 @@ def measure(name: str, case, batches: list[int], repeat: int) -> dict:
         stats = graph_stats()
         compiled = {b: median_ms(run(b), CPU, warmup=1, repeat=repeat) for b in batches}
         stats["recompiles_after_capture"] = graph_stats()["graphs"] - stats["graphs"]
-    ops = sorted({op for g in graphs for op in g})
-    row = {"model": name, "capture_s": round(capture_s, 1), **stats, "ops": ops}
+    ops = sorted({op for g in graphs for op in g.ops})
+    blockers = sorted({g.cudagraph_blocker for g in graphs if g.cudagraph_blocker})
+    row = {"model": name, "capture_s": round(capture_s, 1), **stats, "cudagraph_blockers": blockers, "ops": ops}
     for b in batches:
         row[f"eager_ms_b{b}"] = round(eager[b], 2)
         row[f"compiled_ms_b{b}"] = round(compiled[b], 2)
@@ -129,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     from model_zoo.hunyuan_dit.arch import save_random_hunyuan
+    from model_zoo.janus.random_checkpoint import save_random_checkpoint as save_random_janus
     from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
     from model_zoo.sd_config import save_random_sd
 
@@ -138,11 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
         sd = save_random_sd(tmp / "sd", "tiny", seed=0)
         hunyuan = save_random_hunyuan(tmp / "hunyuan", "tiny", seed=0)
         janus = save_random_checkpoint(tmp / "janus", "tiny", seed=0)
+        janus_pro = save_random_janus(tmp / "janus-pro", "tiny", seed=0)
         cases = [("rf-shapes", lambda: image_case("rf-shapes")),
                  ("instaflow tiny", lambda: image_case(f"instaflow-0.9b={sd}")),
                  ("hunyuan-dit tiny (2 steps)", lambda: image_case(f"hunyuan-dit-v1.2={hunyuan}", steps=2)),
                  ("janusflow tiny t2i (2 steps)", lambda: image_case(f"janusflow-1.3b={janus}", steps=2)),
-                 ("janusflow tiny chat decode step", lambda: chat_case(f"janusflow-1.3b={janus}", max(batches)))]
+                 ("janusflow tiny chat decode step", lambda: chat_case(f"janusflow-1.3b={janus}", max(batches))),
+                 ("janus-pro tiny t2i", lambda: image_case(f"janus-pro-1b={janus_pro}")),
+                 ("janus-pro tiny chat decode step", lambda: chat_case(f"janus-pro-1b={janus_pro}", max(batches)))]
         for name, case in cases:
             rows.append(measure(name, case(), batches, args.repeat))
     report = {"env": environment(), "threads": torch.get_num_threads(), "batches": batches, "rows": rows}
@@ -154,15 +190,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The timings table, then every operation each model's graphs hold (the kernel dispatches in them)."""
+    """The timings table, then every operation each model's graphs hold (the kernel dispatches in them), then
+    why CUDA graphs would skip any of them."""
     batches, rows = report["batches"], report["rows"]
     lines = ["| model | " + " | ".join(f"eager ms b{b} | compiled ms b{b} | speedup b{b}" for b in batches) +
-             " | capture s | graph breaks | graphs |", "|---|" + "---|---|---|" * len(batches) + "---|---|---|"]
+             " | capture s | graph breaks | graphs | CUDA-graph safe |",
+             "|---|" + "---|---|---|" * len(batches) + "---|---|---|---|"]
     for r in rows:
         cells = " | ".join(f"{r[f'eager_ms_b{b}']} | {r[f'compiled_ms_b{b}']} | {r[f'speedup_b{b}']}×" for b in batches)
-        lines.append(f"| {r['model']} | {cells} | {r['capture_s']} | {r['graph_breaks']} | {r['graphs']} |")
+        safe = "no" if r["cudagraph_blockers"] else "yes"
+        lines.append(f"| {r['model']} | {cells} | {r['capture_s']} | {r['graph_breaks']} | {r['graphs']} | {safe} |")
     lines += ["", "Operations inside the compiled graphs:", ""]
     lines += [f"- {r['model']}: " + ", ".join(f"`{op}`" for op in r["ops"]) for r in rows]
+    blocked = [f"- {r['model']}: {b.splitlines()[0]}" for r in rows for b in r["cudagraph_blockers"]]
+    if blocked:
+        lines += ["", "Why CUDA graphs would skip a graph (inductor's checks that do not depend on the device):", "",
+                  *blocked]
     return "\n".join(lines) + "\n"
 
 
