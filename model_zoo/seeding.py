@@ -3,8 +3,10 @@
 Image i of a request with seed s draws from `torch.Generator("cpu").manual_seed(s + i)`,
 exactly as diffusers' `randn_tensor` does when handed a list of CPU generators:
 one (1, C, h, w) draw per image in the pipeline dtype, then a move to the device.
+Token sampling (`draw`) keeps the same contract: one uniform per row from the row's own generator.
 """
 import secrets
+from collections.abc import Sequence
 
 import torch
 
@@ -38,3 +40,15 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], *, dtype: torch.dtyp
                   device: torch.device | str) -> torch.Tensor:
     """The initial noise alone, for samplers that draw nothing more."""
     return seeded_noise(seeds, shape, dtype=dtype, device=device)[0]
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` (B, V), each with its probability, as `torch.multinomial` draws; returns (B,).
+
+    By the inverse CDF of one uniform per row from that row's own CPU generator (the global CPU generator for a
+    row given None): a row's draws depend on its seed alone, never on the batch or the device, and the device
+    receives B floats instead of a generator per row, so one pass and one sync serve the whole batch."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])      # (B,)
+    cdf = probs.double().cumsum(dim=-1)                                                        # (B, V)
+    u = u.to(cdf.device)[:, None] * cdf[:, -1:]              # × the total: u < cdf[-1], never past it
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

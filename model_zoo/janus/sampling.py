@@ -1,14 +1,14 @@
 """The next image token of every row: CFG on the generation head's logits, then argmax or a seeded draw.
 
 CFG is `generate()`'s `ClassifierFreeGuidanceLogitsProcessor`, u + (c − u)·w, with one weight per row.
-Sampling draws from softmax(logits / T) as `torch.multinomial` does, but by the inverse CDF of one
-uniform per row from that row's own CPU generator (`torch.Generator("cpu").manual_seed(s + i)`, the seed
-contract of `model_zoo.seeding`): a row's draws then depend on its seed alone, never on the batch, and the
-device receives B floats per step instead of a generator it cannot use. Temperature 0 is greedy.
+Sampling draws from softmax(logits / T) by `model_zoo.seeding.draw`, one uniform per row from that row's
+own CPU generator: a row's draws then depend on its seed alone, never on the batch. Temperature 0 is greedy.
 """
 from __future__ import annotations
 
 import torch
+
+from model_zoo.seeding import draw
 
 
 def guided_logits(logits: torch.Tensor, guidance: torch.Tensor | float) -> torch.Tensor:
@@ -22,8 +22,4 @@ def next_tokens(scores: torch.Tensor, temperature: float, generators: list[torch
     """scores (B, V) → tokens (B,)."""
     if temperature == 0:
         return scores.argmax(dim=-1)
-    probs = torch.softmax(scores / temperature, dim=-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])     # (B,)
-    cdf = probs.double().cumsum(dim=-1)                                                       # (B, V)
-    u = u.to(cdf.device)[:, None] * cdf[:, -1:]             # × the total: u < cdf[-1], never past it
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=scores.shape[-1] - 1)
+    return draw(torch.softmax(scores / temperature, dim=-1), generators)

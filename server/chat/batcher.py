@@ -21,10 +21,11 @@ from typing import Any, Callable
 import torch
 
 from model_zoo.base import ChatDecoder
+from model_zoo.seeding import generators
 from server import faults
 from server.chat.detok import TextStream
 from server.device import DeviceTurns
-from server.chat.sampling import choose
+from server.chat.sampling import next_tokens
 
 log = logging.getLogger("rfserve.chat")
 
@@ -180,8 +181,8 @@ class ContinuousBatcher:
             seq.length = len(seq.ids)
             seq.stream = TextStream(self.tokenizer, seq.stop)
             if seq.seed is not None:
-                seq.generator = torch.Generator(logits.device).manual_seed(seq.seed)
-            if self._accept(seq, choose(logits, seq.temperature, seq.top_p, seq.generator)):
+                seq.generator = generators([seq.seed])[0]
+            if self._accept(seq, next_tokens(logits[None], [seq.temperature], [seq.top_p], [seq.generator])[0]):
                 self._retire([row])
 
     def _decode_step(self) -> None:
@@ -191,12 +192,12 @@ class ContinuousBatcher:
             faults.inject_chat(seq.fault, "decode")
         logits = self.decoder.decode(tokens, lengths)                   # (n, V)
         self.steps += 1
-        greedy = logits.argmax(-1).tolist()                             # one sync for the greedy rows
+        running = self.running
+        chosen = next_tokens(logits, [s.temperature for s in running], [s.top_p for s in running],
+                             [s.generator for s in running])          # one pass, one sync, for every row
         done = []
-        for i, seq in enumerate(self.running):
+        for i, (seq, token) in enumerate(zip(running, chosen)):
             seq.length += 1
-            token = greedy[i] if seq.temperature == 0.0 else choose(logits[i], seq.temperature, seq.top_p,
-                                                                   seq.generator)
             if self._accept(seq, token):
                 done.append(i)
         self._retire(done)
