@@ -30,3 +30,21 @@ def test_sampled_tokens_follow_the_distribution_within_top_p():
     share = torch.bincount(drawn, minlength=4).float() / 4000
     assert share[3] == 0                                                           # 0.6 + 0.25 + 0.1 ≥ 0.9
     torch.testing.assert_close(share[:3], torch.tensor([0.6, 0.25, 0.1]) / 0.95, atol=0.03, rtol=0)
+
+
+def _full_sort_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The definition, over the whole sorted vocabulary."""
+    sorted_p, order = probs.sort(descending=True)
+    sorted_p = torch.where(sorted_p.cumsum(-1) - sorted_p < top_p, sorted_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def test_top_p_over_a_large_vocabulary_equals_the_full_sort():
+    """Peaked rows (the head holds their mass) and flat rows (it does not, so the whole vocabulary sorts)."""
+    gen = torch.Generator().manual_seed(1)
+    for scale in (12.0, 0.5):
+        probs = torch.softmax(torch.randn(3, 5000, generator=gen) * scale, dim=-1)
+        got = top_p_filter(probs, torch.full((3, 1), 0.9))
+        torch.testing.assert_close(got, _full_sort_top_p(probs, 0.9))
+        assert ((got > 0).sum(-1) > 256).any() == (scale < 1)                    # which path the case took
