@@ -70,7 +70,8 @@ def recorded_graphs() -> Iterator[list[RecordedGraph]]:
             compiled = compile_fx_inner(lowered, example_inputs, **kwargs)
             graph.cudagraph_blocker = cudagraph_blocker(lowered, compiled, kwargs.get("static_input_idxs", ()))
             return compiled
-        return compile_fx(gm, inputs, inner_compile=inner)
+        with torch._functorch.config.patch(enable_autograd_cache=False):    # thread-local: set where it compiles
+            return compile_fx(gm, inputs, inner_compile=inner)
 
     def compile_recording(fn, mode=None, fullgraph=False, dynamic=None):
         return real(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
@@ -79,8 +80,7 @@ def recorded_graphs() -> Iterator[list[RecordedGraph]]:
     counters.clear()
     torch.compile = compile_recording                       # type: ignore[assignment]
     try:
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            yield graphs
+        yield graphs
     finally:
         torch.compile = real
 

@@ -72,11 +72,15 @@ class BatchOutput:
 
 
 class FastPath(Protocol):
-    """A family's compiled path: prepared, then captured per batch bucket during warm-up (model_zoo.fast_path)."""
+    """A family's compiled path: prepared, then captured per batch bucket during warm-up, or on the CPU after
+    ready where `background` says it may be (model_zoo.fast_path)."""
+    background: bool
 
-    def prepare(self, compile_mode: str | None) -> None: ...
+    def prepare(self, compile_mode: str | None, *, record: bool = False) -> None: ...
 
     def finish_capture(self) -> None: ...
+
+    def capture_examples(self) -> None: ...
 
     def drop(self, reason: str) -> None: ...
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin; repeatable")
     serve.add_argument("--log-prompts", action="store_true", help="log prompts (off by default)")
     serve.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile,
-                       help="compiled fast path per batch bucket (auto: on for CUDA)")
+                       help="compiled fast path per batch bucket (auto: captured before ready on CUDA; on the CPU "
+                            "after ready, beside serving, for the families it pays for)")
     serve.add_argument("--compile-mode", default=d.compile_mode, help="torch.compile mode")
     serve.add_argument("--batch-buckets", default=",".join(map(str, d.batch_buckets)),
                        help="batch sizes captured by the fast path, comma-separated")

@@ -29,7 +29,8 @@ class ServerConfig:
     cpu_threads: int | None = None    # fixed torch threads on CPU; default: cores - 1, all cores for the
                                       # batch sizes warm-up measures faster on them
     warmup: bool = True
-    compile: str = "auto"             # auto (on for CUDA) | on | off: the compiled fast path
+    compile: str = "auto"             # auto | on | off: the compiled fast path (auto: before ready on
+                                      # CUDA; on the CPU after ready, for the families it pays for)
     compile_mode: str = "reduce-overhead"   # torch.compile mode; reduce-overhead adds CUDA graphs
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)   # batch sizes captured (≤ max_batch)
     fault_injection: bool = False     # test hook: prompts with a fault marker misbehave in the worker

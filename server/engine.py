@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model_zoo.base import ChatParts, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
+from model_zoo.base import ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
 from model_zoo.presets import ModelSpec
 from model_zoo.registry import load_model, parse_spec, resolve_dtype
 from server.buckets import BucketPlan
@@ -83,6 +83,9 @@ class Engine:
         self.chat_batchers: dict[str, ContinuousBatcher] = {}
         self._chat_lock = threading.Lock()
         self.turns = DeviceTurns()            # one forward at a time on the device: image steps and chat turns
+        self.later: list[tuple[str, FastPath]] = []     # fast paths captured after ready (the CPU's default)
+        self.captured_later = threading.Event()         # set once they are, or have failed
+        self._closing = threading.Event()
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -109,6 +112,10 @@ class Engine:
         self.worker.start()
         self.metrics.ready.set(1)
         self.ready.set()
+        if self.later:
+            threading.Thread(target=self._capture_later, name="rfserve-capture", daemon=True).start()
+        else:
+            self.captured_later.set()
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -123,7 +130,12 @@ class Engine:
         if model.chat is not None and self.compiling:
             self._capture_chat(name)
         pipe, card = model.pipeline, model.card
-        fast = pipe.fast_path() if self.device.type == "cuda" or self.compiling else None
+        fast = pipe.fast_path() if self.device.type == "cuda" or self.config.compile != "off" else None
+        if fast is not None and self.device.type == "cpu" and not self.compiling:   # auto: after ready, or never
+            if fast.background:
+                fast.prepare(self.config.compile_mode, record=True)     # the eager warm-up below records shapes
+                self.later.append((name, fast))
+            fast = None
         if fast is None:
             for _ in tqdm(range(1), desc=f"warming {name}", disable=not progress):
                 pipe.run([self.default_spec(card, "warm-up", 0)])
@@ -140,6 +152,23 @@ class Engine:
             self.plans[name] = BucketPlan.measure(buckets, lambda n: self._time_batch(pipe, card, n))
         except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
             fast.drop(f"{type(err).__name__}: {err}")
+
+    def _capture_later(self) -> None:
+        """Compile what each recorded fast path's warm-up saw, beside the worker, which serves eagerly until each
+        shape switches over (model_zoo.fast_path.Captured). A cold compile takes minutes on a small CPU; a start
+        reaches ready as soon as it did without compiling."""
+        try:
+            for name, fast in self.later:
+                if self._closing.is_set():
+                    return
+                start = time.perf_counter()
+                try:
+                    fast.capture_examples()
+                    log.info("%s: compiled path captured after ready in %.1fs", name, time.perf_counter() - start)
+                except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
+                    fast.drop(f"{type(err).__name__}: {err}")
+        finally:
+            self.captured_later.set()
 
     def _capture_chat(self, name: str) -> None:
         """Start the chat model's batcher now, and capture its decode step per bucket of running slots."""
@@ -273,6 +302,7 @@ class Engine:
             batcher.close()
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        self._closing.set()
         self.fail_queued("the server is shutting down")
         self.batcher.close()
         if self.worker is not None:

@@ -171,3 +171,38 @@ def test_sd_setup_takes_a_vae_without_attention():
     assert {type(m.processor) for m in pipe.parts.unet.modules() if hasattr(m, "processor")} == {RfserveAttnProcessor}
     assert not any(hasattr(m, "processor") for m in pipe.parts.vae.modules())
     assert not isinstance(pipe.parts.denoiser, Captured)                # no mode: nothing compiled
+
+
+def test_cpu_default_captures_after_ready(tiny_sd):
+    """`--compile auto` on the CPU, for a family whose fast path says so: ready comes after the eager warm-up
+    alone, the shapes warm-up saw compile on a background thread while requests are served eagerly, and then
+    switch over: a request takes the compiled graph, compiles nothing, and gets the eager engine's image."""
+    body = {"model": "instaflow-0.9b", "prompt": "a red circle", "seed": 3}
+    images = {}
+    for compile in ("off", "auto"):
+        engine = Engine(ServerConfig(models=[f"instaflow-0.9b={tiny_sd}"], device="cpu", max_batch=2,
+                                     batch_buckets=(1, 2), compile=compile))
+        with recorded_graphs() as graphs:
+            engine.load(progress=False)
+            try:
+                parts = engine.models["instaflow-0.9b"].pipeline.parts
+                with TestClient(create_app(engine)) as client:
+                    if compile == "auto":
+                        assert client.post("/v1/images/generations", json=body).status_code == 200  # meanwhile
+                        assert engine.captured_later.wait(600)
+                        assert [len(c.shapes) for c in (parts.denoiser, parts.vae_decode)] == [2, 2]
+                        assert parts.denoiser.examples is None and not parts.denoiser.capturing
+                        stats, calls, fast = graph_stats(), [], parts.denoiser.fast
+                        parts.denoiser.fast = lambda *a, **k: calls.append(1) or fast(*a, **k)
+                    else:
+                        assert not isinstance(parts.denoiser, Captured) and engine.captured_later.is_set()
+                    r = client.post("/v1/images/generations", json=body)
+                    assert r.status_code == 200, r.text
+                    images[compile] = r.json()["data"][0]["b64_json"]
+                    if compile == "auto":
+                        assert calls and graph_stats() == stats
+                        _check_graphs(graphs)
+            finally:
+                engine.shutdown()
+    off, on = (np.asarray(Image.open(io.BytesIO(base64.b64decode(images[k])))).astype(int) for k in ("off", "auto"))
+    assert np.abs(off - on).max() <= 1

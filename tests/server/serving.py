@@ -40,6 +40,10 @@ def free_fixed_port(low: int = 20000, high: int = 32000) -> int:
 
 class ServerProcess:
     def __init__(self, *args: str, ready_timeout: float = 120.0):
+        """`rfserve serve` with `args`. It serves eagerly unless they name `--compile`: on the CPU the default
+        compiles after ready, for a minute or more of both cores, beside the test's own requests."""
+        if "--compile" not in args:
+            args = (*args, "--compile", "off")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}

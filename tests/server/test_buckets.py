@@ -62,7 +62,7 @@ def test_ready_flips_only_after_warm_up(tiny_sd, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_warm", slow_warm)
-    engine = Engine(ServerConfig(models=[f"instaflow-0.9b={tiny_sd}"], device="cpu"))
+    engine = Engine(ServerConfig(models=[f"instaflow-0.9b={tiny_sd}"], device="cpu", compile="off"))
     client = TestClient(create_app(engine))
     loader = threading.Thread(target=engine.load, kwargs={"progress": False})
     loader.start()

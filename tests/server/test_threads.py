@@ -93,7 +93,7 @@ def test_worker_sets_threads_per_batch(restore_threads):
 
 def test_engine_plans_threads_on_cpu_unless_fixed(tiny_sd, restore_threads):
     spec = f"instaflow-0.9b={tiny_sd}"
-    measured = Engine(ServerConfig(models=[spec], device="cpu", max_batch=4))
+    measured = Engine(ServerConfig(models=[spec], device="cpu", max_batch=4, compile="off"))
     try:
         measured.load(progress=False)
     finally:
@@ -101,7 +101,7 @@ def test_engine_plans_threads_on_cpu_unless_fixed(tiny_sd, restore_threads):
     plan = measured.thread_plans["instaflow-0.9b"]
     assert plan.base == max(1, plan.wide - 1) and plan.wide_from in (None, 1, 2, 4)
     assert torch.get_num_threads() == plan.base          # measuring leaves the serving default
-    fixed = Engine(ServerConfig(models=[spec], device="cpu", max_batch=4, cpu_threads=1))
+    fixed = Engine(ServerConfig(models=[spec], device="cpu", max_batch=4, cpu_threads=1, compile="off"))
     try:
         fixed.load(progress=False)
     finally:
