@@ -4,10 +4,12 @@ Random weights in the published v1.2 architecture (model_zoo.hunyuan_dit.arch "v
 BERT-large-sized and mT5-xl-encoder-sized text encoders, also random and real-sized, SDXL VAE) at 1024²,
 batch 1 with CFG (one transformer forward at batch 2 per step). Reported per side: text encode (a new
 prompt; diffusers also re-encodes the empty negative, which ours caches), one CFG step (sampling loop /
-steps), VAE decode, and end to end. CUDA events and the median after warm-up on GPU, bf16;
-`--tiny` runs the tiny preset on CPU in fp32 so the script is exercised end to end (not a performance figure).
+steps), VAE decode, and end to end. Ours runs twice: eagerly, then with the transformer compiled and captured
+as the server serves it (`--compile-mode`; benchmarks.capture). CUDA events and the median after warm-up on
+GPU, bf16; `--tiny` runs the tiny preset on CPU in fp32 so the script is exercised end to end (not a
+performance figure).
 
-    python -m benchmarks.bench_hunyuan [--tiny] [--steps 50] [--repeat 3] [--out benchmarks/out/]
+    python -m benchmarks.bench_hunyuan [--tiny] [--steps 50] [--repeat 3] [--compile-mode MODE|off] [--out DIR]
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import transformers
 from diffusers import HunyuanDiTPipeline
 
+from benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
 from benchmarks.timing import median_ms
 from model_zoo.base import ImageSpec, parse_size
 from model_zoo.hunyuan_dit import HunyuanPipeline
@@ -64,8 +67,12 @@ def bench_diffusers(parts: dict, width: int, height: int, steps: int, ms) -> dic
                     end_to_end_ms=ms(call))
 
 
-def bench_ours(parts: dict, width: int, height: int, steps: int, ms) -> dict:
-    """Our pipeline over the same modules (installs our attention processor on the shared transformer)."""
+@torch.inference_mode()
+def bench_ours(parts: dict, width: int, height: int, steps: int, ms, mode: str | None) -> dict:
+    """Our pipeline over the same modules (installs our attention processor on the shared transformer): the
+    stages eagerly, then, with a compile `mode`, again after capturing its fast path at this bucket. All under
+    inference mode, as the server runs: a graph compiled for tensors made outside it compiles again for
+    `pipe.run`'s, whose dispatch keys differ."""
     comps = HunyuanComponents(parts["transformer"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                               parts["text_encoder_2"], parts["tokenizer_2"], dict(parts["scheduler"].config),
                               parts["transformer"].device, parts["transformer"].dtype)
@@ -81,9 +88,16 @@ def bench_ours(parts: dict, width: int, height: int, steps: int, ms) -> dict:
         return pipe.sample(noise, cond, steps, 5.0, generators)
 
     latents = torch.randn(1, *comps.latent_shape(width, height), device=comps.device, dtype=comps.dtype)
-    with torch.inference_mode():
+
+    def stages() -> dict:
         return dict(encode_ms=ms(lambda: comps.encode_text([PROMPT])), sample_ms=ms(sample),
                     decode_ms=ms(lambda: comps.decode(latents)), end_to_end_ms=ms(lambda: pipe.run([spec])))
+
+    out = {"ours": stages(), "ours_compiled": None, "capture": None}
+    if mode:
+        out["capture"] = capture(pipe.fast_path(), sample, mode)
+        out["ours_compiled"] = stages()
+    return out
 
 
 def environment(device: torch.device, threads: int) -> dict:
@@ -101,15 +115,21 @@ def environment(device: torch.device, threads: int) -> dict:
 
 def markdown(report: dict) -> str:
     env, steps = report["environment"], report["steps"]
+    compiled, info = report["ours_compiled"], report["capture"]
     lines = [f"Device: {env['device']}; torch {env['torch']}, Triton {env['triton']}, diffusers {env['diffusers']}, "
              f"transformers {env['transformers']}; {env['date']}; {report['arch']} arch, {report['size']}, "
              f"{report['dtype']}, batch 1, CFG, {steps} DDPM steps; median of {report['repeat']}.",
-             "", "| stage | ours ms | diffusers ms | diffusers / ours |", "|---|---|---|---|"]
+             "", f"| stage | ours eager ms | ours compiled ms | diffusers ms | diffusers / ours "
+             f"{'compiled' if compiled else 'eager'} | eager / compiled |", "|---|---|---|---|---|---|"]
     rows = [("text encode", "encode_ms", 1), ("one CFG step", "sample_ms", steps), ("VAE decode", "decode_ms", 1),
             (f"end to end ({steps} steps)", "end_to_end_ms", 1)]
     for label, key, div in rows:
-        ours, ref = report["ours"][key] / div, report["diffusers"][key] / div
-        lines.append(f"| {label} | {ours:.2f} | {ref:.2f} | {ref / ours:.2f}× |")
+        eager, ref = report["ours"][key] / div, report["diffusers"][key] / div
+        fast = compiled[key] / div if compiled else None
+        cells = (f"{fast:.2f}", f"{ref / fast:.2f}×", f"{eager / fast:.2f}×") if fast else \
+            ("—", f"{ref / eager:.2f}×", "—")
+        lines.append(f"| {label} | {eager:.2f} | {cells[0]} | {ref:.2f} | {cells[1]} | {cells[2]} |")
+    lines.append("\nCompiled: " + (f"mode {info['mode']}, the transformer; {summary(info)}." if info else "off."))
     if report["arch"] == "tiny":
         lines.append("\nTiny CPU run: exercises the script; not a performance figure.")
     return "\n".join(lines + ["", TARGETS]) + "\n"
@@ -121,6 +141,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    add_mode_flag(parser)
     args = parser.parse_args(argv)
     use_cuda = torch.cuda.is_available() and not args.tiny
     if not use_cuda and not args.tiny:
@@ -141,7 +162,7 @@ def main(argv=None):
     report = dict(environment=environment(device, torch.get_num_threads()), arch=arch, size=f"{width}x{height}",
                   dtype=str(dtype).removeprefix("torch."), steps=args.steps, repeat=args.repeat,
                   diffusers=bench_diffusers(parts, width, height, args.steps, ms),
-                  ours=bench_ours(parts, width, height, args.steps, ms))
+                  **bench_ours(parts, width, height, args.steps, ms, resolve_mode(args.compile_mode, device)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_hunyuan.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

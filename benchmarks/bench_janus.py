@@ -6,11 +6,14 @@ weights and prompts and decode them with the same VQ decoder; the figure is seco
 median wall time over its size), at batch 1 and 8. transformers runs its own loop over a StaticCache; ours
 runs `JanusPipeline.sample` over the preallocated buffers of `model_zoo.janusflow.llm`, so the ratio also
 says which cache is faster here. Chat: greedy streams of one prompt, 1 and 8 at once, through our continuous
-batcher (the slot KV cache) against one batched `generate()` of the same count. The tiny preset runs on the
-CPU in seconds; `--real` builds the Janus-Pro-1B
-architecture with random weights (bf16 on CUDA; fp32 on the CPU, where it takes many minutes).
+batcher (the slot KV cache) against one batched `generate()` of the same count. Ours runs eagerly, then
+through the compiled fast path as the server serves it (`--compile-mode`; benchmarks.capture): the token
+step captured at every batch, and for decode a fresh decoder whose step is captured at that many streams.
+The tiny preset runs on the CPU in seconds, and each of its graphs compiles in 10 to 30 s there; `--real`
+builds the Janus-Pro-1B architecture with random weights (bf16 on CUDA; fp32 on the CPU, where it takes
+many minutes).
 
-    python -m benchmarks.bench_janus [--real] [--out benchmarks/out/]
+    python -m benchmarks.bench_janus [--real] [--batches 1,8] [--concurrency 1,8] [--compile-mode MODE|off]
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 import transformers
 
 from benchmarks.bench_janusflow import QUESTION, decode_table, ours_decode, sync
+from benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
 from benchmarks.timing import call_ms
 from model_zoo.janus.chat import JanusChat
 from model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
@@ -65,7 +69,8 @@ def transformers_generate(pipe: JanusPipeline, prompts: list[str]) -> None:
 
 
 def bench(pipe: JanusPipeline, batch: int, warmup: int, repeat: int) -> dict:
-    """The two runs alternate after both have warmed up, so that a noisy, shared host slows both alike."""
+    """Ours eager against transformers. The two runs alternate after both have warmed up, so that a noisy,
+    shared host slows both alike."""
     prompts, device = PROMPTS[:batch], pipe.parts.device
     runs = {"ours": lambda: ours(pipe, prompts), "transformers": lambda: transformers_generate(pipe, prompts)}
     for fn in [*runs.values()] * warmup:
@@ -76,6 +81,23 @@ def bench(pipe: JanusPipeline, batch: int, warmup: int, repeat: int) -> dict:
             times[name].append(call_ms(fn, device) / 1e3 / batch)
     ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["transformers"])
     return {"batch": batch, "ours_s_per_image": ours_s, "transformers_s_per_image": ref_s, "speedup": ref_s / ours_s}
+
+
+def bench_compiled(pipe: JanusPipeline, rows: list[dict], repeat: int, mode: str) -> dict:
+    """After the eager rows: the token step captured at every row's batch, then ours timed again per batch (alone:
+    the eager path is gone once captured). Fills in the rows; returns the capture."""
+    def every_batch() -> None:
+        for r in rows:
+            ours(pipe, PROMPTS[:r["batch"]])
+
+    info = capture(pipe.fast_path(), every_batch, mode)
+    for r in rows:
+        b = r["batch"]
+        fast = statistics.median(call_ms(lambda: ours(pipe, PROMPTS[:b]), pipe.parts.device) / 1e3 / b
+                                 for _ in range(repeat))
+        r.update(compiled_s_per_image=fast, speedup=r["transformers_s_per_image"] / fast,
+                 eager_over_compiled=r["ours_s_per_image"] / fast)
+    return info
 
 
 @torch.inference_mode()
@@ -92,29 +114,32 @@ def hf_decode(pipe: JanusPipeline, ids: list[int], concurrency: int, new_tokens:
     return concurrency * new_tokens / (time.perf_counter() - start)
 
 
-def decode(pipe: JanusPipeline, new_tokens: int) -> list[dict]:
+def decode(pipe: JanusPipeline, concurrency: list[int], new_tokens: int, mode: str | None) -> list[dict]:
     chat = JanusChat(pipe.parts)
     ids = chat.processor.prompt([("User", QUESTION)], chat.processor.default_system, []).ids
-    ours_decode(chat, ids, 1, 4, pipe.parts.device)                                         # warm-up
     return [{"concurrency": c, "new_tokens": new_tokens,
-             "ours_tok_s": ours_decode(chat, ids, c, new_tokens, pipe.parts.device),
-             "hf_generate_tok_s": hf_decode(pipe, ids, c, new_tokens)} for c in (1, 8)]
+             **ours_decode(chat, ids, c, new_tokens, pipe.parts.device, mode),
+             "hf_generate_tok_s": hf_decode(pipe, ids, c, new_tokens)} for c in concurrency]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", action="store_true", help="the Janus-Pro-1B architecture with random weights")
     ap.add_argument("--batches", default="1,8", help="text-to-image batch sizes, comma-separated")
+    ap.add_argument("--concurrency", default="1,8", help="chat decode streams, comma-separated")
     ap.add_argument("--repeat", type=int, help="timed runs per case (default 9 tiny, 2 real)")
     ap.add_argument("--warmup", type=int, help="untimed runs first (default 3 tiny, 1 real)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    add_mode_flag(ap)
     args = ap.parse_args()
     device = torch.device("cuda" if args.real and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = "janus-pro-1b" if args.real else "tiny"
+    mode = resolve_mode(args.compile_mode, device)
     pipe = random_pipeline(name, device, dtype)
     warmup, repeat = (1, 2) if args.real else (3, 9)
     warmup, repeat = args.warmup if args.warmup is not None else warmup, args.repeat or repeat
+    t2i = [bench(pipe, int(b), warmup, repeat) for b in args.batches.split(",")]
     result = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if device.type == "cuda"
@@ -122,8 +147,8 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."), "preset": name, "image_tokens": pipe.parts.num_image_tokens,
         "image_side": pipe.parts.image_side,
-        "t2i": [bench(pipe, int(b), warmup, repeat) for b in args.batches.split(",")],
-        "decode": decode(pipe, new_tokens=32 if args.real else 16),
+        "compile_mode": mode, "t2i_capture": bench_compiled(pipe, t2i, repeat, mode) if mode else None, "t2i": t2i,
+        "decode": decode(pipe, [int(c) for c in args.concurrency.split(",")], 32 if args.real else 16, mode),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_janus_{name}"
@@ -133,13 +158,18 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
+    fast = r["t2i_capture"] is not None
     lines = [f"Janus ({r['preset']}: {r['image_tokens']} tokens, {r['image_side']}²), {r['device']}, "
              f"torch {r['torch']}, transformers {r['transformers']}, {r['dtype']}, {r['date']}", "",
-             "| batch | ours s/image | transformers generate s/image | speedup |", "|---|---|---|---|"]
+             "| batch | ours eager s/image | ours compiled s/image | transformers generate s/image | "
+             f"transformers / ours {'compiled' if fast else 'eager'} | eager / compiled |", "|---|---|---|---|---|---|"]
     for t in r["t2i"]:
-        lines.append(f"| {t['batch']} | {t['ours_s_per_image']:.4f} | {t['transformers_s_per_image']:.4f} | "
-                     f"{t['speedup']:.2f}x |")
-    lines += ["", *decode_table(r["decode"])]
+        compiled = (f"{t['compiled_s_per_image']:.4f}", f"{t['eager_over_compiled']:.2f}x") if fast else ("—", "—")
+        lines.append(f"| {t['batch']} | {t['ours_s_per_image']:.4f} | {compiled[0]} | "
+                     f"{t['transformers_s_per_image']:.4f} | {t['speedup']:.2f}x | {compiled[1]} |")
+    lines += ["", "Compiled: " + (f"mode {r['compile_mode']}, the token step at every batch; "
+                                  f"{summary(r['t2i_capture'])}." if fast else "off."),
+              "", *decode_table(r["decode"], r["compile_mode"])]
     return "\n".join(lines) + "\n"
 
 

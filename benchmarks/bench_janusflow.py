@@ -5,10 +5,12 @@
 - chat decode tokens/s at concurrency 1/8/32: our continuous batcher vs transformers
   `generate()` (dynamic cache, greedy, same prompts, EOS ignored so every stream runs its budget).
 
-Random weights in the real JanusFlow-1.3B architecture on CUDA in bf16 (timing does not depend on
-the weight values); `--tiny` runs the tiny preset on CPU end to end in well under a minute.
+Ours runs eagerly, then through the compiled fast path as the server serves it (`--compile-mode`;
+benchmarks.capture): the flow step captured at this bucket, and for decode a fresh decoder whose step is
+captured at the bucket of that many streams. Random weights in the real JanusFlow-1.3B architecture on CUDA
+in bf16 (timing does not depend on the weight values); `--tiny` runs the tiny preset on CPU end to end.
 
-    python -m benchmarks.bench_janusflow [--tiny] [--out benchmarks/out/]
+    python -m benchmarks.bench_janusflow [--tiny] [--concurrency 1,8,32] [--compile-mode MODE|off] [--out DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
-from model_zoo.base import ChatParts
+from benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
+from model_zoo.base import ChatDecoder, ChatParts
 from model_zoo.janusflow.config import JanusFlowConfig, preset
 from model_zoo.janusflow.decoder import JanusFlowChat
 from model_zoo.janusflow.loading import JanusFlowParts
@@ -89,15 +92,28 @@ def reference_t2i(parts: JanusFlowParts, prompt: str, z: torch.Tensor, steps: in
     return z
 
 
-def bench_t2i(parts: JanusFlowParts, steps: int, repeats: int) -> dict:
+def bench_t2i(parts: JanusFlowParts, steps: int, repeats: int, mode: str | None) -> dict:
+    """Ours eagerly, the reference, then (with a compile `mode`) ours again after capturing the flow step."""
     pipe = JanusFlowPipeline(parts)
     z = pipe.noise([0])
     prefixes, _ = pipe.prefixes([PROMPT])
-    ours = timed(lambda: pipe.sample(prefixes, z, steps, 2.0), parts.device, repeats)
-    ours_e2e = timed(lambda: pipe.decode(pipe.sample(prefixes, z, steps, 2.0)), parts.device, repeats)
-    ref = timed(lambda: reference_t2i(parts, PROMPT, z, steps, 2.0), parts.device, repeats)
-    return {"steps": steps, "batch": 1, "ours_sample_s": ours, "ours_with_vae_s": ours_e2e,
-            "reference_sample_s": ref, "speedup": ref / ours, "prompt_tokens": len(prefixes[0])}
+
+    def sample() -> torch.Tensor:
+        return pipe.sample(prefixes, z, steps, 2.0)
+
+    def ours() -> tuple[float, float]:
+        return timed(sample, parts.device, repeats), timed(lambda: pipe.decode(sample()), parts.device, repeats)
+
+    (eager, eager_e2e), ref = ours(), timed(lambda: reference_t2i(parts, PROMPT, z, steps, 2.0), parts.device, repeats)
+    out: dict = {"steps": steps, "batch": 1, "ours_sample_s": eager, "ours_with_vae_s": eager_e2e,
+                 "reference_sample_s": ref, "speedup": ref / eager, "prompt_tokens": len(prefixes[0]),
+                 "capture": None}
+    if mode:
+        out["capture"] = capture(pipe.fast_path(), sample, mode)
+        fast, fast_e2e = ours()
+        out.update(compiled_sample_s=fast, compiled_with_vae_s=fast_e2e, speedup=ref / fast,
+                   eager_over_compiled=eager / fast)
+    return out
 
 
 def chat_prompt(parts: JanusFlowParts) -> list[int]:
@@ -105,25 +121,46 @@ def chat_prompt(parts: JanusFlowParts) -> list[int]:
     return ids
 
 
-def ours_decode(chat: ChatParts, ids: list[int], concurrency: int, new_tokens: int, device: torch.device) -> float:
-    """Aggregate tokens/s of `concurrency` greedy streams of one prompt through a chat model's continuous batcher."""
-    decoder = chat.decoder(concurrency, len(ids) + new_tokens + 1)
+def ours_decode(chat: ChatParts, ids: list[int], concurrency: int, new_tokens: int, device: torch.device,
+                mode: str | None) -> dict:
+    """Aggregate tokens/s of `concurrency` greedy streams of one prompt through a chat model's continuous batcher:
+    eagerly, then (with a compile `mode`) on a fresh decoder whose step is captured at the bucket of
+    `concurrency` rows before its batcher starts, as the server's warm-up captures it."""
+    max_len = len(ids) + new_tokens + 1
+    out: dict = {"ours_tok_s": _batcher_tok_s(chat, chat.decoder(concurrency, max_len), ids, concurrency,
+                                              new_tokens, device)}
+    if mode:
+        decoder = chat.decoder(concurrency, max_len)
+        out["capture"] = capture(decoder.fast_path((concurrency,)), decoder.capture, mode, runs=1)
+        out["compiled_tok_s"] = _batcher_tok_s(chat, decoder, ids, concurrency, new_tokens, device)
+    return out
+
+
+def _batcher_tok_s(chat: ChatParts, decoder: ChatDecoder, ids: list[int], concurrency: int, new_tokens: int,
+                   device: torch.device) -> float:
+    """Tokens/s of the timed streams, after one short stream through the same batcher, untimed, so that they do
+    not pay the first steps' one-time costs (the prefill's first shapes, the batcher thread's first launches)."""
     batcher = ContinuousBatcher(decoder, chat.tokenizer, eos_id=-1, max_waiting=concurrency).start()
-    finished, done = [], threading.Event()
 
-    def emit(event):                       # runs on the batcher thread
-        if event.finish_reason:
-            finished.append(event)
-            if len(finished) == concurrency:
-                done.set()
+    def run(streams: int, tokens: int) -> float:
+        finished, done = [], threading.Event()
 
-    seqs = [ChatSequence(ids, None, [], new_tokens, 0.0, 1.0, [], None, emit) for _ in range(concurrency)]
-    sync(device)
-    start = time.perf_counter()
-    for seq in seqs:
-        batcher.submit(seq)
-    done.wait()
-    elapsed = time.perf_counter() - start
+        def emit(event):                       # runs on the batcher thread
+            if event.finish_reason:
+                finished.append(event)
+                if len(finished) == streams:
+                    done.set()
+
+        seqs = [ChatSequence(ids, None, [], tokens, 0.0, 1.0, [], None, emit) for _ in range(streams)]
+        sync(device)
+        start = time.perf_counter()
+        for seq in seqs:
+            batcher.submit(seq)
+        done.wait()
+        return time.perf_counter() - start
+
+    run(1, 4)
+    elapsed = run(concurrency, new_tokens)
     batcher.close()
     return concurrency * new_tokens / elapsed
 
@@ -145,23 +182,26 @@ def hf_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int) -> float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny preset on CPU (end-to-end check)")
+    ap.add_argument("--concurrency", default="1,8,32", help="chat decode streams, comma-separated (one compiled "
+                                                             "decode step each)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    add_mode_flag(ap)
     args = ap.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("the 1.3B benchmark needs CUDA; use --tiny on CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     name = "tiny" if args.tiny else "janusflow-1.3b"
+    mode = resolve_mode(args.compile_mode, device)
     parts = random_parts(name, device, dtype)
     steps, repeats, new_tokens = (30, 2, 16) if args.tiny else (30, 5, 128)
-    concurrency = (1, 8, 32)
+    chat, ids, concurrency = JanusFlowChat(parts), chat_prompt(parts), [int(c) for c in args.concurrency.split(",")]
     result = {
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
         "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "preset": name,
-        "t2i": bench_t2i(parts, steps, repeats),
-        "decode": [{"concurrency": c, "new_tokens": new_tokens,
-                    "ours_tok_s": ours_decode(JanusFlowChat(parts), chat_prompt(parts), c, new_tokens, parts.device),
+        "compile_mode": mode, "t2i": bench_t2i(parts, steps, repeats, mode),
+        "decode": [{"concurrency": c, "new_tokens": new_tokens, **ours_decode(chat, ids, c, new_tokens, device, mode),
                     "hf_generate_tok_s": hf_decode(parts, c, new_tokens)} for c in concurrency],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -173,23 +213,35 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     t = r["t2i"]
+    fast = t["capture"] is not None
+    compiled = (f"{t['compiled_sample_s']:.3f} s", f"{t['compiled_with_vae_s']:.3f} s",
+                f"{t['eager_over_compiled']:.2f}x") if fast else ("—", "—", "—")
     lines = [f"JanusFlow ({r['preset']}), {r['device']}, torch {r['torch']}, transformers {r['transformers']}, "
              f"{r['dtype']}, {r['date']}", "",
-             "| text-to-image, 1 image, CFG, steps | ours (KV reuse) | ours + VAE | reference recompute | speedup |",
-             "|---|---|---|---|---|",
-             f"| {t['steps']} | {t['ours_sample_s']:.3f} s | {t['ours_with_vae_s']:.3f} s | "
-             f"{t['reference_sample_s']:.3f} s | {t['speedup']:.2f}x |", "", *decode_table(r["decode"])]
+             "| text-to-image, 1 image, CFG, steps | ours eager (KV reuse) | ours compiled | ours + VAE, eager / "
+             f"compiled | reference recompute | reference / ours {'compiled' if fast else 'eager'} | "
+             "eager / compiled |", "|---|---|---|---|---|---|---|",
+             f"| {t['steps']} | {t['ours_sample_s']:.3f} s | {compiled[0]} | {t['ours_with_vae_s']:.3f} s / "
+             f"{compiled[1]} | {t['reference_sample_s']:.3f} s | {t['speedup']:.2f}x | {compiled[2]} |", "",
+             "Compiled: " + (f"mode {r['compile_mode']}, the flow step; {summary(t['capture'])}." if fast else "off."),
+             "", *decode_table(r["decode"], r["compile_mode"])]
     return "\n".join(lines) + "\n"
 
 
-def decode_table(rows: list[dict]) -> list[str]:
-    """The chat decode rows (ours against transformers' `generate()`) as a markdown table."""
-    lines = ["| chat decode, streams | new tokens each | ours tok/s (aggregate) | transformers generate tok/s | "
-             "ratio |", "|---|---|---|---|---|"]
+def decode_table(rows: list[dict], mode: str | None) -> list[str]:
+    """The chat decode rows (ours eager and compiled against transformers' `generate()`) as a markdown table, and
+    each compiled row's capture."""
+    lines = ["| chat decode, streams | new tokens each | ours eager tok/s (aggregate) | ours compiled tok/s | "
+             f"transformers generate tok/s | ours {'compiled' if mode else 'eager'} / transformers | "
+             "compiled / eager |", "|---|---|---|---|---|---|---|"]
     for d in rows:
-        lines.append(f"| {d['concurrency']} | {d['new_tokens']} | {d['ours_tok_s']:.1f} | {d['hf_generate_tok_s']:.1f} "
-                     f"| {d['ours_tok_s'] / d['hf_generate_tok_s']:.2f}x |")
-    return lines
+        ours = d.get("compiled_tok_s", d["ours_tok_s"])
+        compiled = (f"{ours:.1f}", f"{ours / d['ours_tok_s']:.2f}x") if mode else ("—", "—")
+        lines.append(f"| {d['concurrency']} | {d['new_tokens']} | {d['ours_tok_s']:.1f} | {compiled[0]} | "
+                     f"{d['hf_generate_tok_s']:.1f} | {ours / d['hf_generate_tok_s']:.2f}x | {compiled[1]} |")
+    captures = "; ".join(f"{d['concurrency']} streams: {summary(d['capture'])}" for d in rows) if mode else ""
+    return lines + ["", f"Compiled decode: mode {mode}, the step captured at each row's streams; {captures}."
+                    if mode else "Compiled decode: off."]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Markdown tables for the suite's JSON."""
 from __future__ import annotations
 
+from benchmarks.capture import summary
+
 
 def markdown(report: dict) -> str:
     env = report["env"]
@@ -12,10 +14,13 @@ def markdown(report: dict) -> str:
                 "| size | batch | steps | encode ours / base | sample ours / base | decode ours / base | "
                 "e2e ours / base | speedup | img/s ours / base |", "|---|---|---|---|---|---|---|---|---|"]
         for r in report["model_level"]:
-            cells = [f"{r[s]['ours_ms']:.1f} / {r[s]['baseline_ms']:.1f}" for s in ("encode", "sample", "decode", "e2e")]
+            cells = [f"{r[s]['ours_ms']:.1f} / {r[s]['baseline_ms']:.1f}"
+                     for s in ("encode", "sample", "decode", "e2e")]
             out.append(f"| {r['size']} | {r['batch']} | {r['steps']} | " + " | ".join(cells) +
                        f" | {r['e2e']['speedup']:.2f}× | {r['ours_img_s']:.1f} / {r['baseline_img_s']:.1f} |")
-        out.append("")
+        info = report["model_level"][0].get("capture") if report["model_level"] else None
+        out += ["", f"Ours compiled: mode {info['mode']}, every bucket; {summary(info)}." if info else
+                "Ours eager (the fast path is compiled on CUDA only).", ""]
     if "http" in report:
         h = report["http"]
         out += ["## HTTP level", "", f"Time to first image after start: {h['time_to_first_image_s']:.1f} s; "
