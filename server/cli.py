@@ -160,6 +160,19 @@ def serve(args) -> None:
     engine.shutdown()
     if failure:
         _fail(failure[0])
+    if engine.compiling_in_background:
+        _exit_during_compile()
+
+
+def _exit_during_compile() -> NoReturn:
+    """Exit 0 while the CPU's background compile still runs. It cannot be interrupted, and the interpreter's
+    teardown under it aborts the process (a C++ thread still joinable). Every request has its answer by now,
+    and what inductor finished is cached for the next start."""
+    logging.getLogger("rfserve.cli").info("exiting during the background compile; the next start resumes it")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def banner(config: ServerConfig, models: list[str], device: str, port: int) -> str:

@@ -85,6 +85,7 @@ class Engine:
         self.turns = DeviceTurns()            # one forward at a time on the device: image steps and chat turns
         self.later: list[tuple[str, FastPath]] = []     # fast paths captured after ready (the CPU's default)
         self.captured_later = threading.Event()         # set once they are, or have failed
+        self._capture_thread: threading.Thread | None = None
         self._closing = threading.Event()
 
     @property
@@ -113,7 +114,8 @@ class Engine:
         self.metrics.ready.set(1)
         self.ready.set()
         if self.later:
-            threading.Thread(target=self._capture_later, name="rfserve-capture", daemon=True).start()
+            self._capture_thread = threading.Thread(target=self._capture_later, name="rfserve-capture", daemon=True)
+            self._capture_thread.start()
         else:
             self.captured_later.set()
 
@@ -152,6 +154,10 @@ class Engine:
             self.plans[name] = BucketPlan.measure(buckets, lambda n: self._time_batch(pipe, card, n))
         except Exception as err:  # noqa: BLE001 — any compile failure leaves the eager path serving
             fast.drop(f"{type(err).__name__}: {err}")
+
+    @property
+    def compiling_in_background(self) -> bool:
+        return self._capture_thread is not None and self._capture_thread.is_alive()
 
     def _capture_later(self) -> None:
         """Compile what each recorded fast path's warm-up saw, beside the worker, which serves eagerly until each

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from tests.server.serving import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +87,13 @@ def test_generate_writes_the_engine_image(tiny_sd, tmp_path):
     for g, w in zip(got, want):
         assert np.abs(g.astype(int) - w.astype(int)).max() <= 1
     assert "seed 9" in proc.stdout
+
+
+def test_sigterm_during_the_background_compile_exits_0(tiny_sd, tmp_path, monkeypatch):
+    """The CPU's default compiles after ready on a thread that cannot be interrupted: SIGTERM then still ends
+    the server at once with exit 0, where the interpreter's teardown under the compile would abort it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))     # nothing cached: it compiles
+    srv = ServerProcess("--model", f"instaflow-0.9b={tiny_sd}", "--compile", "auto", "--device", "cpu")
+    srv.proc.terminate()
+    assert srv.proc.wait(30) == 0
+    assert "exiting during the background compile" in srv.proc.stdout.read()
