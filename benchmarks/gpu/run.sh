@@ -2,7 +2,7 @@
 # Prepared device runs, each sized for one 10-minute device call (timeout_s 600), after
 # benchmarks/gpu/fetch_wheels.sh, with `carry: [".whl"]`:
 #   bash benchmarks/gpu/run.sh core       # GPU tests, kernels, SD1.5 one-step suite (compiled, HTTP level too)
-#   bash benchmarks/gpu/run.sh hunyuan    # Hunyuan-DiT against diffusers; streaming previews and edits
+#   bash benchmarks/gpu/run.sh hunyuan    # Hunyuan-DiT against diffusers; streaming previews and edits; chat sampling
 #   bash benchmarks/gpu/run.sh janusflow  # JanusFlow against the reference loop and transformers' generate()
 #   bash benchmarks/gpu/run.sh janus      # Janus-Pro against transformers
 #   bash benchmarks/gpu/run.sh host       # the host path at GPU pace on the device machine's CPUs, and encoders
@@ -26,7 +26,7 @@ if [ "$MODE" = dry ]; then
   DEVICE=cpu; TINY=--tiny
   SUITE="--arch tiny --device cpu --batches 1,2 --concurrency 1,2 --requests 4 --open-requests 6 --repeats 1"
   HOST="--quick --sizes 64 --seconds 1"; ENC="--sizes 64 --seconds 0.2"; HUNYUAN="--steps 2 --repeat 1"; STREAM="--repeat 1"
-  JANUSFLOW="--concurrency 8"; JANUS="--batches 1 --concurrency 8"
+  SAMPLING="--rows 1,8 --repeat 1"; JANUSFLOW="--concurrency 8"; JANUS="--batches 1 --concurrency 8"
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PWD" || exit 1
@@ -34,7 +34,7 @@ else
   DEVICE=cuda; TINY=
   SUITE="--arch sd15 --device cuda --batches 1,16 --concurrency 1,4,16,64 --requests 64 --open-requests 200 --repeats 5"
   HOST="--sizes 512,1024 --seconds 3"; ENC="--sizes 512,1024"; HUNYUAN="--steps 50 --repeat 3"; STREAM="--batch 8 --repeat 5"
-  JANUSFLOW=; JANUS=--real
+  SAMPLING=; JANUSFLOW=; JANUS=--real
 fi
 
 core() {
@@ -51,6 +51,9 @@ hunyuan() {
   # shellcheck disable=SC2086
   step "previews and edits" 90 python3 -m benchmarks.bench_streaming --device "$DEVICE" $STREAM \
     --out "$OUT/streaming" > "$OUT/streaming.log" 2>&1
+  # shellcheck disable=SC2086
+  step "chat sampling" 40 python3 -m benchmarks.bench_sampling --device "$DEVICE" $SAMPLING \
+    --out "$OUT/sampling" > "$OUT/sampling.log" 2>&1
 }
 janusflow() {
   # shellcheck disable=SC2086
@@ -69,7 +72,7 @@ host() {
 
 case "$MODE" in
   core) core; reports="bench_kernels.md suite.md" ;;
-  hunyuan) hunyuan; reports="bench_hunyuan.md streaming/streaming.md" ;;
+  hunyuan) hunyuan; reports="bench_hunyuan.md streaming/streaming.md sampling/sampling.md" ;;
   janusflow) janusflow; reports="bench_janusflow.md" ;;
   janus) janus; reports="bench_janus_janus-pro-1b.md" ;;
   host) host; reports="host/host.md" ;;
