@@ -95,8 +95,9 @@ class Captured:
         key = shape_key(args, kwargs)
         if key not in self.shapes:
             if not self.capturing:
-                if self.examples is not None and key not in self.examples:
-                    self.examples[key] = Example.of(args, kwargs)
+                examples = self.examples                # read once: the capture thread may end recording
+                if examples is not None and key not in examples:
+                    examples[key] = Example.of(args, kwargs)
                 return self.eager(*args, **kwargs)
             self._settle(args, kwargs)
             self.shapes.add(key)
