@@ -28,10 +28,10 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 
 def enable_compile_cache(folder: Path = DEFAULT_CACHE) -> None:
+    """Point inductor's caches (its graph cache and the AOT autograd cache, both on by default) at `folder`.
+    torch reads those switches once, at import; the folder it reads at each use, so setting it here works."""
     folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
 def shape_key(args: tuple, kwargs: dict) -> tuple:
