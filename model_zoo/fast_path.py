@@ -93,29 +93,36 @@ class Captured:
 
     def __call__(self, *args, **kwargs):
         key = shape_key(args, kwargs)
-        if key not in self.shapes:
-            if not self.capturing:
-                examples = self.examples                # read once: the capture thread may end recording
-                if examples is not None and key not in examples:
-                    examples[key] = Example.of(args, kwargs)
-                return self.eager(*args, **kwargs)
-            self._settle(args, kwargs)
-            self.shapes.add(key)
-        torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
-        return self.fast(*args, **kwargs)
+        if key in self.shapes:
+            torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
+            return self.fast(*args, **kwargs)
+        if self.capturing:
+            return self._compile(key, args, kwargs)
+        examples = self.examples                         # read once: the capture thread may end recording
+        if examples is not None and key not in examples:
+            examples[key] = Example.of(args, kwargs)
+        return self.eager(*args, **kwargs)
 
-    def _settle(self, args: tuple, kwargs: dict) -> None:
-        # One eager call first settles what the graph would otherwise guard on as it changes: the
-        # kernel dispatcher's decisions, made and cached on a first call, would recompile each bucket.
+    def _compile(self, key: tuple, args: tuple, kwargs: dict):
+        """Compile for `key` on these arguments, and from then on take the graph for it.
+
+        One eager call first settles what the graph would otherwise guard on as it changes: the kernel
+        dispatcher's decisions, made and cached on a first call, would recompile each bucket. The CPU kernels
+        read the thread count where they run, not where they compiled: the worker sets its own per batch
+        (server.threads), and a count baked in at compile time would overrule it. Inductor's config is per
+        thread, so it is set here, where the compile runs."""
         self.eager(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
+            out = self.fast(*args, **kwargs)
+        self.shapes.add(key)
+        return out
 
     def capture_examples(self) -> None:
         examples, self.examples = list((self.examples or {}).items()), None     # a snapshot: recording stops
         for key, example in examples:
             with torch.inference_mode(example.inference), torch.set_grad_enabled(example.grad):
-                self._settle(example.args, example.kwargs)
-                self.fast(*example.args, **example.kwargs)          # compiles
-            self.shapes.add(key)                # from now on the worker takes the graph
+                self._compile(key, example.args, example.kwargs)
 
 
 @dataclass
