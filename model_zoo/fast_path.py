@@ -82,8 +82,8 @@ class Captured:
 
     Captured one of two ways. Before ready (CUDA, `--compile on`): while `capturing`, each new shape compiles on
     its call. After ready (the CPU's default): warm-up's eager calls leave a copy of their arguments per shape in
-    `examples`, and `capture_examples`, on a background thread, compiles each on its copy while the worker goes
-    on serving eagerly; a shape switches over only once its graph exists, so no request waits on a compile.
+    `examples`, and `compile_examples`, on a background thread, compiles each on its copy while the worker goes
+    on serving eagerly; the shapes switch over only once their graphs exist, so no request waits on a compile.
     """
     eager: Callable
     fast: Callable
@@ -97,14 +97,16 @@ class Captured:
             torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
             return self.fast(*args, **kwargs)
         if self.capturing:
-            return self._compile(key, args, kwargs)
+            out = self._compile(args, kwargs)
+            self.shapes.add(key)
+            return out
         examples = self.examples                         # read once: the capture thread may end recording
         if examples is not None and key not in examples:
             examples[key] = Example.of(args, kwargs)
         return self.eager(*args, **kwargs)
 
-    def _compile(self, key: tuple, args: tuple, kwargs: dict):
-        """Compile for `key` on these arguments, and from then on take the graph for it.
+    def _compile(self, args: tuple, kwargs: dict):
+        """Compile for these arguments' shapes; the caller then adds them to `shapes`.
 
         One eager call first settles what the graph would otherwise guard on as it changes: the kernel
         dispatcher's decisions, made and cached on a first call, would recompile each bucket. The CPU kernels
@@ -114,15 +116,15 @@ class Captured:
         self.eager(*args, **kwargs)
         torch.compiler.cudagraph_mark_step_begin()
         with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
-            out = self.fast(*args, **kwargs)
-        self.shapes.add(key)
-        return out
+            return self.fast(*args, **kwargs)
 
-    def capture_examples(self) -> None:
+    def compile_examples(self) -> list[tuple]:
+        """Compile every recorded shape on its copy; returns their keys, for `CompiledCalls` to switch over."""
         examples, self.examples = list((self.examples or {}).items()), None     # a snapshot: recording stops
-        for key, example in examples:
+        for _, example in examples:
             with torch.inference_mode(example.inference), torch.set_grad_enabled(example.grad):
-                self._compile(key, example.args, example.kwargs)
+                self._compile(example.args, example.kwargs)
+        return [key for key, _ in examples]
 
 
 @dataclass
@@ -162,9 +164,12 @@ class CompiledCalls:
             log.info("captured %s for %d shapes", name, len(c.shapes))
 
     def capture_examples(self) -> None:
-        """Compile every shape the recorded calls saw, each on its copied arguments; see `Captured`."""
-        for c in self.captured.values():
-            c.capture_examples()
+        """Compile every shape the recorded calls saw, each on its copied arguments (see `Captured`), then switch
+        them all over at once: until every graph exists the worker runs none, so no compiled call ever runs
+        beside a compile on the capture thread."""
+        compiled = [(c, c.compile_examples()) for c in self.captured.values()]
+        for c, keys in compiled:
+            c.shapes.update(keys)
         self.finish_capture()
 
     def drop(self, reason: str) -> None:

@@ -160,9 +160,9 @@ class Engine:
         return self._capture_thread is not None and self._capture_thread.is_alive()
 
     def _capture_later(self) -> None:
-        """Compile what each recorded fast path's warm-up saw, beside the worker, which serves eagerly until each
-        shape switches over (model_zoo.fast_path.Captured). A cold compile takes minutes on a small CPU; a start
-        reaches ready as soon as it did without compiling."""
+        """Compile what each recorded fast path's warm-up saw, beside the worker, which serves eagerly until every
+        recorded shape has its graph (model_zoo.fast_path.Captured). A cold compile takes minutes on a small CPU;
+        a start reaches ready as soon as it did without compiling."""
         try:
             for name, fast in self.later:
                 if self._closing.is_set():
