@@ -18,10 +18,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY server ./server
-COPY model_zoo ./model_zoo
-COPY kernels ./kernels
-COPY benchmarks ./benchmarks
+COPY rfserve ./rfserve
 # The project itself, from this context: its dependency ranges live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".${EXTRAS:+[$EXTRAS]}"

@@ -1,4 +1,4 @@
-"""Import every module of server/, model_zoo/ and kernels/ on the current install.
+"""Import every module of rfserve.server, rfserve.model_zoo and rfserve.kernels on the current install.
 
 Run in the base-install venv: a module that needs a package the base install lacks fails here. The
 Triton kernel modules are the one allowed exception, and only with the gpu-extra hint."""
@@ -9,7 +9,7 @@ import sys
 TRITON_HINT = "the Triton kernels need the gpu extra"
 failed, gpu_only = [], []
 count = 0
-for package in ("server", "model_zoo", "kernels"):
+for package in ("rfserve.server", "rfserve.model_zoo", "rfserve.kernels"):
     root = importlib.import_module(package)
     names = [package] + [m.name for m in pkgutil.walk_packages(root.__path__, prefix=f"{package}.")]
     for name in names:
@@ -17,7 +17,7 @@ for package in ("server", "model_zoo", "kernels"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:
-            if name.startswith("kernels.triton_") and TRITON_HINT in str(err):
+            if name.startswith("rfserve.kernels.triton_") and TRITON_HINT in str(err):
                 gpu_only.append(name)
                 continue
             failed.append(f"{name}: {type(err).__name__}: {err}")

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, fields
 
 from ray import serve
 
-from server.app import create_app
-from server.chat.config import ChatConfig
-from server.config import ServerConfig
-from server.engine import Engine
+from rfserve.server.app import create_app
+from rfserve.server.chat.config import ChatConfig
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
 
 REPLICA_HEADER = "x-rfserve-replica"
 

@@ -24,6 +24,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random-weight SD1.5-layout checkpoint written with save_pretrained."""
-    from model_zoo.sd_config import save_random_sd
+    from rfserve.model_zoo.sd_config import save_random_sd
 
     return save_random_sd(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=0)

@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from benchmarks.bench_host import headline, load, markdown
-from benchmarks.loadgen import environment
-from benchmarks.plots import plot_host
+from rfserve.benchmarks.bench_host import headline, load, markdown
+from rfserve.benchmarks.loadgen import environment
+from rfserve.benchmarks.plots import plot_host
 from tests.server.serving import ServerProcess
 
 pytestmark = pytest.mark.slow

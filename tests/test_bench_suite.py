@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks.suite import main as suite
+from rfserve.benchmarks.suite import main as suite
 
 pytestmark = pytest.mark.slow
 

@@ -40,34 +40,34 @@ fi
 core() {
   step "gpu tests" 90 python3 -m pytest -q -m gpu tests/kernels tests/server/test_buckets.py \
     tests/server/test_gpu_jpeg.py -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt"
-  step "kernels" 80 python3 -m benchmarks.bench_kernels --device "$DEVICE" --out "$OUT" > "$OUT/kernels.log" 2>&1
+  step "kernels" 80 python3 -m rfserve.benchmarks.bench_kernels --device "$DEVICE" --out "$OUT" > "$OUT/kernels.log" 2>&1
   # shellcheck disable=SC2086  # SUITE is a list of flags
-  step "sd15 one-step suite" 380 python3 -m benchmarks.suite $SUITE --server-args "--batch-buckets 1,16" \
+  step "sd15 one-step suite" 380 python3 -m rfserve.benchmarks.suite $SUITE --server-args "--batch-buckets 1,16" \
     --out "$OUT" > "$OUT/suite.log" 2>&1
 }
 hunyuan() {
   # shellcheck disable=SC2086
-  step "hunyuan-dit" 460 python3 -m benchmarks.bench_hunyuan $TINY $HUNYUAN --out "$OUT" > "$OUT/hunyuan.log" 2>&1
+  step "hunyuan-dit" 460 python3 -m rfserve.benchmarks.bench_hunyuan $TINY $HUNYUAN --out "$OUT" > "$OUT/hunyuan.log" 2>&1
   # shellcheck disable=SC2086
-  step "previews and edits" 90 python3 -m benchmarks.bench_streaming --device "$DEVICE" $STREAM \
+  step "previews and edits" 90 python3 -m rfserve.benchmarks.bench_streaming --device "$DEVICE" $STREAM \
     --out "$OUT/streaming" > "$OUT/streaming.log" 2>&1
   # shellcheck disable=SC2086
-  step "chat sampling" 40 python3 -m benchmarks.bench_sampling --device "$DEVICE" $SAMPLING \
+  step "chat sampling" 40 python3 -m rfserve.benchmarks.bench_sampling --device "$DEVICE" $SAMPLING \
     --out "$OUT/sampling" > "$OUT/sampling.log" 2>&1
 }
 janusflow() {
   # shellcheck disable=SC2086
-  step "janusflow" 560 python3 -m benchmarks.bench_janusflow $TINY $JANUSFLOW --out "$OUT" > "$OUT/janus.log" 2>&1
+  step "janusflow" 560 python3 -m rfserve.benchmarks.bench_janusflow $TINY $JANUSFLOW --out "$OUT" > "$OUT/janus.log" 2>&1
 }
 janus() {
   # shellcheck disable=SC2086
-  step "janus-pro" 560 python3 -m benchmarks.bench_janus $JANUS --out "$OUT" > "$OUT/janus_pro.log" 2>&1
+  step "janus-pro" 560 python3 -m rfserve.benchmarks.bench_janus $JANUS --out "$OUT" > "$OUT/janus_pro.log" 2>&1
 }
 host() {
   # shellcheck disable=SC2086
-  step "host path" 420 python3 -m benchmarks.bench_host $HOST --out "$OUT/host" > "$OUT/host.log" 2>&1
+  step "host path" 420 python3 -m rfserve.benchmarks.bench_host $HOST --out "$OUT/host" > "$OUT/host.log" 2>&1
   # shellcheck disable=SC2086
-  step "encoders" 120 python3 -m benchmarks.bench_encoders $ENC --out "$OUT/encoders.json" > "$OUT/encoders.log" 2>&1
+  step "encoders" 120 python3 -m rfserve.benchmarks.bench_encoders $ENC --out "$OUT/encoders.json" > "$OUT/encoders.log" 2>&1
 }
 
 case "$MODE" in

@@ -11,11 +11,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from benchmarks.bench_compile import RecordedGraph, chat_case, graph_stats, image_case, recorded_graphs
-from model_zoo.fast_path import Captured
-from server.app import create_app
-from server.config import ServerConfig
-from server.engine import Engine
+from rfserve.benchmarks.bench_compile import RecordedGraph, chat_case, graph_stats, image_case, recorded_graphs
+from rfserve.model_zoo.fast_path import Captured
+from rfserve.server.app import create_app
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
 
 pytestmark = pytest.mark.slow            # each compiles a few graphs: about half a minute each on 2 cores
 BUCKETS = (1, 2)
@@ -61,7 +61,7 @@ def test_sd_unet_and_decoder(tiny_sd):
 
 
 def test_hunyuan_transformer(tmp_path_factory):
-    from model_zoo.hunyuan_dit.arch import save_random_hunyuan
+    from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
 
     root = save_random_hunyuan(tmp_path_factory.mktemp("hunyuan"), "tiny", seed=0)
     fast, run = image_case(f"hunyuan-dit-v1.2={root}", steps=2)
@@ -70,7 +70,7 @@ def test_hunyuan_transformer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_janus(tmp_path_factory):
-    from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
+    from rfserve.model_zoo.janusflow.random_checkpoint import save_random_checkpoint
 
     return save_random_checkpoint(tmp_path_factory.mktemp("janusflow"), "tiny", seed=0)
 
@@ -82,7 +82,7 @@ def test_janusflow_flow_step(tiny_janus):
 
 @pytest.fixture(scope="module")
 def tiny_janus_pro(tmp_path_factory):
-    from model_zoo.janus.random_checkpoint import save_random_checkpoint
+    from rfserve.model_zoo.janus.random_checkpoint import save_random_checkpoint
 
     return save_random_checkpoint(tmp_path_factory.mktemp("janus-pro"), "tiny", seed=0)
 
@@ -163,8 +163,8 @@ def test_engine_compiles_on_cpu_when_asked(tiny_janus):
 
 def test_sd_setup_takes_a_vae_without_attention():
     """rf-shapes' VAE has no attention: the SD fast path's setup routes the UNet's and leaves the VAE be."""
-    from kernels.processors import RfserveAttnProcessor
-    from model_zoo.registry import load_model, parse_spec
+    from rfserve.kernels.processors import RfserveAttnProcessor
+    from rfserve.model_zoo.registry import load_model, parse_spec
 
     pipe = load_model(parse_spec("rf-shapes"), torch.device("cpu"), torch.float32).pipeline
     pipe.fast_path().prepare(None)

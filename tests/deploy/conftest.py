@@ -6,7 +6,7 @@ import pytest
 
 from tests.server.serving import ServerProcess, openai_client
 
-RF_SHAPES = Path(__file__).parents[2] / "model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
+RF_SHAPES = Path(__file__).parents[2] / "rfserve/model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
 
 
 @pytest.fixture(scope="session")

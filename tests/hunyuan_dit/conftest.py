@@ -6,7 +6,7 @@ the setting afterwards."""
 import pytest
 import torch
 
-from model_zoo.hunyuan_dit.arch import save_random_hunyuan
+from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
 
 
 @pytest.fixture(scope="package", autouse=True)

@@ -2,7 +2,7 @@
 minute here, and CI's dry run (benchmarks/gpu/run.sh dry) runs the compiled column."""
 import json
 
-from benchmarks import bench_hunyuan
+from rfserve.benchmarks import bench_hunyuan
 
 
 def test_tiny_benchmark_reports_ours_and_diffusers(tmp_path):

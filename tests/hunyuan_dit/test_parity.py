@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import HunyuanDiTPipeline
 
-from model_zoo.base import ImageSpec
-from model_zoo.hunyuan_dit import HunyuanPipeline
-from model_zoo.hunyuan_dit.schedulers import SCHEDULERS
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.hunyuan_dit import HunyuanPipeline
+from rfserve.model_zoo.hunyuan_dit.schedulers import SCHEDULERS
 
 PROMPTS = ["a red circle on a blue square", "一只猫坐在桌子上, photo"]
 NEGATIVES = ["", "blurry"]

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_zoo.base import ImageSpec, parse_size
-from model_zoo.hunyuan_dit import HunyuanPipeline
-from model_zoo.hunyuan_dit.components import HunyuanComponents
-from model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES, rotary_tables, supported_sizes
-from model_zoo.loading import CheckpointError
-from model_zoo.registry import load_model, parse_spec
-from model_zoo.seeding import initial_noise, seeded_noise
+from rfserve.model_zoo.base import ImageSpec, parse_size
+from rfserve.model_zoo.hunyuan_dit import HunyuanPipeline
+from rfserve.model_zoo.hunyuan_dit.components import HunyuanComponents
+from rfserve.model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES, rotary_tables, supported_sizes
+from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.registry import load_model, parse_spec
+from rfserve.model_zoo.seeding import initial_noise, seeded_noise
 
 
 @pytest.fixture(scope="module")

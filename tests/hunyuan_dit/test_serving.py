@@ -6,8 +6,8 @@ import numpy as np
 import openai
 import pytest
 
-from model_zoo.base import ImageSpec
-from model_zoo.hunyuan_dit import HunyuanPipeline
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.hunyuan_dit import HunyuanPipeline
 from tests.server.serving import ServerProcess, decode_png, openai_client
 
 pytestmark = pytest.mark.slow

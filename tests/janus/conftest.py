@@ -1,7 +1,7 @@
 """A tiny random Janus checkpoint in the HF layout, written once per session."""
 import pytest
 
-from model_zoo.janus.random_checkpoint import save_random_checkpoint
+from rfserve.model_zoo.janus.random_checkpoint import save_random_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -11,6 +11,6 @@ def tiny_janus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def janus_pipe(tiny_janus):
-    from model_zoo.janus.pipeline import JanusPipeline
+    from rfserve.model_zoo.janus.pipeline import JanusPipeline
 
     return JanusPipeline.from_pretrained(tiny_janus)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.janus.chat import JanusChat
-from server.chat.batcher import ChatSequence, ContinuousBatcher
+from rfserve.model_zoo.janus.chat import JanusChat
+from rfserve.server.chat.batcher import ChatSequence, ContinuousBatcher
 from tests.janusflow.test_chat_batcher import Collector
 
 

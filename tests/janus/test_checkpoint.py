@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from model_zoo.janus.random_checkpoint import BOI, IMAGE
-from model_zoo.loading import CheckpointError
-from model_zoo.registry import load_model, parse_spec
+from rfserve.model_zoo.janus.random_checkpoint import BOI, IMAGE
+from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.registry import load_model, parse_spec
 
 
 def test_loads_through_the_registry(tiny_janus):
@@ -40,7 +40,7 @@ def test_long_prompt_is_cut(janus_pipe):
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_missing_file_is_named(tiny_janus, tmp_path, missing):
-    from model_zoo.janus.loading import load_parts
+    from rfserve.model_zoo.janus.loading import load_parts
 
     copy = shutil.copytree(tiny_janus, tmp_path / "ckpt")
     (copy / missing).unlink()

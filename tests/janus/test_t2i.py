@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_zoo.base import ImageSpec, step_hook
-from model_zoo.seeding import generators
+from rfserve.model_zoo.base import ImageSpec, step_hook
+from rfserve.model_zoo.seeding import generators
 
 PROMPTS = ["a cat", "a photo of a red square on a table next to a blue circle", "the quick brown fox"]
 
@@ -67,7 +67,7 @@ def test_seeded_image_same_alone_and_batched(janus_pipe):
 
 def test_sampling_follows_the_distribution(janus_pipe):
     """The inverse-CDF draw picks token k with probability p_k (a chi-square-free check on a peaked case)."""
-    from model_zoo.janus.sampling import next_tokens
+    from rfserve.model_zoo.janus.sampling import next_tokens
 
     scores = torch.log(torch.tensor([[0.7, 0.0, 0.3]])).expand(4000, 3)
     drawn = next_tokens(scores, 1.0, generators(list(range(4000))))

@@ -1,7 +1,7 @@
 """A tiny random JanusFlow checkpoint in the official layout, written once per session."""
 import pytest
 
-from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
+from rfserve.model_zoo.janusflow.random_checkpoint import save_random_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -11,6 +11,6 @@ def tiny_janus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def janus_pipe(tiny_janus):
-    from model_zoo.janusflow.pipeline import JanusFlowPipeline
+    from rfserve.model_zoo.janusflow.pipeline import JanusFlowPipeline
 
     return JanusFlowPipeline.from_pretrained(tiny_janus)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.janusflow.decoder import JanusFlowChat
-from model_zoo.janusflow.processor import IMAGE_TAG, SYSTEM_PROMPT, USER, sft_prompt
-from server.chat.batcher import ChatSequence, ContinuousBatcher
-from server.chat.detok import TextStream
+from rfserve.model_zoo.janusflow.decoder import JanusFlowChat
+from rfserve.model_zoo.janusflow.processor import IMAGE_TAG, SYSTEM_PROMPT, USER, sft_prompt
+from rfserve.server.chat.batcher import ChatSequence, ContinuousBatcher
+from rfserve.server.chat.detok import TextStream
 
 
 def prompt_inputs(parts, text: str, images: list[Image.Image]):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model_zoo.janusflow.config import JanusFlowConfig, preset
-from model_zoo.janusflow.loading import UNUSED_OFFICIAL_KEYS, build_model, load_parts
-from model_zoo.janusflow.processor import SYSTEM_PROMPT, USER, ImageProcessorConfig, preprocess_image, sft_prompt
-from model_zoo.loading import CheckpointError
+from rfserve.model_zoo.janusflow.config import JanusFlowConfig, preset
+from rfserve.model_zoo.janusflow.loading import UNUSED_OFFICIAL_KEYS, build_model, load_parts
+from rfserve.model_zoo.janusflow.processor import SYSTEM_PROMPT, USER, ImageProcessorConfig, preprocess_image, sft_prompt
+from rfserve.model_zoo.loading import CheckpointError
 
 # Parameter names of the official MultiModalityCausalLM (janus/janusflow/models: modeling_vlm.py,
 # clip_encoder.py, siglip_vit.py with timm blocks, uvit.py; transformers LlamaForCausalLM).

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-import model_zoo.janusflow.decoder as decoder_module
-import model_zoo.janusflow.pipeline as pipeline_module
-from server.chat.batcher import ChatSequence
-from server.config import ServerConfig
-from server.engine import Engine
+import rfserve.model_zoo.janusflow.decoder as decoder_module
+import rfserve.model_zoo.janusflow.pipeline as pipeline_module
+from rfserve.server.chat.batcher import ChatSequence
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
 from tests.janusflow.test_chat_batcher import Collector, prompt_inputs
 
 MODEL = "janusflow-1.3b"

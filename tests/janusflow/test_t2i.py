@@ -3,8 +3,8 @@ whole sequence at every step; batching does not change an image. The batches' KV
 import numpy as np
 import torch
 
-from model_zoo.base import ImageSpec
-from model_zoo.janusflow.llm import KVPool
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.janusflow.llm import KVPool
 
 
 def official_loop(parts, prompt: str, z: torch.Tensor, steps: int, w: float) -> torch.Tensor:

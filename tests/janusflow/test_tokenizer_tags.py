@@ -7,12 +7,12 @@ import shutil
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from model_zoo.base import ImageSpec
-from model_zoo.janusflow.pipeline import JanusFlowPipeline
-from model_zoo.janusflow.processor import (BOS, EOS, GEN_TAG, IMAGE_END, IMAGE_START, IMAGE_TAG, JanusFlowProcessor,
-                                           USER, sft_prompt)
-from model_zoo.janusflow.random_checkpoint import build_tokenizer
-from model_zoo.loading import CheckpointError
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.janusflow.pipeline import JanusFlowPipeline
+from rfserve.model_zoo.janusflow.processor import (BOS, EOS, GEN_TAG, IMAGE_END, IMAGE_START, IMAGE_TAG, JanusFlowProcessor,
+                                                   USER, sft_prompt)
+from rfserve.model_zoo.janusflow.random_checkpoint import build_tokenizer
+from rfserve.model_zoo.loading import CheckpointError
 
 OFFICIAL_ORDER = (IMAGE_TAG, GEN_TAG, IMAGE_START, IMAGE_END)
 

@@ -1,8 +1,8 @@
 """Each kernels test starts with no cached dispatch decisions and no backend override."""
 import pytest
 
-import kernels
-from kernels import dispatch
+from rfserve import kernels
+from rfserve.kernels import dispatch
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels.attention import attention_torch
-from kernels.triton_attention import attention_triton, head_dim_pad
+from rfserve import kernels
+from rfserve.kernels.attention import attention_torch
+from rfserve.kernels.triton_attention import attention_triton, head_dim_pad
 
 from kernel_checks import DEVICE, assert_close_to
 

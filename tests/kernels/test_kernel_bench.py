@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import bench_kernels
+from rfserve.benchmarks import bench_kernels
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run needs the Triton interpreter from process start")

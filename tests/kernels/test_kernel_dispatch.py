@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
+from rfserve import kernels
+from rfserve.kernels import dispatch
 
 CPU = torch.device("cpu")
 

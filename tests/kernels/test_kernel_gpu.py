@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
-from kernels.attention import attention_torch
-from kernels.triton_attention import attention_triton
-from kernels.triton_velocity import cfg_euler_triton
-from kernels.velocity import cfg_euler_step_torch
+from rfserve import kernels
+from rfserve.kernels import dispatch
+from rfserve.kernels.attention import attention_torch
+from rfserve.kernels.triton_attention import attention_triton
+from rfserve.kernels.triton_velocity import cfg_euler_triton
+from rfserve.kernels.velocity import cfg_euler_step_torch
 
 from kernel_checks import assert_close_to
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import kernels
-
+from rfserve import kernels
 from kernel_checks import DEVICE
 
 

@@ -5,9 +5,9 @@ import torch
 from diffusers import AutoencoderKL, HunyuanDiT2DModel, UNet2DConditionModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
-import kernels
-import kernels.triton_attention
-from kernels.processors import RfserveAttnProcessor
+from rfserve import kernels
+import rfserve.kernels.triton_attention
+from rfserve.kernels.processors import RfserveAttnProcessor
 
 from kernel_checks import DEVICE, assert_close_to
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels import velocity
-from kernels.triton_velocity import cfg_euler_triton, perflow_triton
+from rfserve import kernels
+from rfserve.kernels import velocity
+from rfserve.kernels.triton_velocity import cfg_euler_triton, perflow_triton
 
 from kernel_checks import DEVICE, assert_close_to
 

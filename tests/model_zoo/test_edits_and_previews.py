@@ -7,33 +7,33 @@ import numpy as np
 import pytest
 import torch
 
-from model_zoo.base import ImageSpec, step_hook
-from model_zoo.edits import vae_latents
-from model_zoo.sd_components import to_uint8
+from rfserve.model_zoo.base import ImageSpec, step_hook
+from rfserve.model_zoo.edits import vae_latents
+from rfserve.model_zoo.sd_components import to_uint8
 from tests.server.photo import photo_like
 
 STEPS = 6
 
 
 def _instaflow(tiny_sd, _):
-    from model_zoo.instaflow.pipeline import InstaFlowPipeline
+    from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
     return InstaFlowPipeline.from_pretrained(tiny_sd)
 
 
 def _perflow(tiny_sd, _):
-    from model_zoo.perflow.pipeline import PeRFlowPipeline
+    from rfserve.model_zoo.perflow.pipeline import PeRFlowPipeline
     return PeRFlowPipeline.from_pretrained(tiny_sd)
 
 
 def _hunyuan(_, folder):
-    from model_zoo.hunyuan_dit.arch import save_random_hunyuan
-    from model_zoo.hunyuan_dit.pipeline import HunyuanPipeline
+    from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
+    from rfserve.model_zoo.hunyuan_dit.pipeline import HunyuanPipeline
     return HunyuanPipeline.from_pretrained(save_random_hunyuan(folder, "tiny", seed=0))
 
 
 def _rf_shapes(*_):
     """The shipped model: its trained VAE returns channels-last latents, unlike the tiny random one."""
-    from model_zoo.registry import load_model, parse_spec
+    from rfserve.model_zoo.registry import load_model, parse_spec
     return load_model(parse_spec("rf-shapes-2rf"), torch.device("cpu"), torch.float32).pipeline
 
 

@@ -6,8 +6,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
-from model_zoo.base import ImageSpec
-from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_over_long_prompt_is_truncated_and_flagged(pipe):
 def test_tiny_vae_and_tiling_options(tiny_sd, tmp_path):
     from diffusers import AutoencoderTiny
 
-    from model_zoo.registry import load_model, parse_spec
+    from rfserve.model_zoo.registry import load_model, parse_spec
 
     AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
                     num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")

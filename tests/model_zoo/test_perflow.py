@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from model_zoo.base import ImageSpec
-from model_zoo.loading import CheckpointError
-from model_zoo.perflow.pipeline import PeRFlowPipeline
-from model_zoo.perflow.scheduler import PeRFlowScheduler
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.perflow.pipeline import PeRFlowPipeline
+from rfserve.model_zoo.perflow.scheduler import PeRFlowScheduler
 
 TABLE = {  # reference notes §2, computed from the official code
     4: [1000, 750, 500, 250],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_zoo.registry import FAMILY_LOADERS
+from rfserve.model_zoo.registry import FAMILY_LOADERS
 from tests.server.serving import ServerProcess
 
 try:
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "playground-test-key"
 ROOT = Path(__file__).resolve().parents[2]
-RF_SHAPES = ROOT / "model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
+RF_SHAPES = ROOT / "rfserve/model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
 # The flags this machine needs: no sandbox as root, and no background calls to the closed network.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
@@ -54,7 +54,7 @@ def server(request, tmp_path_factory):
         image = [f"{ONE_STEP}={tiny}", f"{MULTI_STEP}={tiny}"]
     chat = []
     if CHAT:
-        from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
+        from rfserve.model_zoo.janusflow.random_checkpoint import save_random_checkpoint
 
         chat = [f"janusflow-1.3b={save_random_checkpoint(tmp_path_factory.mktemp('tiny-janus'), 'tiny', seed=0)}"]
     args = [a for spec in image + chat for a in ("--model", spec)]

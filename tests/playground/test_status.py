@@ -3,12 +3,12 @@ and which routes need a key."""
 import pytest
 from fastapi.testclient import TestClient
 
-from server import playground
-from server.app import create_app
-from server.config import ServerConfig
-from server.engine import Engine
-from server.metrics import Metrics
-from server.playground import RecentLatency, quantile
+from rfserve.server import playground
+from rfserve.server.app import create_app
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
+from rfserve.server.metrics import Metrics
+from rfserve.server.playground import RecentLatency, quantile
 
 INF = float("inf")
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from model_zoo.instaflow.pipeline import InstaFlowPipeline
-from model_zoo.rf_shapes.checker import check, read
-from model_zoo.rf_shapes.data import make_batch, parse_caption
-from model_zoo.rf_shapes.presets import CHECKPOINT_DIR, RF_SHAPES_DEFAULTS
-from model_zoo.rf_shapes.sampling import generate
+from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
+from rfserve.model_zoo.rf_shapes.checker import check, read
+from rfserve.model_zoo.rf_shapes.data import make_batch, parse_caption
+from rfserve.model_zoo.rf_shapes.presets import CHECKPOINT_DIR, RF_SHAPES_DEFAULTS
+from rfserve.model_zoo.rf_shapes.sampling import generate
 
 MODELS = ("rf-shapes", "rf-shapes-2rf")
 

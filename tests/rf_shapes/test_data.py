@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from model_zoo.rf_shapes.checker import FEATURE_DIM, check, read
-from model_zoo.rf_shapes.data import HELD_OUT, SHAPES, Scene, all_scenes, make_batch, parse_caption, render
-from model_zoo.rf_shapes.tokenizer import build_tokenizer
+from rfserve.model_zoo.rf_shapes.checker import FEATURE_DIM, check, read
+from rfserve.model_zoo.rf_shapes.data import HELD_OUT, SHAPES, Scene, all_scenes, make_batch, parse_caption, render
+from rfserve.model_zoo.rf_shapes.tokenizer import build_tokenizer
 
 
 def test_dataset_is_deterministic_by_seed():

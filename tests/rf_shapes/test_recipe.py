@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 
 pytestmark = pytest.mark.slow
 STAGES = ("vae", "teacher", "reflow_pairs", "rf2", "distill_pairs", "one_step")
 
 
 def _train(out, *extra):
-    subprocess.run([sys.executable, "-m", "model_zoo.rf_shapes.train", "--out", str(out), "--preset", "tiny", *extra],
+    subprocess.run([sys.executable, "-m", "rfserve.model_zoo.rf_shapes.train", "--out", str(out), "--preset", "tiny", *extra],
                    check=True, capture_output=True)
     return json.loads((out / "train_log.json").read_text())
 

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from model_zoo.base import ImageSpec
-from server.scheduler import Batcher, DeadlineExceeded, Job, JobCancelled, QueueFull
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.server.scheduler import Batcher, DeadlineExceeded, Job, JobCancelled, QueueFull
 
 
 def job(model="a", n=1, size=16, steps=1, guidance=0.0, timeout=60.0):

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from model_zoo.base import BatchOutput, ImageSpec
-from server.app import create_app
-from server.buckets import BucketPlan
-from server.config import ServerConfig
-from server.engine import Engine
-from server.metrics import Metrics
-from server.scheduler import Batcher, Job
-from server.worker import Worker
+from rfserve.model_zoo.base import BatchOutput, ImageSpec
+from rfserve.server.app import create_app
+from rfserve.server.buckets import BucketPlan
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
+from rfserve.server.metrics import Metrics
+from rfserve.server.scheduler import Batcher, Job
+from rfserve.server.worker import Worker
 
 
 def test_bucket_for_and_measured_padding():
@@ -83,7 +83,7 @@ def test_ready_flips_only_after_warm_up(tiny_sd, monkeypatch):
 def test_compiled_path_matches_eager_in_bf16(tiny_sd):
     import torch
 
-    from model_zoo.instaflow.pipeline import InstaFlowPipeline
+    from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 
     pipe = InstaFlowPipeline.from_pretrained(tiny_sd, device="cuda", dtype=torch.bfloat16)
     w, h = pipe.default_size

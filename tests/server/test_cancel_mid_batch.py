@@ -7,24 +7,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import kernels
-import model_zoo.hunyuan_dit.pipeline as hunyuan
-import model_zoo.instaflow.pipeline as instaflow
-from server.config import ServerConfig
-from server.engine import Engine
-from server.scheduler import DeadlineExceeded
+from rfserve import kernels
+import rfserve.model_zoo.hunyuan_dit.pipeline as hunyuan
+import rfserve.model_zoo.instaflow.pipeline as instaflow
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
+from rfserve.server.scheduler import DeadlineExceeded
 
 STEPS = 8
 
 
 def tiny_janus(folder):
-    from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
+    from rfserve.model_zoo.janusflow.random_checkpoint import save_random_checkpoint
 
     return save_random_checkpoint(folder, "tiny", seed=0)
 
 
 def tiny_hunyuan(folder):
-    from model_zoo.hunyuan_dit.arch import save_random_hunyuan
+    from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
 
     return save_random_hunyuan(folder, "tiny", seed=0)
 

@@ -1,8 +1,8 @@
 """Chat settings: a flag beats its environment variable, which beats the default."""
 import pytest
 
-from server.chat.config import ChatConfig
-from server.cli import _chat_config, build_parser
+from rfserve.server.chat.config import ChatConfig
+from rfserve.server.cli import _chat_config, build_parser
 
 
 def test_flags_then_environment_then_defaults(monkeypatch):

@@ -2,8 +2,8 @@
 their own top-p, and a seeded row's token depends on its seed alone, never on its batch-mates."""
 import torch
 
-from model_zoo.seeding import generators
-from server.chat.sampling import next_tokens, top_p_filter
+from rfserve.model_zoo.seeding import generators
+from rfserve.server.chat.sampling import next_tokens, top_p_filter
 
 
 def test_top_p_keeps_the_smallest_set_reaching_each_rows_mass():

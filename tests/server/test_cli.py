@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_zoo.instaflow.pipeline import InstaFlowPipeline
+from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from tests.server.serving import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 
 def rfserve(*args, env=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rfserve.server.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 

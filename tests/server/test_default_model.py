@@ -27,7 +27,7 @@ def test_serve_with_no_model_serves_rf_shapes_offline():
 
 def test_generate_with_no_model_writes_a_png(tmp_path):
     out = tmp_path / "x.png"
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "generate", "a red circle on a blue background",
+    proc = subprocess.run([sys.executable, "-m", "rfserve.server.cli", "generate", "a red circle on a blue background",
                            "-o", str(out), "--seed", "3"], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

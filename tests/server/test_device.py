@@ -2,7 +2,7 @@
 import threading
 import time
 
-from server.device import DeviceTurns
+from rfserve.server.device import DeviceTurns
 
 
 def test_a_pausing_holder_alternates_with_a_waiting_thread():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_zoo.instaflow.pipeline import InstaFlowPipeline
-from server.config import ServerConfig
+from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
+from rfserve.server.config import ServerConfig
 from tests.server.serving import ServerProcess, decode_png, openai_client
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.app import images_json
-from server.encoding import INLINE_PIXELS, encode_all
-from server.schemas import ImageData, ImagesResponse
+from rfserve.server.app import images_json
+from rfserve.server.encoding import INLINE_PIXELS, encode_all
+from rfserve.server.schemas import ImageData, ImagesResponse
 from tests.server.photo import photo_like
 
 

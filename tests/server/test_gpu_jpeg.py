@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from server.encoding import device_jpeg, encode_all
+from rfserve.server.encoding import device_jpeg, encode_all
 from tests.server.photo import photo_like
 
 

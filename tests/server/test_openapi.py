@@ -2,9 +2,9 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.config import ServerConfig
-from server.engine import Engine
+from rfserve.server.app import create_app
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 

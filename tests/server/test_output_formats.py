@@ -9,8 +9,8 @@ import pytest
 from openai import BadRequestError
 from PIL import Image
 
-from model_zoo.base import ImageDefaults, ModelCard
-from server.specs import image_specs
+from rfserve.model_zoo.base import ImageDefaults, ModelCard
+from rfserve.server.specs import image_specs
 from tests.server.serving import ServerProcess, openai_client
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

@@ -2,8 +2,8 @@
 import httpx
 import pytest
 
-from model_zoo.loading import CheckpointError
-from server.security import confine
+from rfserve.model_zoo.loading import CheckpointError
+from rfserve.server.security import confine
 from tests.server.serving import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 The recorded 10,000-request run is in benchmarks/RESULTS.md."""
 import pytest
 
-from benchmarks.soak import main as soak
+from rfserve.benchmarks.soak import main as soak
 
 pytestmark = pytest.mark.slow
 

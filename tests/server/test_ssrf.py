@@ -5,10 +5,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from server.chat.config import ChatConfig
-from server.chat.messages import check_remote
-from server.chat.routes import _fetch
-from server.errors import APIError
+from rfserve.server.chat.config import ChatConfig
+from rfserve.server.chat.messages import check_remote
+from rfserve.server.chat.routes import _fetch
+from rfserve.server.errors import APIError
 
 FIELD = "messages[0].content[0].image_url.url"
 

@@ -166,7 +166,7 @@ def test_an_edit_over_the_body_limit_is_413(server):
 
 
 def test_a_model_that_cannot_edit_is_named(tmp_path_factory):
-    from model_zoo.janusflow.random_checkpoint import save_random_checkpoint
+    from rfserve.model_zoo.janusflow.random_checkpoint import save_random_checkpoint
 
     folder = save_random_checkpoint(tmp_path_factory.mktemp("tiny-janus"), "tiny", seed=0)
     srv = ServerProcess("--model", f"janusflow-1.3b={folder}", ready_timeout=240)

@@ -7,12 +7,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model_zoo.base import ImageSpec
-from model_zoo.loading import CheckpointError
-from model_zoo.registry import load_model, parse_spec
-from server.app import create_app
-from server.config import ServerConfig
-from server.engine import Engine
+from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.registry import load_model, parse_spec
+from rfserve.server.app import create_app
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
 
 SPEC = "synthetic?ms_per_image=20&ms_per_batch=10&sizes=96x64,64x64"
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_zoo.base import BatchOutput, ImageSpec
-from server.config import ServerConfig
-from server.engine import Engine
-from server.metrics import Metrics
-from server.scheduler import Batcher, Job
-from server.threads import ThreadPlan
-from server.worker import Worker
+from rfserve.model_zoo.base import BatchOutput, ImageSpec
+from rfserve.server.config import ServerConfig
+from rfserve.server.engine import Engine
+from rfserve.server.metrics import Metrics
+from rfserve.server.scheduler import Batcher, Job
+from rfserve.server.threads import ThreadPlan
+from rfserve.server.worker import Worker
 
 
 @pytest.fixture

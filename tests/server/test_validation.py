@@ -1,11 +1,11 @@
 """Field checks the gateway makes against a model card, before anything is queued."""
 import pytest
 
-from model_zoo.base import ImageDefaults, ModelCard
-from model_zoo.seeding import MAX_SEED
-from server.specs import image_specs
-from server.errors import APIError
-from server.schemas import ImageGenerationRequest
+from rfserve.model_zoo.base import ImageDefaults, ModelCard
+from rfserve.model_zoo.seeding import MAX_SEED
+from rfserve.server.specs import image_specs
+from rfserve.server.errors import APIError
+from rfserve.server.schemas import ImageGenerationRequest
 
 CARD = ModelCard("m", "janusflow", ImageDefaults(steps=30, guidance=2.0, size="384x384"), sizes=("384x384",),
                  max_steps=50, supports_negative_prompt=False)

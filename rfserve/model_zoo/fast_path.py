@@ -1,0 +1,190 @@
+"""The compiled fast path, shared by every family: hot calls torch.compile'd and captured per bucket in warm-up.
+
+Compiled graphs are static-shape (`dynamic=False`; with "reduce-overhead" also CUDA graphs), so after warm-up
+only the captured shapes take the compiled path and every other shape runs eagerly: a request never triggers a
+compile. The inductor cache lives in a persistent folder, so the second start compiles from cache. On CUDA the
+capture runs before ready; on the CPU, where a cold compile takes minutes, it runs after ready beside the
+worker for the families that declare it safe (`CompiledCalls.background`).
+
+A family names its hot calls as attributes of one of its objects (SD: `parts.denoiser` and `parts.vae_decode`;
+Hunyuan-DiT: `parts.denoiser`; JanusFlow: `parts.flow_step`; chat: a slot decoder's `step`). `CompiledCalls`
+swaps each for a `Captured` and back again when capture fails, so the pipelines themselves never branch on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rfserve import kernels
+log = logging.getLogger("rfserve.fast_path")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rfserve" / "inductor"
+
+
+def enable_compile_cache(folder: Path = DEFAULT_CACHE) -> None:
+    """Point inductor's caches (its graph cache and the AOT autograd cache, both on by default) at `folder`.
+    torch reads those switches once, at import; the folder it reads at each use, so setting it here works."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+
+
+def shape_key(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of every tensor argument: what a static-shape graph was compiled for."""
+    return tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A hot call's arguments, copied, and the autograd mode it ran under. A graph guards on both, down to
+    whether each tensor is an inference tensor, so a copy that differed would compile a graph for other calls."""
+    args: tuple
+    kwargs: dict
+    inference: bool
+    grad: bool
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> "Example":
+        memo: dict[int, object] = {}
+        return cls(_copy(args, memo), _copy(kwargs, memo), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+
+
+def _copy(obj, memo: dict[int, object]):
+    """Tensors cloned as they are (strides, inference or not, static marks), inside tuples, lists, dicts and
+    dataclasses; a tensor passed twice is copied once, so the copies alias as the arguments did."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        with torch.inference_mode(obj.is_inference()):
+            out = obj.clone()                                  # preserve_format: the same strides
+        out.__dict__.update(obj.__dict__)                      # `mark_static_address` lives there
+    elif isinstance(obj, (tuple, list)):
+        out = type(obj)(_copy(o, memo) for o in obj)
+    elif isinstance(obj, dict):
+        out = {k: _copy(v, memo) for k, v in obj.items()}
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = dataclasses.replace(obj, **{f.name: _copy(getattr(obj, f.name), memo) for f in dataclasses.fields(obj)
+                                          if f.init})
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
+
+
+@dataclass
+class Captured:
+    """A compiled callable and the argument shapes it was captured for; every other shape runs the eager one.
+
+    Captured one of two ways. Before ready (CUDA, `--compile on`): while `capturing`, each new shape compiles on
+    its call. After ready (the CPU's default): warm-up's eager calls leave a copy of their arguments per shape in
+    `examples`, and `compile_examples`, on a background thread, compiles each on its copy while the worker goes
+    on serving eagerly; the shapes switch over only once their graphs exist, so no request waits on a compile.
+    """
+    eager: Callable
+    fast: Callable
+    capturing: bool = True
+    shapes: set[tuple] = field(default_factory=set)
+    examples: dict[tuple, Example] | None = None                # recording while not None
+
+    def __call__(self, *args, **kwargs):
+        key = shape_key(args, kwargs)
+        if key in self.shapes:
+            torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
+            return self.fast(*args, **kwargs)
+        if self.capturing:
+            out = self._compile(args, kwargs)
+            self.shapes.add(key)
+            return out
+        examples = self.examples                         # read once: the capture thread may end recording
+        if examples is not None and key not in examples:
+            examples[key] = Example.of(args, kwargs)
+        return self.eager(*args, **kwargs)
+
+    def _compile(self, args: tuple, kwargs: dict):
+        """Compile for these arguments' shapes; the caller then adds them to `shapes`.
+
+        One eager call first settles what the graph would otherwise guard on as it changes: the kernel
+        dispatcher's decisions, made and cached on a first call, would recompile each bucket. The CPU kernels
+        read the thread count where they run, not where they compiled: the worker sets its own per batch
+        (server.threads), and a count baked in at compile time would overrule it. Inductor's config is per
+        thread, so it is set here, where the compile runs."""
+        self.eager(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
+            return self.fast(*args, **kwargs)
+
+    def compile_examples(self) -> list[tuple]:
+        """Compile every recorded shape on its copy; returns their keys, for `CompiledCalls` to switch over."""
+        examples, self.examples = list((self.examples or {}).items()), None     # a snapshot: recording stops
+        for _, example in examples:
+            with torch.inference_mode(example.inference), torch.set_grad_enabled(example.grad):
+                self._compile(example.args, example.kwargs)
+        return [key for key, _ in examples]
+
+
+@dataclass
+class CompiledCalls:
+    """A family's `FastPath` (model_zoo.base) over its hot calls, each an `(owner, attribute)`.
+
+    `setup` runs whether or not anything is compiled (the SD families' channels_last and attention).
+    `background` says that capture after ready is the CPU's default for this family: where compiled measured
+    clearly faster on the CPU, and each hot call is a pure function of its arguments and the weights, so that
+    running it on copies beside the worker touches nothing the worker uses (benchmarks/RESULTS.md, issue #22).
+    """
+    calls: list[tuple[object, str]]
+    setup: Callable[[], None] | None = None
+    background: bool = False
+
+    def prepare(self, compile_mode: str | None, *, record: bool = False) -> None:
+        """Compile the hot calls with `compile_mode` (None: only `setup`). With `record`, nothing compiles on a
+        call: the calls record their arguments for `capture_examples` instead."""
+        if self.setup is not None:
+            self.setup()
+        if not compile_mode:
+            return
+        enable_compile_cache()
+        for owner, name in self.calls:
+            eager = getattr(owner, name)
+            fast = torch.compile(eager, mode=compile_mode, fullgraph=True, dynamic=False)
+            setattr(owner, name, Captured(eager, fast, capturing=not record, examples={} if record else None))
+
+    @property
+    def captured(self) -> dict[str, Captured]:
+        found = {name: getattr(owner, name) for owner, name in self.calls}
+        return {name: c for name, c in found.items() if isinstance(c, Captured)}
+
+    def finish_capture(self) -> None:
+        for name, c in self.captured.items():
+            c.capturing = False
+            log.info("captured %s for %d shapes", name, len(c.shapes))
+
+    def capture_examples(self) -> None:
+        """Compile every shape the recorded calls saw, each on its copied arguments (see `Captured`), then switch
+        them all over at once: until every graph exists the worker runs none, so no compiled call ever runs
+        beside a compile on the capture thread."""
+        compiled = [(c, c.compile_examples()) for c in self.captured.values()]
+        for c, keys in compiled:
+            c.shapes.update(keys)
+        self.finish_capture()
+
+    def drop(self, reason: str) -> None:
+        """Fall back to eager for good when capture fails, so the server still serves."""
+        log.error("compiled path disabled, serving eagerly: %s", reason)
+        for owner, name in self.calls:
+            call = getattr(owner, name)
+            if isinstance(call, Captured):
+                setattr(owner, name, call.eager)
+
+
+def sd_fast_path(parts) -> CompiledCalls:
+    """SD-UNet families: channels_last and our attention everywhere; the UNet and the VAE decoder compiled."""
+    def setup() -> None:
+        for module in (parts.unet, parts.vae):
+            module.to(memory_format=torch.channels_last)
+        kernels.install_attention(parts.unet)
+        kernels.install_attention(parts.vae, required=False)    # rf-shapes' VAE and the tiny VAEs have none
+    return CompiledCalls([(parts, "denoiser"), (parts, "vae_decode")], setup, background=True)

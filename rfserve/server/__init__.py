@@ -1,0 +1,1 @@
+"""The HTTP gateway and engine of rfserve."""

@@ -1,0 +1,277 @@
+"""`rfserve serve` and `rfserve generate`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from rfserve.model_zoo.loading import CheckpointError
+from rfserve import __version__
+from rfserve.server.chat.config import INT_SETTINGS, ChatConfig
+from rfserve.server.config import ServerConfig
+
+# What the first-run banner's curl line asks for: a prompt every model draws something sensible for.
+TRY_PROMPT = "a red circle on a blue background"
+
+
+def _add_engine_args(p: argparse.ArgumentParser, *, many_models: bool) -> None:
+    if many_models:
+        p.add_argument("--model", action="append", dest="models", metavar="SPEC",
+                       help="NAME or NAME=PATH_OR_HUB_ID[?variant=..&base=..]; repeat to serve several "
+                            "(default: the embedded rf-shapes)")
+    else:
+        p.add_argument("--model", dest="models", action="append", metavar="SPEC", help="as for serve")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rfserve", description="Rectified-flow image server.")
+    parser.add_argument("--version", action="version", version=f"rfserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI Images API")
+    _add_engine_args(serve, many_models=True)
+    d = ServerConfig()
+    serve.add_argument("--host", default=d.host)
+    serve.add_argument("--port", type=int, default=d.port)
+    serve.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass")
+    serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
+    serve.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model")
+    serve.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
+    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
+    serve.add_argument("--max-input-pixels", type=int, default=d.max_input_pixels,
+                       help="width x height cap on an edit's image and mask, checked before decoding")
+    serve.add_argument("--max-steps", type=int, default=None, help="cap on num_inference_steps for every model")
+    serve.add_argument("--max-request-timeout", type=float, default=d.max_request_timeout_s,
+                       help="cap on a request's own `timeout` field, seconds")
+    serve.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
+                       help="after SIGTERM, seconds for in-flight work to finish")
+    serve.add_argument("--watchdog-timeout", type=float, default=d.watchdog_s,
+                       help="a batch running longer turns /health unhealthy, seconds")
+    serve.add_argument("--api-key", action="append", default=[], help="accepted bearer key; repeatable")
+    serve.add_argument("--api-key-file", help="file with one accepted key per line")
+    serve.add_argument("--protect-metrics", action="store_true", help="require a key for /metrics too")
+    serve.add_argument("--model-root", help="local model paths must resolve inside this folder")
+    serve.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin; repeatable")
+    serve.add_argument("--log-prompts", action="store_true", help="log prompts (off by default)")
+    serve.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile,
+                       help="compiled fast path per batch bucket (auto: captured before ready on CUDA; on the CPU "
+                            "after ready, beside serving, for the families it pays for)")
+    serve.add_argument("--compile-mode", default=d.compile_mode, help="torch.compile mode")
+    serve.add_argument("--batch-buckets", default=",".join(map(str, d.batch_buckets)),
+                       help="batch sizes captured by the fast path, comma-separated")
+    serve.add_argument("--cpu-threads", type=int, default=None,
+                       help="fixed torch threads when serving on CPU (default: cores - 1, and all cores "
+                            "for the batch sizes warm-up measures faster on them)")
+    chat = serve.add_argument_group("chat", "JanusFlow chat; each flag falls back to its RFSERVE_CHAT_* variable")
+    for name, variable, meaning in INT_SETTINGS:
+        chat.add_argument(f"--chat-{name.replace('_', '-')}", type=int, default=None, metavar="N",
+                          help=f"{meaning}; ${variable}")
+    chat.add_argument("--chat-image-host", action="append", default=[], metavar="HOST",
+                      help="a host whose http(s) image URLs may be fetched; repeatable ($RFSERVE_CHAT_IMAGE_HOSTS)")
+    serve.add_argument("--no-warmup", action="store_true")
+    serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--log-level", default="info")
+
+    gen = sub.add_parser("generate", help="generate images in-process with the serving engine")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", required=True, type=Path,
+                     help="image path (.png, or .jpg/.webp for JPEG/WebP); with --n > 1, images go to "
+                          "NAME-0.png, NAME-1.png, ...")
+    _add_engine_args(gen, many_models=False)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--size", default=None, help="WxH, one of the model's sizes")
+    gen.add_argument("--n", type=int, default=1)
+    sub.add_parser("bench", help="the latency suite (model level and HTTP level); see `rfserve bench -h`",
+                   add_help=False)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"rfserve: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def serve(args) -> None:
+    from rfserve.server.app import create_app
+    from rfserve.server.engine import Engine
+    from rfserve.server.lifecycle import DrainingServer, Watchdog
+    from rfserve.server.security import load_keys
+
+    try:
+        keys = load_keys(args.api_key, args.api_key_file)
+    except OSError as err:
+        _fail(f"--api-key-file: {err}")
+    config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
+                          device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_steps=args.max_steps,
+                          request_timeout_s=args.request_timeout, max_request_timeout_s=args.max_request_timeout,
+                          shutdown_grace_s=args.shutdown_grace, watchdog_s=args.watchdog_timeout,
+                          max_body_bytes=args.max_body_bytes,
+                          max_input_pixels=args.max_input_pixels, warmup=not args.no_warmup,
+                          fault_injection=args.enable_fault_injection, log_prompts=args.log_prompts,
+                          api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
+                          cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,
+                          batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads,
+                          chat=_chat_config(args))
+    engine = Engine(config)
+    uv_config = uvicorn_config(create_app(engine), config, args.log_level)
+    server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
+    watchdog = Watchdog(engine, config.watchdog_s)
+    failure: list[str] = []
+
+    def load() -> None:
+        try:
+            engine.load(progress=True)
+            watchdog.start()
+        except (CheckpointError, RuntimeError, ValueError, OSError) as err:
+            failure.append(str(err).splitlines()[0])
+            engine.load_error = failure[0]
+            server.should_exit = True
+            return
+        while not server.started and not server.should_exit:    # /ready answers once uvicorn listens
+            time.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(banner(config, [s.name for s in engine.specs], engine.device.type, port), flush=True)
+
+    threading.Thread(target=load, name="rfserve-loader", daemon=True).start()
+    server.run()
+    watchdog.stop()
+    engine.shutdown()
+    if failure:
+        _fail(failure[0])
+    if engine.compiling_in_background:
+        _exit_during_compile()
+
+
+def _exit_during_compile() -> NoReturn:
+    """Exit 0 while the CPU's background compile still runs. It cannot be interrupted, and the interpreter's
+    teardown under it aborts the process (a C++ thread still joinable). Every request has its answer by now,
+    and what inductor finished is cached for the next start."""
+    logging.getLogger("rfserve.cli").info("exiting during the background compile; the next start resumes it")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def banner(config: ServerConfig, models: list[str], device: str, port: int) -> str:
+    """What a first run needs once /ready is true: where the playground is, and one request that works."""
+    host = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else config.host
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    body = json.dumps({"model": models[0], "prompt": TRY_PROMPT, "seed": 7})
+    auth = ' -H "authorization: Bearer $RFSERVE_API_KEY"' if config.api_keys else ""
+    save = ("python3 -c 'import sys,json,base64; "
+            "open(\"out.png\",\"wb\").write(base64.b64decode(json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))'")
+    lines = [f"rfserve {__version__} is ready: {', '.join(models)} on {device}",
+             f"  playground: {base}/",
+             f"  try it:     curl -s {base}/v1/images/generations{auth} -H 'content-type: application/json' "
+             f"-d {shlex.quote(body)} | {save}"]
+    if config.api_keys:
+        lines.append("              (with RFSERVE_API_KEY set to one of the server's keys)")
+    return "\n".join(lines)
+
+
+def _chat_config(args) -> ChatConfig:
+    flags = {name: getattr(args, f"chat_{name}") for name, _, _ in INT_SETTINGS}
+    try:
+        return ChatConfig.resolve(flags, args.chat_image_host)
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        buckets = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        _fail(f"--batch-buckets: expected comma-separated integers, got {text!r}")
+    if not buckets or buckets[0] < 1:
+        _fail("--batch-buckets: sizes must be positive")
+    return buckets
+
+
+def uvicorn_config(app, config: ServerConfig, log_level: str):
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                          timeout_graceful_shutdown=int(config.shutdown_grace_s) + 30)
+
+
+# `rfserve generate` writes JPEG (quality 90) or WebP for those suffixes, PNG for any other.
+SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+# `rfserve generate`'s flag for each request field the spec builder may refuse.
+GENERATE_FLAGS = {"n": "--n", "size": "--size", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+                  "negative_prompt": "--negative-prompt"}
+
+
+def generate(args) -> None:
+    from rfserve.server.encoding import image_bytes
+    from rfserve.server.engine import Engine
+    from rfserve.server.errors import APIError
+    from rfserve.server.specs import image_specs
+
+    config = ServerConfig(models=args.models or ["rf-shapes"], device=args.device, dtype=args.dtype,
+                          warmup=False, max_batch=max(1, args.n))
+    engine = Engine(config)
+    engine.load(progress=True)
+    try:
+        card = next(iter(engine.cards.values()))
+        try:
+            specs = image_specs(card, args.prompt, max_n=args.n, n=args.n,
+                                size=None if args.size is None else args.size.lower(), steps=args.steps,
+                                guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt)
+        except APIError as err:
+            _fail(f"{GENERATE_FLAGS.get(err.param or '', err.param)}: {err.message}")
+        result = engine.submit(card.name, specs).future.result()
+    finally:
+        engine.shutdown()
+    paths = [args.output] if args.n == 1 else [
+        args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
+    for path, image, spec in zip(paths, result.images, specs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_bytes(image, SUFFIX_FORMATS.get(path.suffix.lower(), "png"), 90))
+        print(f"{path} (seed {spec.seed})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        try:
+            from rfserve.benchmarks.suite import main as bench
+        except ModuleNotFoundError as err:
+            _fail(f"rfserve bench needs the bench extra ({err.name} is not installed): pip install 'rfserve[bench]'")
+
+        bench(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        {"serve": serve, "generate": generate}[args.command](args)
+    except CheckpointError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

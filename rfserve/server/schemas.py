@@ -1,0 +1,138 @@
+"""Request and response bodies of the OpenAI Images API, with our extensions."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rfserve.model_zoo.seeding import MAX_SEED
+
+# A prompt needs one character that is not whitespace. The schema publishes the same expression the
+# validator runs (Python's `re`), so a client's schema check and the server never disagree.
+NON_BLANK = r"\S"
+Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
+
+
+def whole_numbers(*fields: str):
+    """A validator for a strict model's integer fields: JSON Schema counts 39.0 as an integer, so the
+    server does too, while strings and bools stay refused."""
+    def whole(cls, value):
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+    return field_validator(*fields, mode="before")(whole)
+
+
+class ImageOptions(BaseModel):
+    """The fields generations and edits share: the model, the count, the output, streaming, our extensions."""
+    # Streamed events carry no image index, so a stream makes one image (a 400 naming `n` otherwise).
+    model_config = ConfigDict(json_schema_extra={"if": {"properties": {"stream": {"const": True}},
+                                                        "required": ["stream"]},
+                                                 "then": {"properties": {"n": {"const": 1}}}})
+    model: str | None = Field(None, description="a served model; the first one when left out")
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description="WxH, one of the model's sizes; the model's default when left out")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int = Field(100, ge=0, le=100, description=(
+        "JPEG and WebP quality, 0-100. PNG is lossless and ignores it."))
+    background: Literal["auto", "opaque"] = Field("auto", description=(
+        "the models make opaque images; `transparent` is refused with a 400"))
+    quality: Quality = Field("auto", description=(
+        "for multi-step models, the step count when `num_inference_steps` is not given: low = half the default, "
+        "high and hd = 1.5 times it (up to the model's maximum), auto, medium and standard = the default; "
+        "one-step models take it and change nothing"))
+    stream: bool = Field(False, description=(
+        "server-sent events: `partial_images` previews, then the image (n must be 1); `response_format` "
+        "does not apply, every event carries base64"))
+    partial_images: int = Field(0, ge=0, le=3, description=(
+        "previews to stream, evenly spaced over the steps, taken from the flow's estimate of the finished "
+        "image; a one-step model sends none, and a short run may send fewer"))
+    user: str | None = Field(None, max_length=256)
+    # extensions
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when left out")
+    negative_prompt: str | None = Field(None, max_length=20_000)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0)
+    timeout: float | None = Field(None, gt=0.0, description="seconds; capped by the server")
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _opaque_only(cls, v):
+        if v == "transparent":
+            raise ValueError("transparent backgrounds are not supported: every model here makes opaque images; "
+                             "use auto or opaque")
+        return v
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not re.search(NON_BLANK, v):
+            raise ValueError("must not be empty")
+        return v
+
+
+class ImageGenerationRequest(ImageOptions):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
+
+    _whole = whole_numbers("n", "seed", "num_inference_steps", "output_compression", "partial_images")
+
+
+class ImageEditRequest(ImageOptions):
+    """The text fields of a multipart edit (the files are checked apart, in server/edits.py). Form fields
+    arrive as text, so numbers and booleans are parsed from it."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
+    strength: float = Field(0.8, ge=0.0, le=1.0, description=(
+        "the share of the flow run from the input: near 0 returns the input, 1 ignores it (text-to-image)"))
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: Quality
+    size: str
+    background: Literal["opaque"] = "opaque"
+    model: str
+    seed: int
+    prompt_truncated: bool = False
+    timings: dict[str, float] = {}    # ms per stage: queue, encode, sample, decode, gpu_jpeg (on CUDA), total
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rfserve"
+    family: str
+    sizes: list[str]
+    default_size: str
+    default_steps: int
+    default_guidance_scale: float
+    max_steps: int
+    edits: bool = Field(description="whether /v1/images/edits takes this model")
+    chat: bool = Field(description="whether /v1/chat/completions takes this model")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining"]
+    models: list[str] | None = None
