@@ -17,11 +17,12 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first and alone: the largest layer, cached across source changes.
 RUN pip install "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY rfserve ./rfserve
-# The project itself, from this context: its dependency ranges live in pyproject.toml.
+# The project itself, from this context, with the dependency versions its tests passed with (constraints.txt,
+# resolved for every platform and Python >= 3.11 by .ci/lock.sh).
 # hadolint ignore=DL3013
-RUN pip install ".${EXTRAS:+[$EXTRAS]}"
+RUN pip install -c constraints.txt ".${EXTRAS:+[$EXTRAS]}"
 
 # Stage 2: the runtime, with the venv and the Ray Serve app, run as an unprivileged user.
 FROM ${BASE_IMAGE}

@@ -2,12 +2,15 @@
 # The README's first command as a new user runs it: a fresh venv with only the base install.
 # Every module imports, `rfserve serve` reaches /ready on the embedded model, its printed curl line
 # writes a PNG, one /v1/images/generations answers a PNG, and `rfserve generate` writes one.
+# `fresh_install.sh newest` installs without constraints.txt: what an unpinned install resolves to today.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+pins=(-c constraints.txt)
+[ "${1:-}" != newest ] || pins=()
 work=$(mktemp -d)
 venv="$work/venv"
 python -m venv "$venv"
-"$venv/bin/pip" install -q torch==2.13.0 -e .
+"$venv/bin/pip" install -q "torch==$(sed -n 's/^torch==//p' constraints.txt)" "${pins[@]}" -e .
 "$venv/bin/rfserve" --version
 "$venv/bin/python" .ci/import_all.py
 # A command that needs an extra says which, in one line.
@@ -51,4 +54,4 @@ wait "$server" || { tail -20 "$log"; echo "fresh install: serve did not exit 0 o
 
 "$venv/bin/rfserve" generate "a red circle on a blue background" -o "$work/generated.png" --seed 1
 is_png "$work/generated.png"
-echo "fresh install: serve, its curl line, one generation and rfserve generate all gave PNGs"
+echo "fresh install${1:+ ($1)}: serve, its curl line, one generation and rfserve generate all gave PNGs"

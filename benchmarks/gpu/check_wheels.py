@@ -1,13 +1,17 @@
 """Do the wheels fetch_wheels.sh carries resolve together with what the device image already holds?
 
     python3 benchmarks/gpu/check_wheels.py [--missing] [.whl]
+    python3 benchmarks/gpu/check_wheels.py --pin NAME...
 
 Every requirement of every carried wheel, with its markers evaluated for the image (CPython 3.12, x86-64
 Linux), must be met by a carried wheel, or by the image's own version of that package (IMAGE, as the device
 tool's KINDS.md lists it). A carried wheel overrides the image's version, since it comes first on the path.
 Packages the image holds at a version nobody recorded count as met. Anything else is printed, and the exit
 status is 1, so that a device call never starts on a set that cannot import. With `--missing`, it prints only
-the names of the packages neither carried nor in the image, which fetch_wheels.sh then fetches.
+the names of the packages to carry, neither carried nor in the image or in the image at a version a carried
+wheel refuses, which fetch_wheels.sh then fetches. With `--pin`, it
+prints NAME==VERSION for each name that constraints.txt pins for the image's platform: the versions the tests
+passed with, whatever is installed where the wheels are fetched.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def requirements(wheel: Path) -> list[Requirement]:
 
 
 def problems(folder: Path) -> list[tuple[str, str]]:
-    """(message, the missing package's name, or "" where a version is wrong) for each unmet requirement."""
+    """(message, the name of a package to carry, or "" where a carried version is wrong) per unmet requirement."""
     carried = {}
     for wheel in sorted(folder.glob("*.whl")):
         name, version, _, _ = parse_wheel_filename(wheel.name)
@@ -62,13 +66,29 @@ def problems(folder: Path) -> list[tuple[str, str]]:
                 continue
             if have is None:
                 found.append((f"{name} needs {req}: neither carried nor in the image", dep))
-            elif not req.specifier.contains(have, prereleases=True):
+            elif not req.specifier.contains(have, prereleases=True):   # the image's can be overridden by carrying one
                 where = "carried" if dep in carried else "the image's"
-                found.append((f"{name} needs {req}, but {where} {dep} is {have}", ""))
+                found.append((f"{name} needs {req}, but {where} {dep} is {have}", "" if dep in carried else dep))
+    return found
+
+
+def pins(names: list[str], constraints: Path = Path("constraints.txt")) -> list[str]:
+    """constraints.txt's pin of each name, its markers evaluated for the image (a name it lacks is left out)."""
+    wanted = {canonicalize_name(n) for n in names}
+    found = []
+    for line in constraints.read_text().splitlines():
+        if not line or line[0] in "# ":
+            continue
+        req = Requirement(line)
+        if canonicalize_name(req.name) in wanted and (req.marker is None or req.marker.evaluate(ENVIRONMENT)):
+            found.append(f"{canonicalize_name(req.name)}{req.specifier}")
     return found
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--pin"]:
+        print("\n".join(pins(sys.argv[2:])))
+        return
     args = [a for a in sys.argv[1:] if a != "--missing"]
     folder = Path(args[0] if args else ".whl")
     found = problems(folder)

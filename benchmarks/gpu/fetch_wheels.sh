@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download, here, the wheels the GPU image lacks (it has torch, triton, numpy, pillow, ...), into .whl/ for a
 # device run (Python 3.12, x86-64), then check that they resolve with the image (check_wheels.py). Each is
-# carried at the version installed here, which the tests ran against (the image's transformers is older). Run from the repo root; .whl/ is git-ignored, so the device tool carries it only when named.
+# carried at constraints.txt's version, which the tests ran against (the image's transformers is older). Run
+# from the repo root; .whl/ is git-ignored, so the device tool carries it only when named.
 set -euo pipefail
 mkdir -p .whl
 fetch() {
@@ -9,11 +10,10 @@ fetch() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$@"
 }
-# Each at the version installed here, which the tests ran against; one not installed here is not needed.
+# Each at constraints.txt's version for the image's platform; one the constraints lack is not needed.
 pinned() {
-  for name in "$@"; do
-    version=$(python3 -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null) || continue
-    fetch "$name==$version"
+  for pin in $(python3 benchmarks/gpu/check_wheels.py --pin "$@"); do
+    fetch "$pin"
   done
 }
 pinned diffusers transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \

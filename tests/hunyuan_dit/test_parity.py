@@ -41,6 +41,7 @@ def check(got, want):
 
 @pytest.mark.parametrize("version", ["v1.2", "v1.1"])
 @pytest.mark.parametrize("width,height", [(128, 128), (160, 96)])
+@pytest.mark.smoke
 def test_matches_diffusers(tiny_hunyuan, tiny_hunyuan_v11, version, width, height):
     root = tiny_hunyuan if version == "v1.2" else tiny_hunyuan_v11
     check(ours(root, width, height), reference(root, width, height))

@@ -20,6 +20,7 @@ def client(server):
     return openai_client(server)
 
 
+@pytest.mark.smoke
 def test_chat_streamed_and_not_say_the_same(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=12, temperature=0)
     whole = client.chat.completions.create(**kw)

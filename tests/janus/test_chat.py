@@ -58,6 +58,7 @@ def hf_generate(chat, text, images, max_new: int) -> list[int]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.smoke
 def test_greedy_tokens_equal_generate_for_concurrent_requests(chat):
     requests = [("hi", [], 8), ("describe the image in detail please", [picture(3)], 12),
                 ("what color is the sky", [], 9), ("a longer question about numbers 0 1 2 3 4", [], 10)]

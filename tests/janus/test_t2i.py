@@ -30,6 +30,7 @@ def reference_tokens(pipe, prompts: list[str], guidance: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("guidance", [5.0, 2.0])
+@pytest.mark.smoke
 def test_greedy_tokens_and_pixels_equal_transformers(greedy, guidance):
     """Prompts of different lengths in one batch (transformers left-pads them, we right-pad)."""
     ids, _ = greedy.prompt_ids(PROMPTS)

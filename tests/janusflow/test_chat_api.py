@@ -42,6 +42,7 @@ def user(*parts):
     return [{"role": "user", "content": list(parts)}]
 
 
+@pytest.mark.smoke
 def test_stream_and_non_stream_give_the_same_text(client):
     messages = user({"type": "image_url", "image_url": {"url": data_url(picture())}},
                     {"type": "text", "text": "describe the image"})

@@ -1,6 +1,7 @@
 """Text-to-image with the prompt KV reused equals the official loop, which recomputes the
 whole sequence at every step; batching does not change an image. The batches' KV pool keeps fixed addresses."""
 import numpy as np
+import pytest
 import torch
 
 from rfserve.model_zoo.base import ImageSpec
@@ -36,6 +37,7 @@ def official_loop(parts, prompt: str, z: torch.Tensor, steps: int, w: float) -> 
 
 
 @torch.inference_mode()
+@pytest.mark.smoke
 def test_kv_reuse_matches_full_recompute(janus_pipe):
     parts = janus_pipe.parts
     z0 = janus_pipe.noise([7, 8])

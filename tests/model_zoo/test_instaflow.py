@@ -51,6 +51,7 @@ def reference_images(root, prompts, seeds, steps, guidance, negative=""):
 
 
 @pytest.mark.parametrize("steps,guidance", [(1, 0.0), (3, 1.5)])
+@pytest.mark.smoke
 def test_matches_reference_euler_loop(pipe, tiny_sd, steps, guidance):
     prompts, seeds = ["a red circle", "two blue squares on a green background"], [7, 8]
     w, h = pipe.default_size

@@ -91,6 +91,7 @@ def test_unknown_prediction_type_is_refused():
 
 
 @pytest.mark.parametrize("steps,guidance", [(4, 4.5), (6, 1.0)])
+@pytest.mark.smoke
 def test_pipeline_matches_diffusers_sd_pipeline(tiny_sd, steps, guidance):
     ours = PeRFlowPipeline.from_pretrained(tiny_sd, prediction_type="diff_eps")
     ref = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)

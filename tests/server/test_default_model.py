@@ -13,6 +13,7 @@ from tests.server.serving import ServerProcess, openai_client
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.smoke
 def test_serve_with_no_model_serves_rf_shapes_offline():
     srv = ServerProcess()
     try:
@@ -25,6 +26,7 @@ def test_serve_with_no_model_serves_rf_shapes_offline():
         srv.stop()
 
 
+@pytest.mark.smoke
 def test_generate_with_no_model_writes_a_png(tmp_path):
     out = tmp_path / "x.png"
     proc = subprocess.run([sys.executable, "-m", "rfserve.server.cli", "generate", "a red circle on a blue background",
