@@ -59,10 +59,15 @@ def require_any(root: Path, folder: str, names: list[str]) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, which is always an object: diffusers and transformers, given a list, fail with
+    messages that name neither the file nor the problem."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"malformed file: {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"malformed file: {path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def weights_name(stem: str, variant: str | None) -> str:

@@ -6,16 +6,21 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rfserve.model_zoo.loading import CheckpointError
 from rfserve import __version__
 from rfserve.server.chat.config import INT_SETTINGS, ChatConfig
 from rfserve.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from rfserve.server.engine import LoadError
 
 # What the first-run banner's curl line asks for: a prompt every model draws something sensible for.
 TRY_PROMPT = "a red circle on a blue background"
@@ -79,12 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a host whose http(s) image URLs may be fetched; repeatable ($RFSERVE_CHAT_IMAGE_HOSTS)")
     serve.add_argument("--no-warmup", action="store_true")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", help="debug also prints the traceback of a failed start")
+    serve.add_argument("--debug", action="store_true", help="print the traceback of a failed start")
 
     gen = sub.add_parser("generate", help="generate images in-process with the serving engine")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", required=True, type=Path,
-                     help="image path (.png, or .jpg/.webp for JPEG/WebP); with --n > 1, images go to "
+                     help="image path: .png, .jpg/.jpeg or .webp; with --n > 1, images go to "
                           "NAME-0.png, NAME-1.png, ...")
     _add_engine_args(gen, many_models=False)
     gen.add_argument("--seed", type=int, default=None)
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--size", default=None, help="WxH, one of the model's sizes")
     gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--debug", action="store_true", help="print the traceback of a failed load")
     sub.add_parser("bench", help="the latency suite (model level and HTTP level); see `rfserve bench -h`",
                    add_help=False)
     return parser
@@ -111,9 +118,32 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _fail_loading(err: LoadError, debug: bool) -> NoReturn:
+    """One line for a model that did not load; its traceback only when asked for."""
+    if debug and err.__cause__ is not None:
+        traceback.print_exception(err.__cause__)
+    _fail(str(err))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any model loads: a busy or forbidden address then fails in a
+    second, not after minutes of loading and warming (where uvicorn's own bind aborted the process)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds; a live listener still wins
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        _fail(f"cannot listen on {host}:{port}: {err.strerror or err}")
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(args) -> None:
     from rfserve.server.app import create_app
-    from rfserve.server.engine import Engine
+    from rfserve.server.engine import Engine, LoadError
     from rfserve.server.lifecycle import DrainingServer, Watchdog
     from rfserve.server.security import load_keys
 
@@ -121,6 +151,7 @@ def serve(args) -> None:
         keys = load_keys(args.api_key, args.api_key_file)
     except OSError as err:
         _fail(f"--api-key-file: {err}")
+    sock = listen(args.host, args.port)
     config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
                           device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_steps=args.max_steps,
@@ -137,15 +168,15 @@ def serve(args) -> None:
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
     server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
     watchdog = Watchdog(engine, config.watchdog_s)
-    failure: list[str] = []
+    failure: list[LoadError] = []
 
     def load() -> None:
         try:
             engine.load(progress=True)
             watchdog.start()
-        except (CheckpointError, RuntimeError, ValueError, OSError) as err:
-            failure.append(str(err).splitlines()[0])
-            engine.load_error = failure[0]
+        except LoadError as err:
+            failure.append(err)
+            engine.load_error = str(err)
             server.should_exit = True
             return
         while not server.started and not server.should_exit:    # /ready answers once uvicorn listens
@@ -155,11 +186,11 @@ def serve(args) -> None:
             print(banner(config, [s.name for s in engine.specs], engine.device.type, port), flush=True)
 
     threading.Thread(target=load, name="rfserve-loader", daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])
     watchdog.stop()
     engine.shutdown()
     if failure:
-        _fail(failure[0])
+        _fail_loading(failure[0], args.debug or args.log_level.lower() == "debug")
     if engine.compiling_in_background:
         _exit_during_compile()
 
@@ -217,8 +248,8 @@ def uvicorn_config(app, config: ServerConfig, log_level: str):
                           timeout_graceful_shutdown=int(config.shutdown_grace_s) + 30)
 
 
-# `rfserve generate` writes JPEG (quality 90) or WebP for those suffixes, PNG for any other.
-SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+# The formats `rfserve generate` writes, by the output's suffix (JPEG at quality 90).
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 # `rfserve generate`'s flag for each request field the spec builder may refuse.
 GENERATE_FLAGS = {"n": "--n", "size": "--size", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
                   "negative_prompt": "--negative-prompt"}
@@ -226,14 +257,20 @@ GENERATE_FLAGS = {"n": "--n", "size": "--size", "num_inference_steps": "--steps"
 
 def generate(args) -> None:
     from rfserve.server.encoding import image_bytes
-    from rfserve.server.engine import Engine
+    from rfserve.server.engine import Engine, LoadError
     from rfserve.server.errors import APIError
     from rfserve.server.specs import image_specs
 
+    if args.output.suffix.lower() not in SUFFIX_FORMATS:
+        _fail(f"-o: cannot write {args.output.suffix or 'a file without a suffix'}; "
+              f"use one of {', '.join(SUFFIX_FORMATS)}")
     config = ServerConfig(models=args.models or ["rf-shapes"], device=args.device, dtype=args.dtype,
                           warmup=False, max_batch=max(1, args.n))
     engine = Engine(config)
-    engine.load(progress=True)
+    try:
+        engine.load(progress=True)
+    except LoadError as err:
+        _fail_loading(err, args.debug)
     try:
         card = next(iter(engine.cards.values()))
         try:
@@ -249,7 +286,7 @@ def generate(args) -> None:
         args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
     for path, image, spec in zip(paths, result.images, specs):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image_bytes(image, SUFFIX_FORMATS.get(path.suffix.lower(), "png"), 90))
+        path.write_bytes(image_bytes(image, SUFFIX_FORMATS[path.suffix.lower()], 90))
         print(f"{path} (seed {spec.seed})")
 
 

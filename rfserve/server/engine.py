@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rfserve.model_zoo.base import ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
+from rfserve.model_zoo.loading import CheckpointError
 from rfserve.model_zoo.presets import ModelSpec
 from rfserve.model_zoo.registry import load_model, parse_spec, resolve_dtype
 from rfserve.server.buckets import BucketPlan
@@ -31,6 +32,17 @@ log = logging.getLogger("rfserve.engine")
 
 class ShuttingDown(Exception):
     """Queued work refused because the server is stopping."""
+
+
+class LoadError(RuntimeError):
+    """A model that could not be loaded or warmed, whatever raised: one line naming the model, where it came
+    from and the cause (a `CheckpointError` already names its file). Anything less specific left a server
+    alive, never ready and silent. The original exception stays the cause, for --debug's traceback."""
+
+    def __init__(self, spec: ModelSpec, stage: str, err: BaseException):
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        kind = "" if isinstance(err, CheckpointError) else f"{type(err).__name__}: "
+        super().__init__(f"model {spec.name!r} ({spec.source or 'built in'}) failed while {stage}: {kind}{cause}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,7 +109,10 @@ class Engine:
         the worker, then flip ready."""
         for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
             start = time.perf_counter()
-            model = load_model(spec, self.device, self.dtype)
+            try:
+                model = load_model(spec, self.device, self.dtype)
+            except Exception as err:
+                raise LoadError(spec, "loading", err) from err
             if self.config.max_steps:
                 # The cap binds the model's default too: a request that names no steps stays valid.
                 cap, d = min(model.card.max_steps, self.config.max_steps), model.card.defaults
@@ -105,8 +120,11 @@ class Engine:
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
         if self.config.warmup:
-            for name, model in self.models.items():
-                self._warm(name, model, progress)
+            for spec in self.specs:
+                try:
+                    self._warm(spec.name, self.models[spec.name], progress)
+                except Exception as err:
+                    raise LoadError(spec, "warming up", err) from err
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
                              turns=self.turns, fault_injection=self.config.fault_injection, plans=self.plans,
                              threads=self.thread_plans)

@@ -1,12 +1,17 @@
-"""The CLI: checkpoint errors are one line naming the file; `generate` runs the engine."""
+"""The CLI: a model that cannot load, whatever the cause, and a port that cannot be bound each end it with one
+line naming the model, file or address; `generate` runs the engine."""
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from tests.server.serving import ServerProcess
@@ -45,6 +50,75 @@ def test_malformed_config_is_named(broken):
     (broken / "vae" / "config.json").write_text("{not json")
     proc = rfserve("generate", "x", "-o", str(broken / "x.png"), "--model", f"instaflow-0.9b={broken}")
     assert_one_line_error(proc, "malformed file", "vae/config.json")
+
+
+def _list_config(root):
+    (root / "unet" / "config.json").write_text("[1, 2]")
+
+
+def _string_for_an_int(root):
+    config = json.loads((root / "unet" / "config.json").read_text())
+    (root / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": "wide"}))
+
+
+def _wrong_shapes(root):
+    weights = root / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.bias"] = tensors["conv_in.bias"].new_zeros(3, 3)
+    save_file(tensors, weights)
+
+
+def _emptied(root):
+    shutil.rmtree(root)
+    root.mkdir()
+
+
+# How each malformed folder was met before every load failure ended `serve`: a JSON list got diffusers' "could
+# not connect to the hub" with no model named; a string config field raised a TypeError the loader thread did not
+# catch, leaving a server alive, never ready and silent.
+MALFORMED = {"config.json is a list": (_list_config, "unet/config.json: expected a JSON object, got list"),
+             "a string where an int belongs": (_string_for_an_int, "TypeError"),
+             "weights of the wrong shapes": (_wrong_shapes, "conv_in.bias expected shape"),
+             "an empty folder": (_emptied, "missing file"),
+             "a folder of another family": (None, "missing file")}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_model_that_fails_to_load_ends_serve_with_one_line(case, broken):
+    spoil, cause = MALFORMED[case]
+    preset = "janusflow-1.3b" if spoil is None else "instaflow-2rf"   # an SD folder is not JanusFlow's layout
+    if spoil is not None:
+        spoil(broken)
+    start = time.monotonic()
+    proc = rfserve("serve", "--model", f"{preset}={broken}", "--port", "0", "--device", "cpu", timeout=120)
+    assert_one_line_error(proc, f"model {preset!r} ({broken})", cause)
+    assert time.monotonic() - start < 60
+
+
+def test_debug_adds_the_traceback(broken):
+    _string_for_an_int(broken)
+    proc = rfserve("serve", "--model", f"instaflow-2rf={broken}", "--port", "0", "--device", "cpu", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "TypeError" in proc.stderr
+
+
+def test_a_busy_or_foreign_address_fails_before_any_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = rfserve("serve", "--port", str(port), timeout=60)
+    assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}", "in use")
+    assert "loading models" not in proc.stderr
+    # TEST-NET-1 is never this machine's: the bind is refused, and nothing is sent anywhere.
+    proc = rfserve("serve", "--host", "192.0.2.1", "--port", "8000", timeout=60)
+    assert_one_line_error(proc, "cannot listen on 192.0.2.1:8000")
+    assert "loading models" not in proc.stderr
+
+
+def test_generate_refuses_a_format_it_cannot_write_before_loading(tmp_path):
+    proc = rfserve("generate", "a red circle", "-o", str(tmp_path / "x.gif"))
+    assert_one_line_error(proc, "-o: cannot write .gif", ".png, .jpg, .jpeg, .webp")
+    assert "loading models" not in proc.stderr and not (tmp_path / "x.gif").exists()
 
 
 def test_missing_folder_and_uncached_hub_id(tmp_path):
