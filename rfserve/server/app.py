@@ -8,11 +8,12 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rfserve.model_zoo.base import ImageSpec, ModelCard
@@ -21,11 +22,12 @@ from rfserve.server import contract, edits, jobs, streaming
 from rfserve.server.chat.routes import chat_router
 from rfserve.server.encoding import MEDIA_TYPES, encode_all
 from rfserve.server.engine import Engine
-from rfserve.server.errors import (APIError, api_error_handler, documented, http_error_handler, model_not_found,
+from rfserve.server.errors import (APIError, Code, api_error_handler, documented, http_error_handler, model_not_found,
                                    validation_handler)
 from rfserve.server.image_store import ImageStore
 from rfserve.server.limits import BodyLimitMiddleware
 from rfserve.server.playground import playground_router
+from rfserve.server.ranges import range_error
 from rfserve.server.schemas import (Health, ImageData, ImageGenerationRequest, ImageOptions, ImagesResponse, ModelList,
                                     ModelObject, Readiness)
 from rfserve.server.security import APIKeyMiddleware
@@ -34,6 +36,18 @@ from rfserve.server.specs import image_specs
 log = logging.getLogger("rfserve.api")
 
 STARTED = int(time.time())
+
+
+# The routes beside `/v1/images/{image_id}`. An id never takes their names: a GET there would otherwise reach
+# `get_image` and be a 404 for an image of that name, not a 405 with `Allow: POST` as any other wrong method.
+IMAGE_ACTIONS = ("generations", "edits")
+
+
+class ImageIdConvertor(StringConvertor):
+    regex = f"(?!(?:{'|'.join(IMAGE_ACTIONS)})$)[^/]+"
+
+
+register_url_convertor("image_id", ImageIdConvertor())
 
 
 def stream_doc(kind: str) -> dict:
@@ -107,10 +121,12 @@ def create_app(engine: Engine) -> FastAPI:
     async def answer(name: str, specs: list[ImageSpec], body: ImageOptions, request: Request, kind: str):
         """Queue the specs and answer: JSON with every image, or with `stream` the events of server/streaming.py."""
         start = time.perf_counter()
-        if body.timeout is not None and body.timeout > config.max_request_timeout_s:
-            raise APIError(400, f"timeout must be at most {config.max_request_timeout_s:g} seconds", param="timeout")
+        if body.timeout is not None:
+            why = range_error(body.timeout, 0, config.max_request_timeout_s, above=True)
+            if why is not None:
+                raise APIError(Code.INVALID_VALUE, f"timeout: {why} (seconds)", param="timeout")
         if body.stream and body.n > 1:
-            raise APIError(400, "n must be 1 when streaming: the events carry no image index", param="n")
+            raise APIError(Code.INVALID_VALUE, "n must be 1 when streaming: the events carry no image index", param="n")
         if config.log_prompts:
             log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, specs[0].prompt)
         size = f"{specs[0].width}x{specs[0].height}"
@@ -155,13 +171,13 @@ def create_app(engine: Engine) -> FastAPI:
             return response
         return Response(images_json(response, images, revised), media_type="application/json")
 
-    @app.get("/v1/images/{image_id}", response_class=Response, responses={
+    @app.get("/v1/images/{image_id:image_id}", response_class=Response, responses={
         200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
               "description": "a `url` result in its `output_format`, kept for an hour"}, **documented(404)})
-    async def get_image(image_id: str):
+    async def get_image(image_id: str = Path(json_schema_extra={"not": {"enum": list(IMAGE_ACTIONS)}})):
         found = store.get(image_id)
         if found is None:
-            raise APIError(404, f"image {image_id!r} not found or expired", param="image_id")
+            raise APIError(Code.IMAGE_NOT_FOUND, f"image {image_id!r} not found or expired", param="image_id")
         data, media = found
         return Response(data, media_type=media)
 

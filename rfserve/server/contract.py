@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from rfserve.model_zoo.base import ModelCard
-from rfserve.server.errors import WHY
+from rfserve.server.errors import describe
 from rfserve.server.security import is_open
 
 IMAGE_REQUEST = "ImageGenerationRequest"
@@ -111,5 +111,5 @@ def _document_auth(schema: dict, protect_metrics: bool) -> None:
             continue
         for op in operations.values():
             op["security"] = [{"bearer": []}]
-            op["responses"]["401"] = {"description": WHY[401], "content": {"application/json": {
+            op["responses"]["401"] = {"description": describe(401), "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 
 from rfserve.model_zoo.base import ImageSpec, ModelCard
 from rfserve.server.config import ServerConfig
-from rfserve.server.errors import APIError
+from rfserve.server.errors import APIError, Code
 from rfserve.server.schemas import ImageEditRequest
 from rfserve.server.specs import image_specs
 from rfserve.server.uploads import open_image
@@ -59,22 +59,23 @@ async def read_edit(request: Request, config: ServerConfig) -> tuple[ImageEditRe
     for key, value in form.multi_items():
         if key in FILE_FIELDS:
             if not isinstance(value, UploadFile):
-                raise APIError(400, f"{key} must be sent as a file", param=key.removesuffix("[]"))
+                raise APIError(Code.INVALID_VALUE, f"{key} must be sent as a file", param=key.removesuffix("[]"))
             files.setdefault(key.removesuffix("[]"), []).append(value)
         elif isinstance(value, UploadFile):
-            raise APIError(400, f"{key} must be a text field, not a file", param=key)
+            raise APIError(Code.INVALID_VALUE, f"{key} must be a text field, not a file", param=key)
         elif key in texts:
-            raise APIError(400, f"{key} is given twice", param=key)
+            raise APIError(Code.INVALID_VALUE, f"{key} is given twice", param=key)
         else:
             texts[key] = value
     images, masks = files.get("image", []), files.get("mask", [])
     if not images:
-        raise APIError(400, "missing required field: image (send the picture to edit as a file)", param="image",
-                       code="missing")
+        raise APIError(Code.MISSING_REQUIRED_PARAMETER, "missing required field: image (send the picture to edit "
+                                                        "as a file)", param="image")
     if len(images) > MAX_IMAGES:
-        raise APIError(400, f"image: at most {MAX_IMAGES} image per edit, got {len(images)}", param="image")
+        raise APIError(Code.INVALID_VALUE, f"image: at most {MAX_IMAGES} image per edit, got {len(images)}",
+                       param="image")
     if len(masks) > 1:
-        raise APIError(400, "mask: send at most one mask", param="mask")
+        raise APIError(Code.INVALID_VALUE, "mask: send at most one mask", param="mask")
     try:
         body = ImageEditRequest.model_validate(texts)
     except ValidationError as err:
@@ -85,11 +86,11 @@ async def read_edit(request: Request, config: ServerConfig) -> tuple[ImageEditRe
         return body, image.convert("RGB"), None
     mask = await asyncio.to_thread(open_image, await masks[0].read(), "mask", **limits)
     if mask.size != image.size:
-        raise APIError(400, f"mask: its size {mask.width}x{mask.height} differs from the image's "
-                            f"{image.width}x{image.height}", param="mask")
+        raise APIError(Code.INVALID_IMAGE, f"mask: its size {mask.width}x{mask.height} differs from the image's "
+                                           f"{image.width}x{image.height}", param="mask")
     if mask.mode not in ALPHA_MODES and "transparency" not in mask.info:
-        raise APIError(400, f"mask: it has no alpha channel (mode {mask.mode}); send a PNG whose transparent "
-                            "pixels mark the area to change", param="mask")
+        raise APIError(Code.INVALID_IMAGE, f"mask: it has no alpha channel (mode {mask.mode}); send a PNG whose "
+                                           "transparent pixels mark the area to change", param="mask")
     return body, image.convert("RGB"), np.asarray(mask.convert("RGBA"))[..., 3] < 128
 
 
@@ -97,7 +98,8 @@ def edit_specs(card: ModelCard, body: ImageEditRequest, image: Image.Image, chan
                max_n: int) -> list[ImageSpec]:
     """The request's specs (validated as generations' are), each carrying the resized input and mask."""
     if not card.supports_edits:
-        raise APIError(400, f"model {card.name!r} ({card.family}) does not edit images", param="model")
+        raise APIError(Code.UNSUPPORTED_MODEL, f"model {card.name!r} ({card.family}) does not edit images",
+                       param="model")
     specs = image_specs(card, body.prompt, max_n=max_n, n=body.n, size=body.size, steps=body.num_inference_steps,
                         guidance=body.guidance_scale, seed=body.seed, negative_prompt=body.negative_prompt,
                         quality=body.quality)

@@ -1,7 +1,7 @@
-"""A request's image job on the engine: submitted (429 when the queue is full or the deadline cannot be
-met), then awaited until its result, its deadline or the client leaving, whichever comes first, with
-every outcome mapped to its HTTP status. The images route and chat's image answers share it, so the
-same failure gets the same answer on both."""
+"""A request's image job on the engine: submitted (429 when the work queued ahead is too much, 504 at once
+when its own images take longer than its deadline), then awaited until its result, its deadline or the client
+leaving, whichever comes first, with every outcome mapped to its HTTP status. The images route and chat's
+image answers share it, so the same failure gets the same answer on both."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +11,9 @@ from fastapi import Request
 
 from rfserve.model_zoo.base import ImageSpec
 from rfserve.server.engine import Engine, ShuttingDown
-from rfserve.server.errors import APIError, not_ready, shutting_down
-from rfserve.server.scheduler import DeadlineExceeded, Job, JobCancelled, JobResult, QueueFull
+from rfserve.server.errors import APIError, Code, not_ready, shutting_down
+from rfserve.server.scheduler import (DeadlineExceeded, DeadlineUnmeetable, Job, JobCancelled, JobResult,
+                                     QueueFull)
 from rfserve.server.worker import OutOfMemory, PipelineError
 
 
@@ -31,13 +32,22 @@ def check_admitting(engine: Engine) -> None:
 
 
 def submit(engine: Engine, name: str, specs: list[ImageSpec], **options) -> Job:
-    """`options`: those of `Engine.submit`."""
+    """`options`: those of `Engine.submit`. Overload (a retry may succeed) is a 429 with Retry-After; a deadline
+    that even an empty queue cannot meet is a 504, since only a longer one helps: the request's `timeout`, or
+    the server's `--request-timeout` when it gave none."""
     try:
         return engine.submit(name, specs, **options)
+    except DeadlineUnmeetable as late:
+        asked = options.get("timeout_s") is not None
+        fix = "ask for a longer timeout" if asked else "the server's --request-timeout is shorter than that"
+        raise APIError(Code.DEADLINE_UNMEETABLE, f"{name} takes about {late.needed_s:.3g}s for these images at its "
+                       f"recent rate, more than the {max(late.allowed_s, 0):.3g}s the deadline leaves, even with "
+                       f"nothing queued; {fix}", param="timeout" if asked else None) from None
     except QueueFull as full:
-        why = "it would not finish before its deadline" if full.would_miss_deadline else "the queue is full"
-        raise APIError(429, f"{name} is overloaded ({why}); retry after {full.retry_after}s",
-                       code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
+        why = ("the work queued ahead would keep it past its deadline" if full.would_miss_deadline
+               else "the queue is full")
+        raise APIError(Code.QUEUE_FULL, f"{name} is overloaded ({why}); retry after {full.retry_after}s",
+                       headers={"Retry-After": str(full.retry_after)}) from None
 
 
 async def wait(job: Job, request: Request) -> JobResult:
@@ -52,13 +62,13 @@ async def wait(job: Job, request: Request) -> JobResult:
         job.cancel()
         result.cancel()
         if gone in done:
-            raise APIError(499, "client closed the request", code="client_closed")
+            raise APIError(Code.CLIENT_CLOSED, "client closed the request")
         raise past_deadline()
     return outcome(result)
 
 
 def past_deadline() -> APIError:
-    return APIError(504, "the request passed its deadline before it finished", code="deadline_exceeded")
+    return APIError(Code.DEADLINE_EXCEEDED, "the request passed its deadline before it finished")
 
 
 def outcome(result: asyncio.Future) -> JobResult:
@@ -66,12 +76,12 @@ def outcome(result: asyncio.Future) -> JobResult:
     try:
         return result.result()
     except DeadlineExceeded:
-        raise APIError(504, "the request passed its deadline while queued", code="deadline_exceeded") from None
+        raise APIError(Code.DEADLINE_EXCEEDED, "the request passed its deadline while queued") from None
     except JobCancelled:
-        raise APIError(499, "client closed the request", code="client_closed") from None
+        raise APIError(Code.CLIENT_CLOSED, "client closed the request") from None
     except ShuttingDown as err:
         raise shutting_down(str(err)) from None
     except OutOfMemory as err:
-        raise APIError(507, str(err), code="out_of_memory") from None
+        raise APIError(Code.OUT_OF_MEMORY, str(err)) from None
     except PipelineError as err:
-        raise APIError(500, str(err), code="generation_failed") from None
+        raise APIError(Code.GENERATION_FAILED, str(err)) from None

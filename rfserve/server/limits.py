@@ -2,9 +2,9 @@
 with 413 before it is buffered (Content-Length is checked first, then the bytes read)."""
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
+
+from rfserve.server.errors import Code, error_response
 
 
 class BodyLimitMiddleware:
@@ -16,7 +16,8 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send)
+            refusal = error_response(Code.BODY_TOO_LARGE, self._message(), headers={"Connection": "close"})
+            return await refusal(scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -25,6 +26,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    # An HTTPException, as FastAPI passes those on from its body parsing (server/errors.py
+                    # answers it with this same code); any other exception there becomes its generic 400.
                     raise HTTPException(413, self._message())
             return message
 
@@ -32,11 +35,3 @@ class BodyLimitMiddleware:
 
     def _message(self) -> str:
         return f"request body is larger than the server's limit of {self.max_bytes} bytes"
-
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"message": self._message(), "type": "invalid_request_error",
-                                     "param": None, "code": "body_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})

@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from rfserve.server.errors import APIError
+from rfserve.server.errors import APIError, Code
 
 STATIC = Path(__file__).parent / "static"
 # The page loads nothing from elsewhere; generated images are shown from blob: URLs.
@@ -112,7 +112,7 @@ def playground_router(engine) -> APIRouter:
     @router.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
         if name not in files:
-            raise APIError(404, f"no static file {name!r}", param="name")
+            raise APIError(Code.NOT_FOUND, f"no static file {name!r}", param="name")
         return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
     @router.get("/v1/status", response_model=ServerStatus)

@@ -24,11 +24,21 @@ from rfserve.model_zoo.base import ImageSpec
 
 
 class QueueFull(Exception):
-    """Refused at admission: the queue is at its limit, or the job would miss its deadline."""
+    """Refused at admission for the work ahead: the queue is at its limit, or what is queued would keep the job
+    past its deadline. Both clear as the queue drains, so a retry after `retry_after` seconds may succeed."""
 
     def __init__(self, retry_after: int, would_miss_deadline: bool = False):
         super().__init__("queue full")
         self.retry_after, self.would_miss_deadline = retry_after, would_miss_deadline
+
+
+class DeadlineUnmeetable(Exception):
+    """Refused at admission: the job's own images take longer than its deadline leaves, at the recent rate,
+    even with nothing queued ahead. No wait helps, only a later deadline."""
+
+    def __init__(self, needed_s: float, allowed_s: float):
+        super().__init__("deadline cannot be met")
+        self.needed_s, self.allowed_s = needed_s, allowed_s
 
 
 class DeadlineExceeded(Exception):
@@ -155,9 +165,14 @@ class Batcher:
         with self._cond:
             queue = self._queues[job.model]
             self._drop_dead(queue)
+            # A deadline the job's own images cannot meet is refused first: no wait helps, full queue or not.
+            allowed = job.deadline - time.monotonic()
+            needed = self.seconds_for(job.model, len(job.specs))
+            if needed > allowed:
+                raise DeadlineUnmeetable(needed, allowed)
             if len(queue) >= self.max_queue:
                 raise QueueFull(self.retry_after(job.model))
-            if time.monotonic() + self.estimated_wait(job.model, len(job.specs)) > job.deadline:
+            if self.estimated_wait(job.model, len(job.specs)) > allowed:
                 raise QueueFull(self.retry_after(job.model), would_miss_deadline=True)
             queue.append(job)
             self._note_arrival(job.model, job.arrival)
@@ -176,7 +191,11 @@ class Batcher:
     def estimated_wait(self, model: str, extra_images: int = 0) -> float:
         """Seconds until the queued images (plus `extra_images`) are done, at the recent rate."""
         queued = sum(j.remaining for j in self._queues[model]) + extra_images
-        return queued * self._image_seconds[model]
+        return self.seconds_for(model, queued)
+
+    def seconds_for(self, model: str, images: int) -> float:
+        """Seconds `images` take at the model's recent rate; 0 until a batch has been measured."""
+        return images * self._image_seconds[model]
 
     def retry_after(self, model: str) -> int:
         """Seconds until the queue has likely drained enough to take one more job."""

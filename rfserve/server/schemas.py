@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rfserve.model_zoo.seeding import MAX_SEED
+from rfserve.server.ranges import Range
 
 # A prompt needs one character that is not whitespace. The schema publishes the same expression the
 # validator runs (Python's `re`), so a client's schema check and the server never disagree.
@@ -52,8 +53,9 @@ class ImageOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when left out")
     negative_prompt: str | None = Field(None, max_length=20_000)
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0)
-    timeout: float | None = Field(None, gt=0.0, description="seconds; capped by the server")
+    guidance_scale: Annotated[float, Range(0.0, later=True)] | None = None     # the model's limit: server/specs.py
+    timeout: Annotated[float, Range(0.0, above=True, later=True)] | None = Field(
+        None, description="seconds; capped by the server")
 
     @field_validator("background", mode="before")
     @classmethod
@@ -85,7 +87,7 @@ class ImageEditRequest(ImageOptions):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(max_length=20_000, json_schema_extra={"pattern": NON_BLANK})
-    strength: float = Field(0.8, ge=0.0, le=1.0, description=(
+    strength: Annotated[float, Range(0.0, 1.0)] = Field(0.8, description=(
         "the share of the flow run from the input: near 0 returns the input, 1 ignores it (text-to-image)"))
 
 

@@ -7,10 +7,10 @@ queued. /health and /ready stay open for orchestrators; /metrics is open unless
 from __future__ import annotations
 
 import hmac
-import json
 from pathlib import Path
 
 from rfserve.model_zoo.loading import CheckpointError
+from rfserve.server.errors import Code, error_response
 
 OPEN_PATHS = ("/health", "/ready", "/", "/playground", "/favicon.ico")
 OPEN_PREFIXES = ("/static/",)
@@ -44,12 +44,8 @@ class APIKeyMiddleware:
         if scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), k) for k in self.keys):
             return await self.app(scope, receive, send)
         message = "missing API key: send Authorization: Bearer <key>" if not header else "invalid API key"
-        body = json.dumps({"error": {"message": message, "type": "authentication_error", "param": None,
-                                     "code": "invalid_api_key"}}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        refusal = error_response(Code.INVALID_API_KEY, message, headers={"WWW-Authenticate": "Bearer"})
+        await refusal(scope, receive, send)
 
 
 def confine(source: str, model_root: str | None) -> str:

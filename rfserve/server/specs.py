@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from rfserve.model_zoo.base import ImageSpec, ModelCard, parse_size
 from rfserve.model_zoo.seeding import random_seed
-from rfserve.server.errors import APIError
+from rfserve.server.errors import APIError, Code
+from rfserve.server.ranges import range_error
 
 
 # OpenAI's `quality` as a share of a multi-step model's default step count.
@@ -26,21 +27,21 @@ def image_specs(card: ModelCard, prompt: str, *, max_n: int, n: int = 1, size: s
     """`prefix` is where the fields sit in the request body (chat nests them under "image.")."""
     d = card.defaults
     if not 1 <= n <= max_n:
-        raise APIError(400, f"n must be between 1 and {max_n}", param="n")
+        raise APIError(Code.INVALID_VALUE, f"n must be between 1 and {max_n}", param="n")
     size = d.size if size is None else size
     if size not in card.sizes:
-        raise APIError(400, f"{prefix}size {size!r} is not supported by {card.name}; allowed: {list(card.sizes)}",
-                       param=f"{prefix}size")
+        raise APIError(Code.INVALID_VALUE, f"{prefix}size {size!r} is not supported by {card.name}; "
+                                           f"allowed: {list(card.sizes)}", param=f"{prefix}size")
     steps = quality_steps(card, quality) if steps is None else steps
     if not 1 <= steps <= card.max_steps:
-        raise APIError(400, f"{prefix}num_inference_steps must be between 1 and {card.max_steps}",
+        raise APIError(Code.INVALID_VALUE, f"{prefix}num_inference_steps must be between 1 and {card.max_steps}",
                        param=f"{prefix}num_inference_steps")
     guidance = d.guidance if guidance is None else guidance
-    if not 0 <= guidance <= card.max_guidance:
-        raise APIError(400, f"{prefix}guidance_scale must be between 0 and {card.max_guidance}",
-                       param=f"{prefix}guidance_scale")
+    why = range_error(guidance, 0, card.max_guidance)
+    if why is not None:
+        raise APIError(Code.INVALID_VALUE, f"{prefix}guidance_scale: {why}", param=f"{prefix}guidance_scale")
     if negative_prompt is not None and not card.supports_negative_prompt:
-        raise APIError(400, f"{card.name} does not take a negative_prompt", param="negative_prompt")
+        raise APIError(Code.INVALID_VALUE, f"{card.name} does not take a negative_prompt", param="negative_prompt")
     negative = d.negative_prompt if negative_prompt is None else negative_prompt
     seed = random_seed() if seed is None else seed
     width, height = parse_size(size)

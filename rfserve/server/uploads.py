@@ -8,25 +8,28 @@ import warnings
 
 from PIL import Image
 
-from rfserve.server.errors import APIError
+from rfserve.server.errors import APIError, Code
 
 
 def open_image(raw: bytes, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """The decoded image in its own mode (an edit's mask keeps its alpha channel)."""
     if len(raw) > max_bytes:
-        raise APIError(400, f"{field}: image too large ({len(raw)} bytes, at most {max_bytes})", param=field)
+        raise APIError(Code.INVALID_IMAGE, f"{field}: image too large ({len(raw)} bytes, at most {max_bytes})",
+                       param=field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(raw))
             w, h = img.size
             if w * h > max_pixels:
-                raise APIError(400, f"{field}: image too large ({w}x{h} pixels, at most {max_pixels})", param=field)
+                raise APIError(Code.INVALID_IMAGE, f"{field}: image too large ({w}x{h} pixels, at most "
+                                                   f"{max_pixels})", param=field)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(400, f"{field}: image too large (decompression bomb guard)", param=field) from None
+        raise APIError(Code.INVALID_IMAGE, f"{field}: image too large (decompression bomb guard)",
+                       param=field) from None
     except (OSError, SyntaxError, ValueError):
-        raise APIError(400, f"{field}: the image cannot be decoded", param=field) from None
+        raise APIError(Code.INVALID_IMAGE, f"{field}: the image cannot be decoded", param=field) from None
     if img.width < 1 or img.height < 1:
-        raise APIError(400, f"{field}: the image is empty", param=field)
+        raise APIError(Code.INVALID_IMAGE, f"{field}: the image is empty", param=field)
     return img

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from rfserve.model_zoo.base import ImageSpec
-from rfserve.server.scheduler import Batcher, DeadlineExceeded, Job, JobCancelled, QueueFull
+from rfserve.server.scheduler import Batcher, DeadlineExceeded, DeadlineUnmeetable, Job, JobCancelled, QueueFull
 
 
 def job(model="a", n=1, size=16, steps=1, guidance=0.0, timeout=60.0):
@@ -100,6 +100,20 @@ def test_job_that_would_miss_its_deadline_is_refused_early():
         b.submit(job(n=4, timeout=6))           # 8 images ahead of its end at 1 s each
     assert late.value.would_miss_deadline and late.value.retry_after == 4
     b.submit(job(n=1, timeout=30))
+
+
+def test_a_deadline_its_own_images_cannot_meet_is_no_overload():
+    """Even an empty queue would not make it, so no Retry-After can help (a 504, not a 429), full queue or not."""
+    b = make(max_queue=1)
+    b.observe("a", 1.0)
+    with pytest.raises(DeadlineUnmeetable) as late:
+        b.submit(job(n=4, timeout=3))
+    assert late.value.needed_s == 4.0 and 2.9 < late.value.allowed_s <= 3.0
+    b.submit(job(n=4, timeout=60))                          # the queue is now full
+    with pytest.raises(DeadlineUnmeetable):
+        b.submit(job(n=1, timeout=0.5))
+    with pytest.raises(QueueFull):
+        b.submit(job(n=1, timeout=60))
 
 
 def test_job_resolves_once_every_image_is_recorded():

@@ -142,7 +142,7 @@ def _bad_uploads(w, h):
         ([image, ("mask", ("m.png", opaque, "image/png"))], {}, "mask", "no alpha"),
         ([image, image], {}, "image", "at most 1"),
         ([("image", ("big.png", png(np.zeros((200, 200, 3), np.uint8)), "image/png"))], {}, "image", "too large"),
-        ([image], {"strength": "1.5"}, "strength", "less than or equal to 1"),
+        ([image], {"strength": "1.5"}, "strength", "finite number between 0 and 1"),
         ([], {}, "image", "missing"),
         ([image], {"model": ONE_STEP, "n": "2", "stream": "true"}, "n", "streaming"),
     ]

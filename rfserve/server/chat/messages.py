@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from rfserve.model_zoo.base import ChatProcessor
 from rfserve.server.chat.config import ChatConfig
 from rfserve.server.chat.schemas import Message, TextPart
-from rfserve.server.errors import APIError
+from rfserve.server.errors import APIError, Code
 
 
 @dataclass
@@ -44,8 +44,8 @@ def parse_conversation(messages: list[Message], proc: ChatProcessor, cfg: ChatCo
         field = f"messages[{i}]"
         want = "user" if k % 2 == 0 else "assistant"
         if msg.role != want:
-            raise APIError(400, f"{field}.role must be {want!r}: turns alternate user/assistant after an "
-                                f"optional first system message", param=f"{field}.role")
+            raise APIError(Code.INVALID_VALUE, f"{field}.role must be {want!r}: turns alternate user/assistant "
+                                               f"after an optional first system message", param=f"{field}.role")
         if msg.role == "assistant":
             turns.append(("Assistant", _checked(_text_only(msg, field), proc, field)))
             continue
@@ -61,13 +61,13 @@ def parse_conversation(messages: list[Message], proc: ChatProcessor, cfg: ChatCo
         last_text = "\n".join(texts)
         turns.append(("User", "\n".join(pieces)))
     if not body or body[-1][1].role != "user":
-        raise APIError(400, "messages must end with a user message", param="messages")
+        raise APIError(Code.INVALID_VALUE, "messages must end with a user message", param="messages")
     if not has_text:
-        raise APIError(400, "messages contain no text: at least one user message needs a text part",
+        raise APIError(Code.INVALID_VALUE, "messages contain no text: at least one user message needs a text part",
                        param="messages")
     if len(urls) > cfg.max_images:
-        raise APIError(400, f"too many images: {len(urls)} given, at most {cfg.max_images} per request",
-                       param=urls[cfg.max_images][0])
+        raise APIError(Code.INVALID_VALUE, f"too many images: {len(urls)} given, at most {cfg.max_images} per "
+                                           "request", param=urls[cfg.max_images][0])
     return Conversation(system, turns, urls, last_text)
 
 
@@ -76,32 +76,33 @@ def _text_only(msg: Message, field: str) -> str:
         return msg.content
     texts = [p.text for p in msg.content if isinstance(p, TextPart)]
     if len(texts) < len(msg.content):
-        raise APIError(400, f"{field}: images are allowed only in user messages", param=f"{field}.content")
+        raise APIError(Code.INVALID_VALUE, f"{field}: images are allowed only in user messages",
+                       param=f"{field}.content")
     return "\n".join(texts)
 
 
 def _checked(text: str, proc: ChatProcessor, field: str) -> str:
     token = proc.reserved_in(text)
     if token is not None:
-        raise APIError(400, f"{field} contains the reserved token {token!r}", param=field)
+        raise APIError(Code.INVALID_VALUE, f"{field} contains the reserved token {token!r}", param=field)
     return text
 
 
 def decode_data_url(url: str, field: str) -> bytes:
     head, sep, data = url.partition(",")
     if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
-        raise APIError(400, f"{field} must be a data:image/...;base64, URL", param=field)
+        raise APIError(Code.INVALID_IMAGE_URL, f"{field} must be a data:image/...;base64, URL", param=field)
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{field}: the base64 payload does not decode", param=field) from None
+        raise APIError(Code.INVALID_IMAGE_URL, f"{field}: the base64 payload does not decode", param=field) from None
 
 
 def check_remote(url: str, field: str, cfg: ChatConfig) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
-        raise APIError(400, f"{field}: only data: URLs (and http(s) URLs of allowed hosts) are accepted",
-                       param=field)
+        raise APIError(Code.INVALID_IMAGE_URL, f"{field}: only data: URLs (and http(s) URLs of allowed hosts) "
+                                               "are accepted", param=field)
     if (parsed.hostname or "").lower() not in cfg.image_hosts:
-        raise APIError(400, f"{field}: remote image URLs are disabled for host {parsed.hostname!r}; "
-                            "send the image as a data: URL", param=field)
+        raise APIError(Code.INVALID_IMAGE_URL, f"{field}: remote image URLs are disabled for host "
+                                               f"{parsed.hostname!r}; send the image as a data: URL", param=field)

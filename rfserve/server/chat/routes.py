@@ -23,7 +23,7 @@ from rfserve.server.chat.schemas import (AssistantMessage, ChatCompletion, ChatC
                                          Choice, ChunkChoice, Delta, ImageContent, ImageOptions, ImageURL, Usage)
 from rfserve.server import faults, jobs, streaming
 from rfserve.server.encoding import encode_all
-from rfserve.server.errors import APIError, documented, model_not_found, shutting_down
+from rfserve.server.errors import APIError, Code, documented, model_not_found, shutting_down
 from rfserve.server.scheduler import JobResult
 from rfserve.server.specs import image_specs
 from rfserve.server.uploads import open_image
@@ -35,13 +35,14 @@ def _chat_model(engine, name: str | None):
     chat = [n for n, m in engine.models.items() if m.chat is not None]
     if name is None:
         if not chat:
-            raise APIError(404, "no served model supports chat", param="model", code="model_not_found")
+            raise APIError(Code.MODEL_NOT_FOUND, "no served model supports chat", param="model")
         name = chat[0]
     model = engine.models.get(name)
     if model is None:
         raise model_not_found(name, engine.models)
     if name not in chat:
-        raise APIError(400, f"model {name!r} does not support chat; chat models served: {chat}", param="model")
+        raise APIError(Code.UNSUPPORTED_MODEL, f"model {name!r} does not support chat; chat models served: {chat}",
+                       param="model")
     return name, model.chat
 
 
@@ -70,7 +71,7 @@ def chat_router(engine) -> APIRouter:
         try:
             engine.chat_batcher(name).submit(seq)
         except ChatQueueFull:
-            raise APIError(429, f"the chat queue for {name} is full; retry shortly", code="queue_full",
+            raise APIError(Code.QUEUE_FULL, f"the chat queue for {name} is full; retry shortly",
                            headers={"Retry-After": "1"}) from None
         except ChatClosed:
             raise shutting_down() from None
@@ -84,13 +85,13 @@ def chat_router(engine) -> APIRouter:
 
 def _budget(prompt_len: int, body: ChatCompletionRequest, max_len: int, default: int) -> int:
     if prompt_len >= max_len:
-        raise APIError(400, f"the prompt is {prompt_len} tokens (images count as their tokens); the model's "
-                            f"context is {max_len}", param="messages", code="context_length_exceeded")
+        raise APIError(Code.CONTEXT_LENGTH_EXCEEDED, f"the prompt is {prompt_len} tokens (images count as their "
+                                                     f"tokens); the model's context is {max_len}", param="messages")
     asked = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     if asked is not None and prompt_len + asked > max_len:
-        raise APIError(400, f"{field} = {asked} plus the prompt's {prompt_len} tokens exceeds the model's "
-                            f"context of {max_len}", param=field, code="context_length_exceeded")
+        raise APIError(Code.CONTEXT_LENGTH_EXCEEDED, f"{field} = {asked} plus the prompt's {prompt_len} tokens "
+                                                     f"exceeds the model's context of {max_len}", param=field)
     return asked or min(default, max_len - prompt_len)
 
 
@@ -110,15 +111,18 @@ async def _fetch(url: str, field: str, limit: int) -> bytes:
         async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client:
             async with client.stream("GET", url) as resp:
                 if resp.status_code != 200:
-                    raise APIError(400, f"{field}: fetching the image returned HTTP {resp.status_code}", param=field)
+                    raise APIError(Code.INVALID_IMAGE_URL, f"{field}: fetching the image returned HTTP "
+                                                           f"{resp.status_code}", param=field)
                 data = bytearray()
                 async for chunk in resp.aiter_bytes():
                     data += chunk
                     if len(data) > limit:
-                        raise APIError(400, f"{field}: image too large (over {limit} bytes)", param=field)
+                        raise APIError(Code.INVALID_IMAGE, f"{field}: image too large (over {limit} bytes)",
+                                       param=field)
                 return bytes(data)
     except httpx.HTTPError as err:
-        raise APIError(400, f"{field}: the image could not be fetched: {type(err).__name__}", param=field) from None
+        raise APIError(Code.INVALID_IMAGE_URL, f"{field}: the image could not be fetched: {type(err).__name__}",
+                       param=field) from None
 
 
 def _bridge(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
@@ -146,12 +150,12 @@ async def _collect(seq, events, request, rid, created, name, seed) -> ChatComple
             if nxt not in done:
                 nxt.cancel()
                 seq.cancel()
-                raise APIError(499, "client closed the request", code="client_closed")
+                raise APIError(Code.CLIENT_CLOSED, "client closed the request")
             event = nxt.result()
             if event.out_of_memory:
-                raise APIError(507, event.error, code="out_of_memory")
+                raise APIError(Code.OUT_OF_MEMORY, event.error)
             if event.error:
-                raise APIError(500, f"generation failed: {event.error}", code="generation_failed")
+                raise APIError(Code.GENERATION_FAILED, f"generation failed: {event.error}")
             text.append(event.delta)
             if event.finish_reason:
                 break
@@ -176,7 +180,7 @@ async def _sse(seq, events, rid, created, name, include_usage):
             event = await events.get()
             if event.error:
                 error = {"message": f"generation failed: {event.error}", "type": "server_error",
-                         "code": "out_of_memory" if event.out_of_memory else "generation_failed"}
+                         "code": Code.OUT_OF_MEMORY if event.out_of_memory else Code.GENERATION_FAILED}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
             if event.delta:
@@ -195,7 +199,8 @@ async def _image_answer(engine, name, conv: Conversation, body, request, rid, cr
     """`modalities: ["image"]`: text-to-image from the last user message's text. Streamed, the
     previews come first, each an image chunk with its `partial_image_index`, then the image and [DONE]."""
     if conv.image_urls:
-        raise APIError(400, "image generation takes text only; remove the image parts", param="messages")
+        raise APIError(Code.INVALID_VALUE, "image generation takes text only; remove the image parts",
+                       param="messages")
     opts = body.image or ImageOptions()
     specs = image_specs(engine.models[name].card, conv.last_user_text, max_n=1, size=opts.size,
                         steps=opts.num_inference_steps, guidance=opts.guidance_scale, seed=body.seed, prefix="image.")

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rfserve.model_zoo.seeding import MAX_SEED
+from rfserve.server.ranges import Range
 from rfserve.server.schemas import whole_numbers
 
 
@@ -48,7 +49,7 @@ class ImageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     size: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0)
+    guidance_scale: Annotated[float, Range(0.0, later=True)] | None = None     # the model's limit: server/specs.py
     partial_images: int = Field(2, ge=0, le=3, description=(
         "with `stream`, previews sent as image chunks (`partial_image_index` set) before the image"))
 
@@ -60,8 +61,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Annotated[float, Range(0.0, 2.0)] = 1.0
+    top_p: Annotated[float, Range(0.0, 1.0, above=True)] = 1.0
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
