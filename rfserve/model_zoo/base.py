@@ -2,6 +2,7 @@
 `Pipeline` protocol, whose `run()` makes a batch of compatible image specs. `server/` calls only this."""
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,6 +24,24 @@ class ImageDefaults:
 
 
 @dataclass(frozen=True)
+class Vocabulary:
+    """The words of a model trained on a closed caption grammar (the embedded rf-shapes). Clients are told them,
+    since nothing else says what such a model can draw, and a prompt's other words are named back: the model reads
+    each as one unknown token, and the picture then follows nothing in particular."""
+    colours: tuple[str, ...]
+    shapes: tuple[str, ...]                   # singular; the captions add "s" for more than one
+    counts: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+    examples: tuple[str, ...]                 # whole captions in the grammar, for hints
+    known: frozenset[str]                     # every word that draws no warning: the grammar's and its fillers
+
+    def unknown(self, prompt: str) -> list[str]:
+        """The words of `prompt` (runs of letters and digits, lowercased, as the model's tokenizer splits them;
+        punctuation is no word) outside `known`, each once, in order."""
+        return list(dict.fromkeys(w for w in re.findall(r"\w+", prompt.lower()) if w not in self.known))
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Limits the gateway validates against before anything is queued."""
     name: str
@@ -34,6 +53,7 @@ class ModelCard:
     max_prompt_tokens: int = 77
     supports_negative_prompt: bool = True
     supports_edits: bool = False              # /v1/images/edits: the image-to-image flow (`ImageSpec.image`)
+    vocabulary: Vocabulary | None = None      # None: the model takes free text
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rfserve.model_zoo.base import ImageDefaults
+from rfserve.model_zoo.base import ImageDefaults, Vocabulary
 from rfserve.model_zoo.rf_shapes.presets import CHECKPOINT_DIR, RF_SHAPES_DEFAULTS
+from rfserve.model_zoo.rf_shapes.vocabulary import VOCABULARY as RF_SHAPES_VOCABULARY
 
 SD_SIZE_FACTORS = ((1.0, 1.0), (1.0, 1.5), (1.5, 1.0), (1.5, 1.5))   # (w, h) × native side
 PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-saturated, "
@@ -21,13 +22,14 @@ class Preset:
     size_factors: tuple[tuple[float, float], ...] = SD_SIZE_FACTORS
     max_steps: int = 100
     options: dict = field(default_factory=dict)
+    vocabulary: Vocabulary | None = None      # the caption words a closed-grammar model was trained on
 
 
 def _rf_shapes(name: str) -> Preset:
     d = RF_SHAPES_DEFAULTS[name]
     return Preset(name, "instaflow", str(CHECKPOINT_DIR / name),
                   ImageDefaults(d["steps"], d["guidance"], d.get("negative_prompt", ""), d["size"]),
-                  size_factors=((1.0, 1.0),), max_steps=50)
+                  size_factors=((1.0, 1.0),), max_steps=50, vocabulary=RF_SHAPES_VOCABULARY)
 
 
 PRESETS: dict[str, Preset] = {

@@ -94,7 +94,8 @@ def sd_card(preset: Preset, pipe) -> ModelCard:
     if defaults.size not in sizes:
         defaults = replace(defaults, size=sizes[0])
     return ModelCard(name=preset.name, family=preset.family, defaults=defaults, sizes=sizes,
-                     max_steps=preset.max_steps, max_prompt_tokens=pipe.parts.max_tokens, supports_edits=True)
+                     max_steps=preset.max_steps, max_prompt_tokens=pipe.parts.max_tokens, supports_edits=True,
+                     vocabulary=preset.vocabulary)
 
 
 def _snap(value: float, step: int) -> int:

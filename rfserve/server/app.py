@@ -32,6 +32,7 @@ from rfserve.server.schemas import (Health, ImageData, ImageGenerationRequest, I
                                     ModelObject, Readiness)
 from rfserve.server.security import APIKeyMiddleware
 from rfserve.server.specs import image_specs
+from rfserve.server.vocabulary import prompt_warnings, vocabulary_object
 
 log = logging.getLogger("rfserve.api")
 
@@ -130,6 +131,7 @@ def create_app(engine: Engine) -> FastAPI:
         if config.log_prompts:
             log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, specs[0].prompt)
         size = f"{specs[0].width}x{specs[0].height}"
+        warnings = prompt_warnings(engine.cards[name], specs[0].prompt)
         jpeg = body.output_compression if body.output_format == "jpeg" else None
         if body.stream:
             previews: asyncio.Queue = asyncio.Queue()
@@ -146,7 +148,7 @@ def create_app(engine: Engine) -> FastAPI:
                     metrics.images.labels(name).inc()
                     metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
 
-            return StreamingResponse(streaming.events(job, previews, fmt, used, finished, start),
+            return StreamingResponse(streaming.events(job, previews, fmt, used, finished, start, warnings),
                                      media_type="text/event-stream")
         job = jobs.submit(engine, name, specs, timeout_s=body.timeout, device_jpeg=jpeg)
         result = await jobs.wait(job, request)
@@ -166,7 +168,7 @@ def create_app(engine: Engine) -> FastAPI:
         metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
         response = ImagesResponse(created=int(time.time()), data=data, output_format=body.output_format,
                                   quality=body.quality, size=size, model=name, seed=specs[0].seed,
-                                  prompt_truncated=result.prompt_truncated, timings=timings)
+                                  prompt_truncated=result.prompt_truncated, timings=timings, warnings=warnings)
         if body.response_format == "url":
             return response
         return Response(images_json(response, images, revised), media_type="application/json")
@@ -229,4 +231,5 @@ def _model_object(card: ModelCard, chats: bool) -> ModelObject:
     d = card.defaults
     return ModelObject(id=card.name, created=STARTED, family=card.family, sizes=list(card.sizes),
                        default_size=d.size, default_steps=d.steps, default_guidance_scale=d.guidance,
-                       max_steps=card.max_steps, edits=card.supports_edits, chat=chats)
+                       max_steps=card.max_steps, edits=card.supports_edits, chat=chats,
+                       vocabulary=vocabulary_object(card))

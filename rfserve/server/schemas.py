@@ -108,6 +108,18 @@ class ImagesResponse(BaseModel):
     seed: int
     prompt_truncated: bool = False
     timings: dict[str, float] = {}    # ms per stage: queue, encode, sample, decode, gpu_jpeg (on CUDA), total
+    warnings: list[str] | None = Field(None, description=(
+        "present when the prompt uses words outside the model's `vocabulary` (see /v1/models): they are named, "
+        "and the picture does not follow them"))
+
+
+class VocabularyObject(BaseModel):
+    """The words a model trained on a closed caption grammar knows (the embedded rf-shapes models)."""
+    colours: list[str]
+    shapes: list[str] = Field(description="singular; a caption adds s for more than one")
+    counts: list[str]
+    backgrounds: list[str] = Field(description="colours a background may have (never the shapes' own)")
+    examples: list[str] = Field(description="whole prompts in the grammar of the captions it was trained on")
 
 
 class ModelObject(BaseModel):
@@ -123,6 +135,8 @@ class ModelObject(BaseModel):
     max_steps: int
     edits: bool = Field(description="whether /v1/images/edits takes this model")
     chat: bool = Field(description="whether /v1/chat/completions takes this model")
+    vocabulary: VocabularyObject | None = Field(description=(
+        "the words the model knows; null for a model that takes free text"))
 
 
 class ModelList(BaseModel):

@@ -90,10 +90,10 @@ def error_event(err: APIError) -> str:
 
 
 async def events(job: Job, previews: asyncio.Queue, fmt: StreamFormat, used: dict,
-                 done: Callable[[int], None], started: float) -> AsyncIterator[str]:
+                 done: Callable[[int], None], started: float, warnings: list[str] | None) -> AsyncIterator[str]:
     """The image route's events. The completed event adds our `seed` and `timings` (ms per stage, and the total
-    since `started`, a perf_counter time), as a JSON answer has them. `done` gets the status the stream ended
-    with (499 when the client left), for metrics."""
+    since `started`, a perf_counter time), and the prompt's `warnings` when there are any, as a JSON answer has
+    them. `done` gets the status the stream ended with (499 when the client left), for metrics."""
     status = 499
     try:
         async for item in progress(job, previews):
@@ -102,7 +102,8 @@ async def events(job: Job, previews: asyncio.Queue, fmt: StreamFormat, used: dic
                 timings = {k: round(v * 1000, 3) for k, v in item.timings.items()}
                 timings["total"] = round((time.perf_counter() - started) * 1000, 3)
                 status = 200
-                yield fmt.event("completed", b64, usage=used, seed=job.specs[0].seed, timings=timings)
+                extra = {} if warnings is None else {"warnings": warnings}
+                yield fmt.event("completed", b64, usage=used, seed=job.specs[0].seed, timings=timings, **extra)
             else:
                 index, image = item
                 yield fmt.event("partial_image", await fmt.encode(image), partial_image_index=index)
