@@ -43,7 +43,7 @@ grep -q "playground: http://127.0.0.1:$port/" "$log" || { cat "$log"; echo "fres
 (cd "$work" && PATH="$venv/bin:$PATH" bash -c "$line") && is_png "$work/out.png"
 
 curl -sf "http://127.0.0.1:$port/v1/images/generations" -H 'content-type: application/json' \
-  -d '{"prompt": "two red circles on a blue background", "seed": 7}' -o "$work/answer.json"
+  -d '{"prompt": "two red circles on a blue background", "seed": 4}' -o "$work/answer.json"
 "$venv/bin/python" -c 'import base64, json, sys
 open(sys.argv[2], "wb").write(base64.b64decode(json.load(open(sys.argv[1]))["data"][0]["b64_json"]))' \
   "$work/answer.json" "$work/served.png"
