@@ -381,6 +381,42 @@ def test_edit_sends_the_image_and_a_painted_mask(browser, server, tmp_path):
     assert errors == []
 
 
+@pytest.mark.skipif(not RF_SHAPES.exists(), reason="only the embedded rf-shapes models have a vocabulary")
+def test_prompt_hints_and_warnings_come_from_the_models_vocabulary(browser, server):
+    page, errors = open_page(browser, server)
+    served = page.evaluate("""async key => (await (await fetch("/v1/models",
+        {headers: {authorization: `Bearer ${key}`}})).json()).data""", KEY)
+    vocab = {m["id"]: m["vocabulary"] for m in served}[ONE_STEP]
+    t2i, edit = page.locator("#t2i-form"), page.locator("#edit-form")
+    prompt = t2i.get_by_label("Prompt", exact=True)
+    expect(prompt).to_have_value("")                                     # a hint, not text already typed
+    expect(prompt).to_have_attribute("placeholder", f"e.g. {vocab['examples'][0]}")
+    expect(edit.get_by_label("Prompt", exact=True)).to_have_attribute("placeholder", f"e.g. {vocab['examples'][1]}")
+    style = """el => { const p = getComputedStyle(el, "::placeholder"), hint = getComputedStyle(el.nextElementSibling);
+        return [p.color, p.fontStyle, getComputedStyle(el).color, hint.color]; }"""
+    placeholder, slant, typed, muted = prompt.evaluate(style)
+    assert (placeholder, slant) == (muted, "italic") and placeholder != typed
+    hint = page.locator("#t2i-prompt-hint")
+    expect(hint).to_be_visible()
+    expect(hint).to_contain_text(f"colours {', '.join(vocab['colours'])}")
+    expect(hint).to_contain_text(f"shapes {', '.join(vocab['shapes'])}")
+
+    prompt.fill("a cat on a blue background")
+    for stream in (False, True):                                         # the JSON answer, then the stream's
+        t2i.get_by_label("Stream previews").set_checked(stream)
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#gallery .result")).to_have_count(1 + stream)
+        result = page.locator("#gallery .result").first
+        expect(result).not_to_have_attribute("aria-busy", "true")
+        expect(result.locator(".warning")).to_have_text(re.compile(rf"^{ONE_STEP} does not know 'cat': "))
+    prompt.fill(vocab["examples"][0])
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery .result")).to_have_count(3)
+    expect(page.locator("#gallery .result").first).not_to_have_attribute("aria-busy", "true")
+    expect(page.locator("#gallery .result").first.locator(".warning")).to_have_count(0)
+    assert errors == []
+
+
 def test_edit_panel_is_hidden_when_no_model_takes_edits(browser, server):
     page, errors = open_page(browser, server)
 

@@ -42,7 +42,26 @@ function applyDefaults(form, model) {
   steps.value = model.default_steps;
   steps.max = model.max_steps;
   guidance.value = model.default_guidance_scale;
+  showVocabulary(form.elements.prompt, model);
   clearErrors(form);
+}
+
+// A model that knows only some words (its `vocabulary` in /v1/models) gets one of its own example prompts as
+// the prompt's placeholder, and its words listed below; any other keeps the page's free-text placeholder.
+function showVocabulary(prompt, model) {
+  const vocab = model.vocabulary;
+  const hint = document.getElementById(prompt.getAttribute("aria-describedby"));
+  prompt.dataset.freeText ??= prompt.placeholder;
+  hint.hidden = !vocab;
+  if (!vocab) {
+    prompt.placeholder = prompt.dataset.freeText;
+    hint.textContent = "";
+    return;
+  }
+  prompt.placeholder = `e.g. ${vocab.examples[Number(prompt.dataset.example) % vocab.examples.length]}`;
+  const list = (words) => words.join(", ");
+  hint.textContent = `${model.id} knows only these words: counts ${list(vocab.counts)}; colours ${list(vocab.colours)}; ` +
+    `shapes ${list(vocab.shapes)} (plural with s); backgrounds ${list(vocab.backgrounds)}.`;
 }
 
 async function generate(form) {
@@ -155,6 +174,12 @@ export function fillCard(card, result, model, seedText) {
   const format = result.output_format;
   grid.querySelectorAll(".preview img").forEach((img) => URL.revokeObjectURL(img.src));
   grid.replaceChildren(...result.data.map((d, i) => figure(d.b64_json, format, model, seedPlus(seedText, i))));
+  for (const text of result.warnings ?? []) {
+    const warning = document.createElement("p");
+    warning.className = "warning";
+    warning.textContent = text;
+    card.append(warning);
+  }
   const meta = document.createElement("p");
   meta.className = "timings";
   const t = result.timings || {};
