@@ -20,6 +20,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line for the user."""
 
 
+def describe(err: BaseException) -> str:
+    """Any exception as one line for the user: a `CheckpointError`'s own message, or the type and the first
+    line of any other's (a bare KeyError's message is only the key)."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return first if isinstance(err, CheckpointError) else f"{type(err).__name__}: {first}"
+
+
 def resolve_source(source: str, *, variant: str | None = None) -> Path:
     path = Path(source).expanduser()
     if path.exists():

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
-from rfserve.model_zoo.loading import CheckpointError, read_json, require, require_any, weights_name
+from rfserve.model_zoo.loading import CheckpointError, describe, read_json, require, require_any, weights_name
 
 TOKENIZER_FILES = ["tokenizer_config.json", "tokenizer.json", "vocab.json"]
 
@@ -35,14 +35,16 @@ def load_unet(root: Path, subfolder: str | None, *, dtype, variant=None) -> UNet
 
 
 def _load(cls, root: Path, subfolder: str | None, *, dtype, variant=None):
+    """One component, falling back from a missing weights variant to the plain weights. Whatever else fails
+    (a config field of the wrong type raises a TypeError deep in torch) is named with the component's folder."""
     kwargs = {"subfolder": subfolder} if subfolder else {}
     for v in dict.fromkeys([variant, None]):
         try:
             return cls.from_pretrained(root, torch_dtype=dtype, use_safetensors=True, variant=v, **kwargs)
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             last = err
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise CheckpointError(f"{root / (subfolder or '')}: {str(err).splitlines()[0]}") from None
+        except Exception as err:
+            raise CheckpointError(f"{root / (subfolder or '')}: {describe(err)}") from err
     raise CheckpointError(f"{root / (subfolder or '')}: {str(last).splitlines()[0]}")
 
 

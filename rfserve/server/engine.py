@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rfserve.model_zoo.base import ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
-from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.loading import describe
 from rfserve.model_zoo.presets import ModelSpec
 from rfserve.model_zoo.registry import load_model, parse_spec, resolve_dtype
 from rfserve.server.buckets import BucketPlan
@@ -40,9 +40,7 @@ class LoadError(RuntimeError):
     alive, never ready and silent. The original exception stays the cause, for --debug's traceback."""
 
     def __init__(self, spec: ModelSpec, stage: str, err: BaseException):
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        kind = "" if isinstance(err, CheckpointError) else f"{type(err).__name__}: "
-        super().__init__(f"model {spec.name!r} ({spec.source or 'built in'}) failed while {stage}: {kind}{cause}")
+        super().__init__(f"model {spec.name!r} ({spec.source or 'built in'}) failed while {stage}: {describe(err)}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -74,24 +74,24 @@ def _emptied(root):
 
 
 # How each malformed folder was met before every load failure ended `serve`: a JSON list got diffusers' "could
-# not connect to the hub" with no model named; a string config field raised a TypeError the loader thread did not
-# catch, leaving a server alive, never ready and silent.
+# not connect to the hub"; a string config field raised a TypeError the loader thread did not catch, leaving a
+# server alive, never ready and silent; the others' one line named the file but not the model.
 MALFORMED = {"config.json is a list": (_list_config, "unet/config.json: expected a JSON object, got list"),
-             "a string where an int belongs": (_string_for_an_int, "TypeError"),
-             "weights of the wrong shapes": (_wrong_shapes, "conv_in.bias expected shape"),
-             "an empty folder": (_emptied, "missing file"),
+             "a string where an int belongs": (_string_for_an_int, "unet: TypeError: "),
+             "weights of the wrong shapes": (_wrong_shapes, "unet: ValueError: ", "conv_in.bias expected shape"),
+             "an empty folder": (_emptied, "missing file", "model_index.json"),
              "a folder of another family": (None, "missing file")}
 
 
 @pytest.mark.parametrize("case", MALFORMED)
 def test_a_model_that_fails_to_load_ends_serve_with_one_line(case, broken):
-    spoil, cause = MALFORMED[case]
+    spoil, *cause = MALFORMED[case]
     preset = "janusflow-1.3b" if spoil is None else "instaflow-2rf"   # an SD folder is not JanusFlow's layout
     if spoil is not None:
         spoil(broken)
     start = time.monotonic()
     proc = rfserve("serve", "--model", f"{preset}={broken}", "--port", "0", "--device", "cpu", timeout=120)
-    assert_one_line_error(proc, f"model {preset!r} ({broken})", cause)
+    assert_one_line_error(proc, f"model {preset!r} ({broken})", *cause)
     assert time.monotonic() - start < 60
 
 
