@@ -9,6 +9,8 @@ from rfserve.model_zoo.rf_shapes.presets import CHECKPOINT_DIR, RF_SHAPES_DEFAUL
 from rfserve.model_zoo.rf_shapes.vocabulary import VOCABULARY as RF_SHAPES_VOCABULARY
 
 SD_SIZE_FACTORS = ((1.0, 1.0), (1.0, 1.5), (1.5, 1.0), (1.5, 1.5))   # (w, h) × native side
+# The families whose loader also returns chat parts (`LoadedModel.chat`): what `rfserve serve -h` lists as chatting.
+CHAT_FAMILIES = frozenset({"janusflow", "janus"})
 PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-saturated, "
                     "high-contrast, out of focus, dark")
 
@@ -23,6 +25,10 @@ class Preset:
     max_steps: int = 100
     options: dict = field(default_factory=dict)
     vocabulary: Vocabulary | None = None      # the caption words a closed-grammar model was trained on
+
+    @property
+    def chats(self) -> bool:
+        return self.family in CHAT_FAMILIES
 
 
 def _rf_shapes(name: str) -> Preset:

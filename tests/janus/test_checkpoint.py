@@ -5,6 +5,7 @@ import pytest
 
 from rfserve.model_zoo.janus.random_checkpoint import BOI, IMAGE
 from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.presets import PRESETS
 from rfserve.model_zoo.registry import load_model, parse_spec
 
 
@@ -13,6 +14,7 @@ def test_loads_through_the_registry(tiny_janus):
 
     loaded = load_model(parse_spec(f"janus-pro-1b={tiny_janus}?temperature=0"), torch.device("cpu"), torch.float32)
     card, pipe = loaded.card, loaded.pipeline
+    assert loaded.chat is not None and PRESETS["janus-pro-1b"].chats       # as `rfserve serve -h` says
     assert (card.family, card.sizes, card.defaults.size) == ("janus", ("16x16",), "16x16")
     assert (card.defaults.steps, card.max_steps, card.defaults.guidance) == (1, 1, 5.0)
     assert not card.supports_negative_prompt
