@@ -4,7 +4,9 @@ A Triton kernel is only worth calling where it measured faster on this device, s
 for each (op, shape, dtype, device) key on CUDA times both and caches the winner. Everywhere else the
 twin runs: the CPU interpreter is a correctness tool, never a fast path.
 
-Precedence: the call's `backend=` argument, then `RFSERVE_KERNELS=torch|triton|auto`, then measurement.
+Precedence: the call's `backend=` argument, then the shapes no kernel configuration fits
+(`triton_unsupported`: those take the twin whatever the environment says), then
+`RFSERVE_KERNELS=torch|triton|auto`, then measurement.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 ENV = "RFSERVE_KERNELS"
 WARMUP, REPEAT = 3, 10
+# Attention head dims above this fit no configuration of the Triton kernel on sm_80 or sm_90: at a padded
+# 512 (SD's VAE) every tile asks 257-641 KB of shared memory or spills (python -m
+# rfserve.benchmarks.compile_kernels). SDPA serves them.
+MAX_ATTENTION_HEAD_DIM = 256
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,13 @@ def resolve(backend: str) -> str:
     return env
 
 
+def triton_unsupported(op: str, head_dim: int | None = None) -> str:
+    """Why `op` must not run in Triton at this shape, or "" where it may: the rule the compile check found."""
+    if op == "attention" and head_dim is not None and head_dim > MAX_ATTENTION_HEAD_DIM:
+        return f"head dim {head_dim} > {MAX_ATTENTION_HEAD_DIM}: no kernel configuration fits (SDPA serves it)"
+    return ""
+
+
 def run(
     op: str,
     key: Hashable,
@@ -69,7 +82,14 @@ def run(
     backend: str,
     triton_fn: Callable[[], torch.Tensor],
     torch_fn: Callable[[], torch.Tensor],
+    unsupported: str = "",
 ) -> torch.Tensor:
+    """`unsupported` (from `triton_unsupported`) sends every call but an explicit `backend="triton"` to the
+    twin; "auto" records why."""
+    if unsupported and backend != "triton":
+        if resolve(backend) == "auto":
+            _decisions.setdefault((op, key, str(device)), Decision("torch", reason=unsupported))
+        return torch_fn()
     choice = resolve(backend)
     if choice == "auto":
         choice = _choose((op, key, str(device)), device, triton_fn, torch_fn)

@@ -10,9 +10,13 @@ Rows with every key masked return zeros, as SDPA does.
 """
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
-from rfserve.kernels.launch import check_device, interpreting
+from rfserve.kernels.launch import Launch, check_device, interpreting
+from rfserve.kernels.limits import GpuLimits, Usage, limits_for, problems
 from rfserve.kernels.triton_lang import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -21,9 +25,10 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
 def _configs() -> list[triton.Config]:
-    """The tutorial's search space, trimmed so that warm-up tunes each new shape in seconds, not minutes."""
+    """The tutorial's search space, trimmed so that warm-up tunes each new shape in seconds, not minutes, plus
+    (64, 32, 2, 8): the one tile of head dim 160 that neither spills nor overflows shared memory on an A100."""
     tiles = [(64, 32, 3, 4), (64, 64, 3, 4), (64, 64, 4, 4), (128, 32, 3, 4),
-             (128, 32, 4, 8), (128, 64, 2, 8), (128, 64, 3, 8), (128, 128, 2, 8)]
+             (128, 32, 4, 8), (128, 64, 2, 8), (128, 64, 3, 8), (128, 128, 2, 8), (64, 32, 2, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
             for bm, bn, stages, warps in tiles]
 
@@ -70,6 +75,16 @@ def _attn_tiles(
 
 
 @triton.jit
+def _aligned(stride_b, stride_h, stride_n, ALIGN: tl.constexpr):
+    """Tell the compiler what the launch checked: each stride is a multiple of ALIGN elements. Without it,
+    a head stride of 88 (not a multiple of 16, so not specialised) leaves row starts of unknown alignment,
+    every load goes element by element, and 4 of the 8 configurations spill registers at head dim 88.
+    `tl.multiple_of` on a scalar argument is dropped (it sets an attribute a block argument cannot hold);
+    dividing and multiplying back is exact and the compiler's alignment analysis reads it."""
+    return (stride_b // ALIGN) * ALIGN, (stride_h // ALIGN) * ALIGN, (stride_n // ALIGN) * ALIGN
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, KPM, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -79,8 +94,12 @@ def _attn_fwd(
     stride_mb, stride_mn,
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    stride_qb, stride_qh, stride_qm = _aligned(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_ob, stride_oh, stride_om = _aligned(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -117,8 +136,51 @@ def _attn_fwd(
              out.to(O.dtype.element_ty), mask=q_mask)
 
 
+def fitting(configs: list, usage: Callable[[triton.Config], Usage | None], limits: GpuLimits) -> list:
+    """The configs whose compiled kernel keeps within `limits` (`limits.problems`, the compile check's rule);
+    `usage` None is a config that failed to load (out of resources). An error when none is left, naming why."""
+    kept, rejected = [], []
+    for config in configs:
+        found = usage(config)
+        reasons = ["does not load"] if found is None else problems(limits, found)
+        if reasons:
+            rejected.append(f"{config}: {'; '.join(reasons)}")
+        else:
+            kept.append(config)
+    if not kept:
+        raise RuntimeError(f"no attention configuration fits {limits.name}: {rejected}")
+    return kept
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune: compile each config for this device (Triton caches it for the benchmark that
+    follows) and keep those that neither spill nor break a limit, so autotuning never times a spilling tile
+    and never fails on one that cannot launch."""
+    major, minor = torch.cuda.get_device_capability()
+
+    def usage(config):
+        kernel = _attn_fwd.warmup(grid=(1,), **named_args, **kwargs, **config.all_kwargs())
+        try:
+            kernel._init_handles()  # loads the binary: registers and spills as the driver reports them
+        except triton.runtime.errors.OutOfResources:
+            return None
+        return Usage(kernel.n_regs, kernel.n_spills, kernel.metadata.shared, config.num_warps)
+
+    return fitting(configs, usage, limits_for(10 * major + minor))
+
+
 _attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["N_Q", "N_KV", "HEAD_DIM_PAD", "CAUSAL", "HAS_KPM"])(_attn_fwd)
+    configs=_configs(), key=["N_Q", "N_KV", "HEAD_DIM_PAD", "CAUSAL", "HAS_KPM"],
+    prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
+
+
+def stride_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two, at most 16, dividing every stride but the last of each (B, H, L, D) tensor."""
+    g = 16
+    for t in tensors:
+        for stride in t.stride()[:-1]:
+            g = math.gcd(g, stride)
+    return g
 
 
 def head_dim_pad(d: int) -> int:
@@ -126,12 +188,10 @@ def head_dim_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def attention_triton(q, k, v, *, causal=False, key_padding_mask=None, scale=None, out=None):
-    """Launch the kernel. `out` (B, H, Lq, D) may be preallocated; by default it is laid out (B, Lq, H, D)
-    so that the usual `.transpose(1, 2).reshape(B, Lq, H*D)` afterwards costs no copy."""
+def attention_launch(q, k, v, *, causal=False, key_padding_mask=None, scale=None, out=None) -> Launch:
+    """The kernel's arguments for one call. `out` (B, H, Lq, D) may be preallocated; by default it is laid out
+    (B, Lq, H, D) so that the usual `.transpose(1, 2).reshape(B, Lq, H*D)` afterwards costs no copy."""
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    check_device(q, "attention")
     if out is None:
         out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, H, Lq, D)
     if key_padding_mask is not None:
@@ -143,15 +203,23 @@ def attention_triton(q, k, v, *, causal=False, key_padding_mask=None, scale=None
     args = (
         q, k, v, out, kpm, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        H, Lq, Lk,
+        H, Lq, k.shape[2],
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STRIDE_ALIGN=stride_align(q, k, v, out),
     )
+    return Launch(_attn_fwd, args, meta, _attn_fwd_tuned.configs)
+
+
+def attention_triton(q, k, v, *, causal=False, key_padding_mask=None, scale=None, out=None):
+    """Launch the kernel (see `attention_launch` for `out`); under the interpreter with INTERPRETER_CONFIG."""
+    check_device(q, "attention")
+    launch = attention_launch(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, out=out)
+    B, H, Lq, _ = q.shape
     if interpreting():  # autotune needs a live driver (shared/reference/kernels.md §2c)
         grid = (triton.cdiv(Lq, INTERPRETER_CONFIG["BLOCK_M"]), B * H)
-        _attn_fwd[grid](*args, **meta, **INTERPRETER_CONFIG)
+        _attn_fwd[grid](*launch.args, **launch.constexprs, **INTERPRETER_CONFIG)
     else:
-        _attn_fwd_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*args, **meta)
-    return out
+        _attn_fwd_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*launch.args, **launch.constexprs)
+    return launch.args[3]

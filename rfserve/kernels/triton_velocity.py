@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from rfserve.kernels.launch import check_device
+from rfserve.kernels.launch import Launch, check_device
 from rfserve.kernels.triton_lang import tl, triton
 
 BLOCK = 1024
+CONFIGS = [triton.Config({"BLOCK": BLOCK})]  # Triton's default warps and stages; memory-bound, nothing to tune
 
 
 @triton.jit
 def _guidance(G, g, offs, row_numel, mask, PER_ROW: tl.constexpr):
-    """The guidance weight of each element: one scalar, or one value per batch row."""
+    """The guidance weight of each element: one scalar, or one value per batch row. One return at the end:
+    the compiler rejects an early return whose type (a tensor) differs from the last one (a scalar)."""
     if PER_ROW:
-        return tl.load(G + offs // row_numel, mask=mask, other=0.0).to(tl.float32)
-    return g
+        w = tl.load(G + offs // row_numel, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = g
+    return w
 
 
 @triton.jit
@@ -56,7 +60,6 @@ def _perflow_kernel(X, E, G, OUT, numel, row_numel, lam, eta, inv_span, dt, g,
 
 def _prepare(x, v, guidance, out):
     """Dense operands (flat offsets must agree between x and v) and the guidance as (pointer, scalar)."""
-    check_device(x, "velocity kernels")
     x, v = x.contiguous(), v.contiguous()
     out = torch.empty_like(x) if out is None else out
     if not out.is_contiguous():
@@ -66,19 +69,32 @@ def _prepare(x, v, guidance, out):
     return x, v, out, x, float(guidance), False  # G is never read when PER_ROW is False
 
 
-def cfg_euler_triton(x, v, dt, guidance, *, cond_first=False, out=None):
+def _run(launch: Launch):
+    """Both kernels take (..., OUT, numel, ...) at positions 3 and 4."""
+    out, numel = launch.args[3], launch.args[4]
+    check_device(out, "velocity kernels")
+    launch.kernel[(triton.cdiv(numel, BLOCK),)](*launch.args, **launch.constexprs, **launch.configs[0].all_kwargs())
+    return out
+
+
+def cfg_euler_launch(x, v, dt, guidance, *, cond_first=False, out=None) -> Launch:
     x, v, out, G, g, per_row = _prepare(x, v, guidance, out)
     numel = x.numel()
-    grid = (triton.cdiv(numel, BLOCK),)
-    _cfg_euler_kernel[grid](x, v, G, out, numel, numel // x.shape[0], float(dt), g,
-                            PER_ROW=per_row, COND_FIRST=cond_first, BLOCK=BLOCK)
-    return out
+    return Launch(_cfg_euler_kernel, (x, v, G, out, numel, numel // x.shape[0], float(dt), g),
+                  dict(PER_ROW=per_row, COND_FIRST=cond_first), CONFIGS)
+
+
+def cfg_euler_triton(x, v, dt, guidance, *, cond_first=False, out=None):
+    return _run(cfg_euler_launch(x, v, dt, guidance, cond_first=cond_first, out=out))
+
+
+def perflow_launch(x, eps, *, lam, eta, inv_span, dt, guidance=None, out=None) -> Launch:
+    x, eps, out, G, g, per_row = _prepare(x, eps, 0.0 if guidance is None else guidance, out)
+    numel = x.numel()
+    return Launch(_perflow_kernel, (x, eps, G, out, numel, numel // x.shape[0], float(lam), float(eta),
+                                    float(inv_span), float(dt), g),
+                  dict(HAS_CFG=guidance is not None, PER_ROW=per_row), CONFIGS)
 
 
 def perflow_triton(x, eps, *, lam, eta, inv_span, dt, guidance=None, out=None):
-    x, eps, out, G, g, per_row = _prepare(x, eps, 0.0 if guidance is None else guidance, out)
-    numel = x.numel()
-    grid = (triton.cdiv(numel, BLOCK),)
-    _perflow_kernel[grid](x, eps, G, out, numel, numel // x.shape[0], float(lam), float(eta), float(inv_span),
-                          float(dt), g, HAS_CFG=guidance is not None, PER_ROW=per_row, BLOCK=BLOCK)
-    return out
+    return _run(perflow_launch(x, eps, lam=lam, eta=eta, inv_span=inv_span, dt=dt, guidance=guidance, out=out))

@@ -1,0 +1,106 @@
+"""Every kernel launch the served models make on a GPU, at every served size and batch bucket, built by the
+launch wrappers themselves on meta tensors (shapes, strides and dtypes without memory), for the compile check.
+
+Shapes come from the published configurations: SD1.5's UNet (8 heads at 320/640/1280 channels: head dims
+40/80/160, attention at latent levels 0-2 and the mid block, cross-attention to 77 CLIP tokens) and VAE (one
+512-wide head at the latent size), Hunyuan-DiT (16 heads of 88 on the 16-px patch grid, cross-attention to
+77 BERT + 256 mT5 tokens), and the latents the velocity kernels update (4 channels at 1/8 of the image side).
+The attention operands are laid out as the processor passes them: projections (B, L, H·D) viewed as
+(B, H, L, D); Hunyuan's query and key are materialised by qk-norm and RoPE, its value stays a view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rfserve.kernels.launch import Launch
+from rfserve.model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES
+from rfserve.model_zoo.presets import PRESETS
+from rfserve.server.config import ServerConfig
+
+META = torch.device("meta")
+SD_UNET_HEADS, SD_UNET_HEAD_DIMS, CLIP_TOKENS = 8, (40, 80, 160, 160), 77  # levels 0, 1, 2 and the mid block
+SD_VAE_HEAD_DIM = 512
+HUNYUAN_HEADS, HUNYUAN_HEAD_DIM, HUNYUAN_TEXT_TOKENS = 16, 88, 77 + 256
+JANUSFLOW_LATENT = 48  # 384 px / 8
+SD15_PRESETS = ("instaflow-0.9b", "instaflow-2rf", "perflow-sd15")
+
+
+@dataclass(frozen=True)
+class ServedLaunch:
+    """One launch shape: `op` is the dispatcher's op name; `build(dtype)` returns the wrapper's Launch."""
+
+    model: str
+    op: str
+    shape: str
+    build: Callable[[torch.dtype], Launch]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.op} {self.shape}"
+
+
+def _projected(B: int, L: int, H: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(B, L, H, D, device=META, dtype=dtype).transpose(1, 2)  # (B, H, L, D) view of (B, L, H·D)
+
+
+def _attention(model, B, H, D, Lq, Lk, *, materialised_qk=False) -> ServedLaunch:
+    def build(dtype):
+        from rfserve.kernels.triton_attention import attention_launch
+
+        q, k, v = _projected(B, Lq, H, D, dtype), _projected(B, Lk, H, D, dtype), _projected(B, Lk, H, D, dtype)
+        if materialised_qk:
+            q, k = q.contiguous(), k.contiguous()
+        return attention_launch(q, k, v)
+
+    return ServedLaunch(model, "attention", f"B{B} H{H} D{D} Lq{Lq} Lk{Lk}", build)
+
+
+def _velocity(model, op, latent, guidance) -> ServedLaunch:
+    """guidance: "none" (no CFG), "float" (one scale for the batch) or "rows" (the batcher's mixed scales)."""
+    def build(dtype):
+        from rfserve.kernels.triton_velocity import cfg_euler_launch, perflow_launch
+
+        x = torch.empty(latent, device=META, dtype=dtype)
+        v = torch.empty(latent[0] * (1 if guidance == "none" else 2), *latent[1:], device=META, dtype=dtype)
+        g = {"none": None, "float": 4.5, "rows": torch.empty(latent[0], device=META)}[guidance]
+        if op == "perflow":
+            return perflow_launch(x, v, lam=0.9, eta=0.4, inv_span=2.0, dt=0.25, guidance=g)
+        return cfg_euler_launch(x, v, 0.25, g, cond_first=op == "janus_cfg_euler")
+
+    return ServedLaunch(model, op, f"x{tuple(latent)} guidance {guidance}", build)
+
+
+def _sd_sizes() -> list[tuple[int, int]]:
+    """(width, height) in px of every SD1.5 size the presets serve (native 512 × each size factor)."""
+    factors = {f for name in SD15_PRESETS for f in PRESETS[name].size_factors}
+    return sorted({(int(512 * fw), int(512 * fh)) for fw, fh in factors})
+
+
+def served_launches(buckets: tuple[int, ...] = ServerConfig.batch_buckets) -> list[ServedLaunch]:
+    """Every launch, in a stable order. CFG doubles the model batch (2B); InstaFlow-0.9B runs without it (B)."""
+    out: list[ServedLaunch] = []
+    for b in buckets:
+        for w, h in _sd_sizes():
+            lh, lw = h // 8, w // 8
+            for B in (b, 2 * b):
+                for level, D in enumerate(SD_UNET_HEAD_DIMS):
+                    L = (lh >> min(level, 3)) * (lw >> min(level, 3))
+                    out.append(_attention("sd15-unet", B, SD_UNET_HEADS, D, L, L))
+                    out.append(_attention("sd15-unet", B, SD_UNET_HEADS, D, L, CLIP_TOKENS))
+            out.append(_attention("sd15-vae", b, 1, SD_VAE_HEAD_DIM, lh * lw, lh * lw))
+            latent = (b, 4, lh, lw)
+            for g in ("float", "rows"):
+                out.append(_velocity("instaflow-2rf", "cfg_euler", latent, g))
+            for g in ("none", "float", "rows"):
+                out.append(_velocity("perflow-sd15", "perflow", latent, g))
+        for w, h in SUPPORTED_SHAPES:
+            L = (w // 16) * (h // 16)
+            out.append(_attention("hunyuan-dit", 2 * b, HUNYUAN_HEADS, HUNYUAN_HEAD_DIM, L, L, materialised_qk=True))
+            out.append(_attention("hunyuan-dit", 2 * b, HUNYUAN_HEADS, HUNYUAN_HEAD_DIM, L, HUNYUAN_TEXT_TOKENS,
+                                  materialised_qk=True))
+        for g in ("float", "rows"):
+            out.append(_velocity("janusflow", "janus_cfg_euler", (b, 4, JANUSFLOW_LATENT, JANUSFLOW_LATENT), g))
+    return out

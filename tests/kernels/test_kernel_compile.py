@@ -1,0 +1,73 @@
+"""The compile check, run as CI runs it: the representative subset (every kernel, bf16 and fp16, sm_90 and
+sm_80, the worst served attention shapes, every velocity variant), in a process without TRITON_INTERPRET,
+since the interpreter's `triton.jit` functions cannot be compiled. The full set of served launches is
+`python -m rfserve.benchmarks.compile_kernels`; its cold run is too long for CI on 2 cores.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+from rfserve.benchmarks.compile_kernels import representative
+from rfserve.benchmarks.served_launches import served_launches
+
+
+def _compiler_env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return env
+
+
+def test_the_subset_covers_every_kernel_and_both_worst_head_dims():
+    subset = representative(served_launches(buckets=(1,)))
+    assert {s.op for s in subset} == {"attention", "cfg_euler", "janus_cfg_euler", "perflow"}
+    assert sorted(s.shape.split()[2] for s in subset if s.op == "attention") == ["D160", "D88"]
+    assert {s.shape.split("guidance ")[-1] for s in subset if s.op != "attention"} == {"none", "float", "rows"}
+
+
+def test_served_launches_compile_and_fit_sm90_and_sm80():
+    done = subprocess.run([sys.executable, "-m", "rfserve.benchmarks.compile_kernels", "--subset"],
+                          capture_output=True, text=True, env=_compiler_env(), timeout=900)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    summary = lines[-1]
+    assert "errors 0" in summary and "no_config_left 0" in summary and "compiled 100" in summary, summary
+    hunyuan = [line for line in lines if "D88" in line and "sm_90" in line]
+    assert sum(line.startswith("ok") for line in hunyuan) >= 2 * 8, "\n".join(hunyuan)  # 4 of 8 spilled unaligned
+    per_row = [line for line in lines if "guidance rows" in line]
+    assert len(per_row) == 3 * 4 and all(line.startswith("ok") for line in per_row), "\n".join(per_row)
+
+
+DEMO = '''
+import sys, torch
+from rfserve.benchmarks import compile_kernels
+from rfserve.kernels.launch import Launch
+from rfserve.kernels.triton_lang import tl, triton
+
+@triton.jit
+def _early_return(X, PER_ROW: tl.constexpr):
+    if PER_ROW:
+        return tl.load(X + tl.arange(0, 16))
+    return 0.0
+
+@triton.jit
+def _kernel(X, N, PER_ROW: tl.constexpr):
+    tl.store(X + tl.arange(0, 16), _early_return(X, PER_ROW))
+
+class Served:
+    op = label = "demo"
+    def build(self, dtype):
+        return Launch(_kernel, (torch.empty(64, device="meta"), 64), {"PER_ROW": True}, [triton.Config({})])
+
+counts = compile_kernels.check([Served()], [90], ["fp32"])
+sys.exit(0 if compile_kernels.passed(counts) else 3)
+'''
+
+
+def test_a_kernel_the_compiler_rejects_fails_the_check(tmp_path):
+    """The pattern `_guidance` had (an early return of another type): the interpreter runs it, the check fails it."""
+    script = tmp_path / "demo_kernel.py"
+    script.write_text(textwrap.dedent(DEMO))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_compiler_env(),
+                          timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stdout.startswith("FAIL   sm_90 fp32 demo"), done.stdout
