@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,6 +41,7 @@ STARTED = int(time.time())
 
 # The routes beside `/v1/images/{image_id}`. An id never takes their names: a GET there would otherwise reach
 # `get_image` and be a 404 for an image of that name, not a 405 with `Allow: POST` as any other wrong method.
+# OpenAPI matches concrete paths before templated ones, so the document already says so.
 IMAGE_ACTIONS = ("generations", "edits")
 
 
@@ -176,7 +177,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/v1/images/{image_id:image_id}", response_class=Response, responses={
         200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
               "description": "a `url` result in its `output_format`, kept for an hour"}, **documented(404)})
-    async def get_image(image_id: str = Path(json_schema_extra={"not": {"enum": list(IMAGE_ACTIONS)}})):
+    async def get_image(image_id: str):
         found = store.get(image_id)
         if found is None:
             raise APIError(Code.IMAGE_NOT_FOUND, f"image {image_id!r} not found or expired", param="image_id")

@@ -10,8 +10,9 @@ from rfserve.model_zoo.seeding import MAX_SEED
 from rfserve.server.ranges import Range
 
 # A prompt needs one character that is not whitespace. The schema publishes the same expression the
-# validator runs (Python's `re`), so a client's schema check and the server never disagree.
-NON_BLANK = r"\S"
+# validator runs, so a client's schema check and the server never disagree: whitespace spelled out as
+# JSON Schema's (ECMA-262) `\s` has it, since Python's `\s` also takes \x1c-\x1f and \x85.
+NON_BLANK = r"[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
 
 

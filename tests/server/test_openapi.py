@@ -5,6 +5,7 @@ from fastapi.testclient import TestClient
 from rfserve.server.app import create_app
 from rfserve.server.config import ServerConfig
 from rfserve.server.engine import Engine
+from rfserve.server.schemas import NON_BLANK
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
@@ -51,7 +52,7 @@ def test_the_image_request_is_one_schema_per_model_with_its_limits(served):
         assert props["size"]["anyOf"][0]["enum"] == ["64x64"]
         assert props["num_inference_steps"]["anyOf"][0]["maximum"] == 4
         assert props["n"]["maximum"] == 3
-        assert props["prompt"]["pattern"] == r"\S"
+        assert props["prompt"]["pattern"] == NON_BLANK
     assert second["properties"]["num_inference_steps"]["default"] == 4     # 8, capped by --max-steps
 
 

@@ -40,6 +40,16 @@ def test_the_largest_seed_counts_up_past_the_limit():
     assert [s.seed for s in specs] == [MAX_SEED, MAX_SEED + 1, MAX_SEED + 2]
 
 
+@pytest.mark.parametrize("prompt,blank", [("\x1e", False), ("a", False), (" \t\n\u3000\ufeff", True)])
+def test_blank_is_what_json_schema_calls_whitespace(prompt, blank):
+    """Whitespace as the schema's `pattern` (ECMA-262) has it: Python's `\\s` also takes \\x1e."""
+    if blank:
+        with pytest.raises(ValueError, match="must not be empty"):
+            ImageGenerationRequest(prompt=prompt)
+    else:
+        assert ImageGenerationRequest(prompt=prompt).prompt == prompt
+
+
 def test_a_seed_past_the_limit_is_refused():
     with pytest.raises(ValueError, match="seed"):
         ImageGenerationRequest(prompt="a cat", seed=MAX_SEED + 1)
