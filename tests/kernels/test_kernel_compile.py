@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from rfserve.benchmarks.compile_kernels import representative
 from rfserve.benchmarks.served_launches import served_launches
 
@@ -24,6 +26,7 @@ def test_the_subset_covers_every_kernel_and_both_worst_head_dims():
     assert {s.shape.split("guidance ")[-1] for s in subset if s.op != "attention"} == {"none", "float", "rows"}
 
 
+@pytest.mark.aot
 def test_served_launches_compile_and_fit_sm90_and_sm80():
     done = subprocess.run([sys.executable, "-m", "rfserve.benchmarks.compile_kernels", "--subset"],
                           capture_output=True, text=True, env=_compiler_env(), timeout=900)
