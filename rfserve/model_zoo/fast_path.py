@@ -2,7 +2,8 @@
 
 Compiled graphs are static-shape (`dynamic=False`; with "reduce-overhead" also CUDA graphs), so after warm-up
 only the captured shapes take the compiled path and every other shape runs eagerly: a request never triggers a
-compile. The inductor cache lives in a persistent folder, so the second start compiles from cache. On CUDA the
+compile. A graph also guards on the process's intra-op thread count, which the CPU worker sets per batch
+(server.threads), so a shape is captured together with the count it will run under. The inductor cache lives in a persistent folder, so the second start compiles from cache. On CUDA the
 capture runs before ready; on the CPU, where a cold compile takes minutes, it runs after ready beside the
 worker for the families that declare it safe (`CompiledCalls.background`).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,9 @@ import torch
 from rfserve import kernels
 log = logging.getLogger("rfserve.fast_path")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rfserve" / "inductor"
+# Held while a compile on the capture thread has fixed the intra-op thread count (one count for the whole
+# process) that its graph will guard on; the worker leaves the count be meanwhile (server.threads.ThreadPlan).
+THREAD_COUNT = threading.Lock()
 
 
 def enable_compile_cache(folder: Path = DEFAULT_CACHE) -> None:
@@ -33,9 +38,11 @@ def enable_compile_cache(folder: Path = DEFAULT_CACHE) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
 
 
-def shape_key(args: tuple, kwargs: dict) -> tuple:
-    """The shapes of every tensor argument: what a static-shape graph was compiled for."""
-    return tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+def call_key(args: tuple, kwargs: dict) -> tuple:
+    """What a static-shape graph guards on that differs between calls: the intra-op thread count (part of
+    dynamo's global-state guard) and the shape of every tensor argument."""
+    shapes = tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    return (torch.get_num_threads(), *shapes)
 
 
 @dataclass(frozen=True)
@@ -77,21 +84,22 @@ def _copy(obj, memo: dict[int, object]):
 
 @dataclass
 class Captured:
-    """A compiled callable and the argument shapes it was captured for; every other shape runs the eager one.
+    """A compiled callable and the calls (`call_key`) it was captured for; every other call runs the eager one.
 
-    Captured one of two ways. Before ready (CUDA, `--compile on`): while `capturing`, each new shape compiles on
-    its call. After ready (the CPU's default): warm-up's eager calls leave a copy of their arguments per shape in
-    `examples`, and `compile_examples`, on a background thread, compiles each on its copy while the worker goes
-    on serving eagerly; the shapes switch over only once their graphs exist, so no request waits on a compile.
+    Captured one of two ways. Before ready (CUDA, `--compile on`): while `capturing`, each new key compiles on
+    its call. After ready (the CPU's default): warm-up's eager calls, once recording, leave a copy of their
+    arguments per key in `examples`, and `compile_examples`, on a background thread, compiles each on its copy,
+    under its thread count, while the worker goes on serving eagerly; the keys switch over only once their
+    graphs exist, so no request waits on a compile.
     """
     eager: Callable
     fast: Callable
     capturing: bool = True
-    shapes: set[tuple] = field(default_factory=set)
+    shapes: set[tuple] = field(default_factory=set)            # the `call_key`s captured
     examples: dict[tuple, Example] | None = None                # recording while not None
 
     def __call__(self, *args, **kwargs):
-        key = shape_key(args, kwargs)
+        key = call_key(args, kwargs)
         if key in self.shapes:
             torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
             return self.fast(*args, **kwargs)
@@ -118,10 +126,12 @@ class Captured:
             return self.fast(*args, **kwargs)
 
     def compile_examples(self) -> list[tuple]:
-        """Compile every recorded shape on its copy; returns their keys, for `CompiledCalls` to switch over."""
+        """Compile every recorded call on its copy, under the thread count it was recorded with (the key's
+        first part); returns their keys, for `CompiledCalls` to switch over."""
         examples, self.examples = list((self.examples or {}).items()), None     # a snapshot: recording stops
-        for _, example in examples:
-            with torch.inference_mode(example.inference), torch.set_grad_enabled(example.grad):
+        for (threads, *_), example in examples:
+            with THREAD_COUNT, torch.inference_mode(example.inference), torch.set_grad_enabled(example.grad):
+                torch.set_num_threads(threads)
                 self._compile(example.args, example.kwargs)
         return [key for key, _ in examples]
 
@@ -141,7 +151,8 @@ class CompiledCalls:
 
     def prepare(self, compile_mode: str | None, *, record: bool = False) -> None:
         """Compile the hot calls with `compile_mode` (None: only `setup`). With `record`, nothing compiles on a
-        call: the calls record their arguments for `capture_examples` instead."""
+        call: the calls run eagerly, and record their arguments for `capture_examples` once `record_calls`
+        says so."""
         if self.setup is not None:
             self.setup()
         if not compile_mode:
@@ -150,7 +161,13 @@ class CompiledCalls:
         for owner, name in self.calls:
             eager = getattr(owner, name)
             fast = torch.compile(eager, mode=compile_mode, fullgraph=True, dynamic=False)
-            setattr(owner, name, Captured(eager, fast, capturing=not record, examples={} if record else None))
+            setattr(owner, name, Captured(eager, fast, capturing=not record))
+
+    def record_calls(self, run: Callable[[], object]) -> None:
+        """Run `run` with every hot call recording its arguments per `call_key`: the calls to compile later."""
+        for c in self.captured.values():
+            c.examples = {}
+        run()
 
     @property
     def captured(self) -> dict[str, Captured]:

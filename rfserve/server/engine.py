@@ -149,16 +149,17 @@ class Engine:
             self._capture_chat(name)
         pipe, card = model.pipeline, model.card
         fast = pipe.fast_path() if self.device.type == "cuda" or self.config.compile != "off" else None
-        if fast is not None and self.device.type == "cpu" and not self.compiling:   # auto: after ready, or never
-            if fast.background:
-                fast.prepare(self.config.compile_mode, record=True)     # the eager warm-up below records shapes
-                self.later.append((name, fast))
-            fast = None
-        if fast is None:
+        if fast is None or (self.device.type == "cpu" and not self.compiling):   # CPU auto: after ready, or never
+            later = fast if fast is not None and fast.background else None
+            if later is not None:
+                later.prepare(self.config.compile_mode, record=True)
             for _ in tqdm(range(1), desc=f"warming {name}", disable=not progress):
                 pipe.run([self.default_spec(card, "warm-up", 0)])
             if self.device.type == "cpu" and self.config.cpu_threads is None:
                 self._plan_threads(name, pipe, card)
+            if later is not None:
+                later.record_calls(lambda: self._run_buckets(name, pipe, card))
+                self.later.append((name, later))
             return
         fast.prepare(self.config.compile_mode if self.compiling else None)
         buckets = self.buckets
@@ -226,6 +227,18 @@ class Engine:
         plan = ThreadPlan.measure(self.buckets, base, wide, seconds, single_image_s=seconds(1, base))
         self.thread_plans[name] = plan
         log.info("%s on CPU: %s", name, plan.describe())
+
+    def _run_buckets(self, name: str, pipe: Pipeline, card: ModelCard) -> None:
+        """One step of every bucket, each at the thread count the worker will give it: the calls that the
+        capture after ready compiles."""
+        base, plan = torch.get_num_threads(), self.thread_plans.get(name)
+        try:
+            for b in self.buckets:
+                if plan is not None:
+                    plan.apply(b)
+                pipe.run([replace(self.default_spec(card, "warm-up", i), steps=1) for i in range(b)])
+        finally:
+            torch.set_num_threads(base)
 
     def _time_batch(self, pipe: Pipeline, card: ModelCard, n: int, repeats: int = 3) -> float:
         specs = [self.default_spec(card, "warm-up", i) for i in range(n)]

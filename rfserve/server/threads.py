@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from rfserve.model_zoo.fast_path import THREAD_COUNT
+
 # Extra threads must be clearly faster, not just faster: warm-up timings are noisy, and under
 # load the threads also compete with the HTTP loop.
 WIDE_MARGIN = 0.9
@@ -41,9 +43,14 @@ class ThreadPlan:
         return self.wide if self.wide_from is not None and n >= self.wide_from else self.base
 
     def apply(self, n: int) -> None:
+        """Set the count for a batch of n, unless a compile on the capture thread holds it for its graph's
+        guard (model_zoo.fast_path): that batch then runs at the held count rather than wait minutes."""
         threads = self.threads_for(n)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads and THREAD_COUNT.acquire(blocking=False):
+            try:
+                torch.set_num_threads(threads)
+            finally:
+                THREAD_COUNT.release()
 
     def describe(self) -> str:
         if self.wide_from is None:

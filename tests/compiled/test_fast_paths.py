@@ -4,6 +4,8 @@ eager (images within one 8-bit level; chat decode's greedy tokens exactly). The 
 for the attention, so that a kernel dispatch that fell out of the graph shows."""
 import base64
 import io
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from rfserve.benchmarks.bench_compile import RecordedGraph, chat_case, graph_stats, image_case, recorded_graphs
-from rfserve.model_zoo.fast_path import Captured
+from rfserve.model_zoo.fast_path import Captured, CompiledCalls
 from rfserve.server.app import create_app
 from rfserve.server.config import ServerConfig
 from rfserve.server.engine import Engine
@@ -126,7 +128,7 @@ def test_chat_decode_step(preset, checkpoint, request):
         assert stats == {"graph_breaks": 0, "graphs": len(BUCKETS)}
         fast = {b: _greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
         assert graph_stats() == stats
-    assert decoder.step.shapes == {((b,), (b,)) for b in BUCKETS}
+    assert decoder.step.shapes == {(torch.get_num_threads(), (b,), (b,)) for b in BUCKETS}    # call_key
     assert fast == eager
     _check_graphs(graphs)
 
@@ -171,6 +173,31 @@ def test_sd_setup_takes_a_vae_without_attention():
     assert {type(m.processor) for m in pipe.parts.unet.modules() if hasattr(m, "processor")} == {RfserveAttnProcessor}
     assert not any(hasattr(m, "processor") for m in pipe.parts.vae.modules())
     assert not isinstance(pipe.parts.denoiser, Captured)                # no mode: nothing compiled
+
+
+def test_capture_after_ready_keys_the_thread_count():
+    """A graph guards on the intra-op thread count, one count for the whole process, which the CPU worker sets per
+    batch. A call recorded at one count compiles at that count on the capture thread whatever the worker set
+    last, then takes the graph at that count and runs eagerly at any other: no call compiles after capture."""
+    owner = SimpleNamespace(call=lambda x: torch.nn.functional.gelu(x) * 2)
+    fast, x = CompiledCalls([(owner, "call")]), torch.randn(4, 8)
+    with recorded_graphs():
+        fast.prepare("default", record=True)
+        owner.call(x)                                               # not recording yet: nothing kept
+        torch.set_num_threads(1)
+        fast.record_calls(lambda: owner.call(x))
+        torch.set_num_threads(2)                                    # the worker's count for another batch
+        capture = threading.Thread(target=fast.capture_examples)
+        capture.start()
+        capture.join()
+        captured, stats = owner.call, graph_stats()
+        assert stats == {"graph_breaks": 0, "graphs": 1} and captured.shapes == {(1, (4, 8))}
+        calls, compiled = [], captured.fast
+        captured.fast = lambda *a: calls.append(torch.get_num_threads()) or compiled(*a)
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(owner.call(x), captured.eager(x))
+        assert calls == [1, 1] and graph_stats() == stats
 
 
 def test_cpu_default_captures_after_ready(tiny_sd):
