@@ -7,6 +7,10 @@ Shapes come from the published configurations: SD1.5's UNet (8 heads at 320/640/
 77 BERT + 256 mT5 tokens), and the latents the velocity kernels update (4 channels at 1/8 of the image side).
 The attention operands are laid out as the processor passes them: projections (B, L, H·D) viewed as
 (B, H, L, D); Hunyuan's query and key are materialised by qk-norm and RoPE, its value stays a view.
+
+Chat decode attention (the split kernel and its combine) runs for the LLMs of JanusFlow-1.3B and Janus-Pro
+1B/7B at their full context, at every slot bucket the chat decoder captures, over the paged cache (PAGE =
+PAGED_PAGE) and over the slot cache read as one block per sequence (PAGE = context).
 """
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ import torch
 
 from rfserve.kernels.launch import Launch
 from rfserve.model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES
+from rfserve.model_zoo.janus.config import ARCHS as JANUS_ARCHS
+from rfserve.model_zoo.janusflow.config import preset as janusflow_preset
 from rfserve.model_zoo.presets import PRESETS
+from rfserve.server.chat.config import ChatConfig
 from rfserve.server.config import ServerConfig
 
 META = torch.device("meta")
@@ -26,6 +33,7 @@ SD_VAE_HEAD_DIM = 512
 HUNYUAN_HEADS, HUNYUAN_HEAD_DIM, HUNYUAN_TEXT_TOKENS = 16, 88, 77 + 256
 JANUSFLOW_LATENT = 48  # 384 px / 8
 SD15_PRESETS = ("instaflow-0.9b", "instaflow-2rf", "perflow-sd15")
+PAGED_PAGE = 16  # tokens per KV block of the paged cache (issue #32)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,39 @@ def _velocity(model, op, latent, guidance) -> ServedLaunch:
     return ServedLaunch(model, op, f"x{tuple(latent)} guidance {guidance}", build)
 
 
+def _chat_llms() -> dict[str, tuple[int, int, int, int]]:
+    """(heads, kv heads, head dim, context) of each chat LLM, read from the presets."""
+    flow = janusflow_preset("janusflow-1.3b")["language_config"]
+    llms = {"janusflow-1.3b": (flow["num_attention_heads"], flow["num_key_value_heads"],
+                               flow["hidden_size"] // flow["num_attention_heads"], flow["max_position_embeddings"])}
+    for name in ("janus-pro-1b", "janus-pro-7b"):
+        a = JANUS_ARCHS[name]
+        llms[name] = (a.heads, a.kv_heads, a.hidden // a.heads, a.context)
+    return llms
+
+
+def _decode(model, B, H, kv_heads, D, context, slots, page) -> list[ServedLaunch]:
+    """Both kernels of one decode call: B running rows of a cache sized for `slots` sequences of `context`
+    tokens, in blocks of `page` tokens (page = context: the slot cache, one block per sequence)."""
+    def build(dtype):
+        from rfserve.kernels.triton_decode import decode_launches
+
+        q = torch.empty(B, H, D, device=META, dtype=dtype)  # (B, H, D) view of the (B, H·D) projection
+        k = torch.empty(slots * context // page, kv_heads, page, D, device=META, dtype=dtype)
+        table = torch.empty(B, context // page, device=META, dtype=torch.int32)
+        lengths = torch.empty(B, device=META, dtype=torch.int32)
+        return decode_launches(q, k, torch.empty_like(k), table, lengths)
+
+    shape = f"B{B} H{H} Hkv{kv_heads} D{D} ctx{context} page{page}"
+    return [ServedLaunch(model, "decode_attention", shape, lambda dtype: build(dtype).split),
+            ServedLaunch(model, "decode_combine", shape, lambda dtype: build(dtype).combine)]
+
+
+def chat_buckets(buckets: tuple[int, ...], slots: int) -> list[int]:
+    """The row counts the chat decoder captures (`SlotDecoder.fast_path`): the buckets under `slots`, and `slots`."""
+    return sorted({b for b in buckets if b < slots} | {slots})
+
+
 def _sd_sizes() -> list[tuple[int, int]]:
     """(width, height) in px of every SD1.5 size the presets serve (native 512 × each size factor)."""
     factors = {f for name in SD15_PRESETS for f in PRESETS[name].size_factors}
@@ -103,4 +144,9 @@ def served_launches(buckets: tuple[int, ...] = ServerConfig.batch_buckets) -> li
                                   materialised_qk=True))
         for g in ("float", "rows"):
             out.append(_velocity("janusflow", "janus_cfg_euler", (b, 4, JANUSFLOW_LATENT, JANUSFLOW_LATENT), g))
+    slots = ChatConfig().slots_on("cuda")
+    for model, (H, kv_heads, D, context) in _chat_llms().items():
+        for b in chat_buckets(buckets, slots):
+            for page in (PAGED_PAGE, context):
+                out.extend(_decode(model, b, H, kv_heads, D, context, slots, page))
     return out

@@ -4,6 +4,7 @@ Importing this package needs only torch: Triton is imported when a Triton path f
 diffusers/transformers integrations when they are installed.
 """
 from rfserve.kernels.attention import attention
+from rfserve.kernels.decode import decode_attention
 from rfserve.kernels.dispatch import clear_decisions, decisions
 from rfserve.kernels.velocity import cfg_euler_step, janus_cfg_euler_step, perflow_step
 
@@ -28,6 +29,7 @@ __all__ = [
     "cfg_euler_step",
     "clear_decisions",
     "decisions",
+    "decode_attention",
     "install_attention",
     "janus_cfg_euler_step",
     "perflow_step",
