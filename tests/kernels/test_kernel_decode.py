@@ -65,6 +65,14 @@ def test_pages_holding_several_tiles_and_an_explicit_scale():
     _check(torch.randn(B, H, D, device=DEVICE), k, v, table, _int32([80, 41, 17]), scale=0.3)
 
 
+def test_half_precision_gqa():
+    """fp16 I/O with fp32 accumulation (bf16 needs a GPU: the interpreter's bf16 tl.dot is wrong)."""
+    B, H, kv_heads, D, page = 3, 4, 2, 64, 8
+    k, v = _cache(10, kv_heads, page, D, torch.float16)
+    q = torch.randn(B, H, D, dtype=torch.float16, device=DEVICE)
+    _check(q, k, v, _shuffled_table(B, 3, 10), _int32([24, 5, 17]))
+
+
 def test_slot_cache_is_one_block_per_sequence():
     """The chat decoder's (slots, Hkv, max_len, D) cache with PAGE = max_len: rows 0..b−1 run, lengths =
     positions + 1. Rows past b are other slots and are never read."""
@@ -166,7 +174,8 @@ def test_public_entry_point_matches_reference(backend):
     ("q", lambda a: {**a, "q": a["q"][:, :, None]}),
     ("v_cache", lambda a: {**a, "v_cache": a["v_cache"][:, :, :4]}),
     ("k_cache", lambda a: {**a, "k_cache": a["k_cache"][..., :32], "v_cache": a["v_cache"][..., :32]}),
-    ("k_cache", lambda a: {**a, "k_cache": torch.cat([a["k_cache"]] * 3, 1), "v_cache": torch.cat([a["v_cache"]] * 3, 1)}),
+    ("k_cache", lambda a: {**a, "k_cache": a["k_cache"].repeat(1, 3, 1, 1),  # 6 kv heads for 4 query heads
+                           "v_cache": a["v_cache"].repeat(1, 3, 1, 1)}),
     ("v_cache", lambda a: {**a, "v_cache": a["v_cache"].half()}),
     ("block_table", lambda a: {**a, "block_table": a["block_table"].long()}),
     ("block_table", lambda a: {**a, "block_table": a["block_table"][:1]}),
