@@ -43,6 +43,7 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, backe
     def run_torch():
         return attention_torch(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
-    key = (tuple(q.shape), k.shape[2], q.dtype, causal, key_padding_mask is not None)
+    B, H, Lq, D = q.shape
+    key = (H, D, q.dtype, causal, key_padding_mask is not None)
     return dispatch.run("attention", key, q.device, backend, run_triton, run_torch,
-                        unsupported=dispatch.triton_unsupported("attention", q.shape[-1]))
+                        unsupported=dispatch.triton_unsupported("attention", D), sizes=(B, Lq, k.shape[2]))

@@ -4,7 +4,9 @@ Differences from triton-lang's 06-fused-attention tutorial, each one a shape we 
 - separate query and key lengths with boundary masks (cross-attention against 77 CLIP tokens);
 - head dims that are not powers of two (40, 72, 80, 88, 160), padded to HEAD_DIM_PAD and masked;
 - an optional key-padding mask;
-- strides passed in, so (B, L, H, D) projections viewed as (B, H, L, D) need no copy.
+- strides passed in, so (B, L, H, D) projections viewed as (B, H, L, D) need no copy;
+- tuned per power-of-two bucket of the lengths, not per length, and never after the server is ready
+  (`kernels.tuning`): lengths are not specialised on, so a new length in a tuned bucket compiles nothing.
 Causal masking is upper-left aligned (key j visible to query i iff j <= i), as in SDPA's `is_causal`.
 Rows with every key masked return zeros, as SDPA does.
 """
@@ -15,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from rfserve.kernels import tuning
 from rfserve.kernels.launch import Launch, check_device, interpreting
 from rfserve.kernels.limits import GpuLimits, Usage, limits_for, problems
 from rfserve.kernels.triton_lang import tl, triton
@@ -84,7 +87,7 @@ def _aligned(stride_b, stride_h, stride_n, ALIGN: tl.constexpr):
     return (stride_b // ALIGN) * ALIGN, (stride_h // ALIGN) * ALIGN, (stride_n // ALIGN) * ALIGN
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q", "N_KV", "N_Q_BUCKET", "N_KV_BUCKET"])
 def _attn_fwd(
     Q, K, V, O, KPM, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -93,6 +96,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
     H, N_Q, N_KV,
+    N_Q_BUCKET, N_KV_BUCKET,  # unread: the autotuner's key (`tuning.bucket` of N_Q and N_KV)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -152,10 +156,25 @@ def fitting(configs: list, usage: Callable[[triton.Config], Usage | None], limit
     return kept
 
 
+# (static kind, (N_Q_BUCKET, N_KV_BUCKET)) -> the configuration the autotuner picked there, for `_prune` after ready
+_tuned: dict[tuple, dict[tuple, triton.Config]] = {}
+
+
+def _kind(named_args: dict, constexprs: dict) -> tuple:
+    """What a tuned configuration depends on besides the length buckets."""
+    return (named_args["Q"].dtype, *sorted(constexprs.items()))
+
+
 def _prune(configs, named_args, **kwargs):
     """early_config_prune: compile each config for this device (Triton caches it for the benchmark that
     follows) and keep those that neither spill nor break a limit, so autotuning never times a spilling tile
-    and never fails on one that cannot launch."""
+    and never fails on one that cannot launch. After ready (`tuning.frozen`) one config is left, the nearest
+    tuned bucket's, so that `_time` has nothing to compare and times nothing."""
+    if tuning.frozen():
+        tuned = _tuned.get(_kind(named_args, kwargs), {})
+        near = tuning.nearest((named_args["N_Q_BUCKET"], named_args["N_KV_BUCKET"]), tuned)
+        if near is not None:
+            return [tuned[near]]
     major, minor = torch.cuda.get_device_capability()
 
     def usage(config):
@@ -166,12 +185,20 @@ def _prune(configs, named_args, **kwargs):
             return None
         return Usage(kernel.n_regs, kernel.n_spills, kernel.metadata.shared, config.num_warps)
 
-    return fitting(configs, usage, limits_for(10 * major + minor))
+    kept = fitting(configs, usage, limits_for(10 * major + minor))
+    return kept[:1] if tuning.frozen() else kept
+
+
+def _time(kernel_call, quantiles):
+    """The autotuner's timer: Triton's own, but a single config (after ready, see `_prune`) is not timed."""
+    if tuning.frozen():
+        return [0.0] * len(quantiles)
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
 
 _attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["N_Q", "N_KV", "HEAD_DIM_PAD", "CAUSAL", "HAS_KPM"],
-    prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
+    configs=_configs(), key=["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_KPM", "STRIDE_ALIGN"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_time)(_attn_fwd)
 
 
 def stride_align(*tensors: torch.Tensor) -> int:
@@ -203,7 +230,7 @@ def attention_launch(q, k, v, *, causal=False, key_padding_mask=None, scale=None
     args = (
         q, k, v, out, kpm, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        H, Lq, k.shape[2],
+        H, Lq, k.shape[2], tuning.bucket(Lq), tuning.bucket(k.shape[2]),
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
@@ -222,4 +249,8 @@ def attention_triton(q, k, v, *, causal=False, key_padding_mask=None, scale=None
         _attn_fwd[grid](*launch.args, **launch.constexprs, **INTERPRETER_CONFIG)
     else:
         _attn_fwd_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*launch.args, **launch.constexprs)
+        if not torch.compiler.is_compiling():       # traced, the launch is a graph node and picked nothing yet
+            named = dict(zip(_attn_fwd.arg_names, launch.args))
+            buckets = (named["N_Q_BUCKET"], named["N_KV_BUCKET"])
+            _tuned.setdefault(_kind(named, launch.constexprs), {})[buckets] = _attn_fwd_tuned.best_config
     return launch.args[3]

@@ -25,7 +25,8 @@ def _check(x, v, w, name):
 
 
 def _key(x, v, w):
-    return (tuple(x.shape), x.dtype, v.dtype, isinstance(w, torch.Tensor))
+    """Elementwise: what matters besides the element count (`dispatch.run`'s sizes) is dtypes and per-row guidance."""
+    return (x.dtype, v.dtype, isinstance(w, torch.Tensor))
 
 
 def cfg_euler_step_torch(x, v, dt, guidance):
@@ -61,7 +62,7 @@ def cfg_euler_step(x, v, dt, guidance, *, backend="auto"):
         return cfg_euler_triton(x, v, dt, guidance)
 
     return dispatch.run("cfg_euler", _key(x, v, guidance), x.device, backend,
-                        run_triton, lambda: cfg_euler_step_torch(x, v, dt, guidance))
+                        run_triton, lambda: cfg_euler_step_torch(x, v, dt, guidance), sizes=(x.numel(),))
 
 
 def janus_cfg_euler_step(x, v, dt, w, *, backend="auto"):
@@ -74,7 +75,8 @@ def janus_cfg_euler_step(x, v, dt, w, *, backend="auto"):
         return cfg_euler_triton(x, v, dt, w, cond_first=True)
 
     return dispatch.run("janus_cfg_euler", _key(x, v, w), x.device, backend,
-                        run_triton, lambda: janus_cfg_euler_step_torch(x, v, dt, w))
+                        run_triton, lambda: janus_cfg_euler_step_torch(x, v, dt, w),
+                        sizes=(x.numel(),))
 
 
 def perflow_step(x, eps, *, lam, eta, inv_span, dt, guidance=None, backend="auto"):
@@ -97,4 +99,4 @@ def perflow_step(x, eps, *, lam, eta, inv_span, dt, guidance=None, backend="auto
 
     key = (*_key(x, eps, guidance), guidance is None)
     return dispatch.run("perflow", key, x.device, backend,
-                        run_triton, lambda: perflow_step_torch(x, eps, guidance=guidance, **coeffs))
+                        run_triton, lambda: perflow_step_torch(x, eps, guidance=guidance, **coeffs), sizes=(x.numel(),))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rfserve.kernels import dispatch, tuning
 from rfserve.model_zoo.base import ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
 from rfserve.model_zoo.loading import describe
 from rfserve.model_zoo.presets import ModelSpec
@@ -117,12 +118,16 @@ class Engine:
                 model.card = replace(model.card, max_steps=cap, defaults=replace(d, steps=min(d.steps, cap)))
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
+        tuning.thaw()
         if self.config.warmup:
             for spec in self.specs:
                 try:
                     self._warm(spec.name, self.models[spec.name], progress)
+                    if dispatch.can_measure(self.device):
+                        self._tune_sizes(spec.name, self.models[spec.name], progress)
                 except Exception as err:
                     raise LoadError(spec, "warming up", err) from err
+        tuning.freeze()                       # a request never waits on a kernel benchmark (kernels.tuning)
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
                              turns=self.turns, fault_injection=self.config.fault_injection, plans=self.plans,
                              threads=self.thread_plans)
@@ -227,6 +232,21 @@ class Engine:
         plan = ThreadPlan.measure(self.buckets, base, wide, seconds, single_image_s=seconds(1, base))
         self.thread_plans[name] = plan
         log.info("%s on CPU: %s", name, plan.describe())
+
+    def _tune_sizes(self, name: str, model: LoadedModel, progress: bool) -> None:
+        """One step of every size the model accepts at every batch bucket, so that the kernels time their
+        choices for every size bucket a request can reach while timing is still allowed."""
+        card = model.card
+        shapes = [(size, b) for size in card.sizes for b in self.buckets]
+        for size, b in tqdm(shapes, desc=f"tuning kernels for {name}", unit="shape", disable=not progress):
+            width, height = parse_size(size)
+            spec = replace(self.default_spec(card, "warm-up", 0), width=width, height=height, steps=1)
+            try:
+                model.pipeline.run([replace(spec, seed=i) for i in range(b)])
+            except torch.OutOfMemoryError:
+                # The worker splits a batch this large at this size, so its buckets are never served.
+                torch.cuda.empty_cache()
+                log.info("%s: %d images of %s do not fit at once; not tuned", name, b, size)
 
     def _run_buckets(self, name: str, pipe: Pipeline, card: ModelCard) -> None:
         """One step of every bucket, each at the thread count the worker will give it: the calls that the

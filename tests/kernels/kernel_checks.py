@@ -1,11 +1,10 @@
 """Comparison helpers shared by the kernels tests."""
 import torch
 
+from rfserve.kernels.dispatch import TOLERANCE
+
 # The same checks run on the compiled kernels where CUDA exists, and in the interpreter elsewhere.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-# (atol, rtol) against the twin; fp16 rounds p before the PV product, as FlashAttention does.
-TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def assert_close_to(actual, expected):

@@ -57,7 +57,7 @@ def test_attention_head_dims_no_config_fits_go_to_the_twin(monkeypatch):
     q = torch.randn(1, 1, 16, 512)  # SD's VAE: one 512-wide head
     monkeypatch.setattr(dispatch, "can_measure", lambda device: True)  # as on a GPU: auto would time both
     torch.testing.assert_close(kernels.attention(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q))
-    decision = kernels.decisions()[("attention", ((1, 1, 16, 512), 16, torch.float32, False, False), "cpu")]
+    decision = kernels.decisions()[("attention", (1, 512, torch.float32, False, False), (1, 16, 16), "cpu")]
     assert decision.backend == "torch" and "head dim 512" in decision.reason
     monkeypatch.setenv(dispatch.ENV, "triton")  # the environment's preference does not override the rule
     assert dispatch.run("attention", (), q.device, "auto", _never, lambda: q,
