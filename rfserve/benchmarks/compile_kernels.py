@@ -10,7 +10,7 @@ Triton's ahead-of-time path for sm_90 and sm_80 with each of its autotune config
 shared memory from the compiled metadata, registers and local memory from the bundled `cuobjdump -res-usage`.
 
 A configuration that breaks a limit is reported as pruned: the autotuner drops it with the same rule
-(`triton_attention.fitting_configs`). The check fails on a compile error, or on a launch that the dispatcher
+(`triton_attention.fitting`). The check fails on a compile error, or on a launch that the dispatcher
 would send to Triton with no configuration left. Launches the dispatcher routes to the twin
 (`dispatch.triton_unsupported`) are listed and not compiled. Triton caches the cubins (TRITON_CACHE_DIR),
 so only the first run pays for compilation. Run it without TRITON_INTERPRET: under the interpreter `triton.jit`
@@ -35,6 +35,7 @@ from rfserve.kernels.launch import Launch
 from rfserve.kernels.limits import KB, Usage, blocks_per_sm, limits_for, problems
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VELOCITY_OPS = ("cfg_euler", "janus_cfg_euler", "perflow")
 RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
 
 
@@ -160,10 +161,14 @@ def _row(served: ServedLaunch, launch: Launch, dtype: str, capability: int, conf
 
 def representative(launches: list[ServedLaunch]) -> list[ServedLaunch]:
     """CI's subset (the full cold run takes tens of minutes on 2 cores): every kernel at the worst attention
-    shapes (head dim 160, the largest the kernel serves; 88, which needs the alignment hint) and every velocity
-    variant (per-row guidance included) at one latent size per family."""
+    shapes (head dim 160, the largest the kernel serves; 88, which needs the alignment hint), every velocity
+    variant (per-row guidance included) at one latent size per family, and decode attention (head dim 128,
+    the only one served) at one bucket over the paged cache: the slot layout and other buckets compile the
+    same code with other integers."""
     worst = ("sd15-unet attention B1 H8 D160 Lq256 Lk256", "hunyuan-dit attention B2 H16 D88 Lq4096 Lk4096")
-    return [s for s in launches if s.label in worst or (s.op != "attention" and (
+    decode = ("janus-pro-7b decode_attention B1 H32 Hkv32 D128 ctx16384 page16",
+              "janus-pro-7b decode_combine B1 H32 Hkv32 D128 ctx16384 page16")
+    return [s for s in launches if s.label in worst + decode or (s.op in VELOCITY_OPS and (
         "(1, 4, 64, 64)" in s.shape or "(1, 4, 48, 48)" in s.shape))]
 
 

@@ -1,7 +1,8 @@
 """The compile check, run as CI runs it: the representative subset (every kernel, bf16 and fp16, sm_90 and
-sm_80, the worst served attention shapes, every velocity variant), in a process without TRITON_INTERPRET,
-since the interpreter's `triton.jit` functions cannot be compiled. The full set of served launches is
-`python -m rfserve.benchmarks.compile_kernels`; its cold run is too long for CI on 2 cores.
+sm_80, the worst served attention shapes, every velocity variant, decode attention at head dim 128), in a
+process without TRITON_INTERPRET, since the interpreter's `triton.jit` functions cannot be compiled. The full
+set of served launches is `python -m rfserve.benchmarks.compile_kernels`; its cold run is too long for CI on
+2 cores.
 """
 import os
 import subprocess
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-from rfserve.benchmarks.compile_kernels import representative
+from rfserve.benchmarks.compile_kernels import VELOCITY_OPS, representative
 from rfserve.benchmarks.served_launches import served_launches
 
 
@@ -21,9 +22,11 @@ def _compiler_env():
 
 def test_the_subset_covers_every_kernel_and_both_worst_head_dims():
     subset = representative(served_launches(buckets=(1,)))
-    assert {s.op for s in subset} == {"attention", "cfg_euler", "janus_cfg_euler", "perflow"}
+    assert {s.op for s in subset} == {"attention", "cfg_euler", "janus_cfg_euler", "perflow", "decode_attention",
+                                      "decode_combine"}
     assert sorted(s.shape.split()[2] for s in subset if s.op == "attention") == ["D160", "D88"]
-    assert {s.shape.split("guidance ")[-1] for s in subset if s.op != "attention"} == {"none", "float", "rows"}
+    assert {s.shape.split("guidance ")[-1] for s in subset if s.op in VELOCITY_OPS} == {"none", "float", "rows"}
+    assert {s.shape for s in subset if s.op.startswith("decode")} == {"B1 H32 Hkv32 D128 ctx16384 page16"}
 
 
 @pytest.mark.aot
@@ -33,11 +36,13 @@ def test_served_launches_compile_and_fit_sm90_and_sm80():
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     summary = lines[-1]
-    assert "errors 0" in summary and "no_config_left 0" in summary and "compiled 100" in summary, summary
+    assert "errors 0" in summary and "no_config_left 0" in summary and "compiled 132" in summary, summary
     hunyuan = [line for line in lines if "D88" in line and "sm_90" in line]
     assert sum(line.startswith("ok") for line in hunyuan) >= 2 * 8, "\n".join(hunyuan)  # 4 of 8 spilled unaligned
     per_row = [line for line in lines if "guidance rows" in line]
     assert len(per_row) == 3 * 4 and all(line.startswith("ok") for line in per_row), "\n".join(per_row)
+    decode = [line for line in lines if " decode_" in line]
+    assert len(decode) == (7 + 1) * 4 and all(line.startswith("ok") for line in decode), "\n".join(decode)
 
 
 DEMO = '''
