@@ -74,6 +74,8 @@ def decode_attention(q, k_cache, v_cache, block_table, lengths, *, scale=None, b
     def run_torch():
         return decode_attention_torch(q, k_cache, v_cache, block_table, lengths, scale=scale)
 
-    key = (tuple(q.shape), tuple(k_cache.shape), block_table.shape[1], q.dtype)
-    return dispatch.run("decode_attention", key, q.device, backend, run_triton, run_torch,
-                        unsupported=dispatch.triton_unsupported("decode_attention", q.shape[-1]))
+    B, H, D = q.shape
+    kv_heads, page = k_cache.shape[1], k_cache.shape[2]
+    return dispatch.run("decode_attention", (H, kv_heads, D, q.dtype), q.device, backend, run_triton,
+                        run_torch, unsupported=dispatch.triton_unsupported("decode_attention", D),
+                        sizes=(B, block_table.shape[1] * page))

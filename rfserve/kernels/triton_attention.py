@@ -6,20 +6,19 @@ Differences from triton-lang's 06-fused-attention tutorial, each one a shape we 
 - an optional key-padding mask;
 - strides passed in, so (B, L, H, D) projections viewed as (B, H, L, D) need no copy;
 - tuned per power-of-two bucket of the lengths, not per length, and never after the server is ready
-  (`kernels.tuning`): lengths are not specialised on, so a new length in a tuned bucket compiles nothing.
+  (`kernels.autotune`): lengths are not specialised on, so a new length in a tuned bucket compiles nothing.
 Causal masking is upper-left aligned (key j visible to query i iff j <= i), as in SDPA's `is_causal`.
 Rows with every key masked return zeros, as SDPA does.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from rfserve.kernels import tuning
+from rfserve.kernels.autotune import Tuner
 from rfserve.kernels.launch import Launch, check_device, interpreting
-from rfserve.kernels.limits import GpuLimits, Usage, limits_for, problems
 from rfserve.kernels.triton_lang import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -140,65 +139,8 @@ def _attn_fwd(
              out.to(O.dtype.element_ty), mask=q_mask)
 
 
-def fitting(configs: list, usage: Callable[[triton.Config], Usage | None], limits: GpuLimits) -> list:
-    """The configs whose compiled kernel keeps within `limits` (`limits.problems`, the compile check's rule);
-    `usage` None is a config that failed to load (out of resources). An error when none is left, naming why."""
-    kept, rejected = [], []
-    for config in configs:
-        found = usage(config)
-        reasons = ["does not load"] if found is None else problems(limits, found)
-        if reasons:
-            rejected.append(f"{config}: {'; '.join(reasons)}")
-        else:
-            kept.append(config)
-    if not kept:
-        raise RuntimeError(f"no attention configuration fits {limits.name}: {rejected}")
-    return kept
-
-
-# (static kind, (N_Q_BUCKET, N_KV_BUCKET)) -> the configuration the autotuner picked there, for `_prune` after ready
-_tuned: dict[tuple, dict[tuple, triton.Config]] = {}
-
-
-def _kind(named_args: dict, constexprs: dict) -> tuple:
-    """What a tuned configuration depends on besides the length buckets."""
-    return (named_args["Q"].dtype, *sorted(constexprs.items()))
-
-
-def _prune(configs, named_args, **kwargs):
-    """early_config_prune: compile each config for this device (Triton caches it for the benchmark that
-    follows) and keep those that neither spill nor break a limit, so autotuning never times a spilling tile
-    and never fails on one that cannot launch. After ready (`tuning.frozen`) one config is left, the nearest
-    tuned bucket's, so that `_time` has nothing to compare and times nothing."""
-    if tuning.frozen():
-        tuned = _tuned.get(_kind(named_args, kwargs), {})
-        near = tuning.nearest((named_args["N_Q_BUCKET"], named_args["N_KV_BUCKET"]), tuned)
-        if near is not None:
-            return [tuned[near]]
-    major, minor = torch.cuda.get_device_capability()
-
-    def usage(config):
-        kernel = _attn_fwd.warmup(grid=(1,), **named_args, **kwargs, **config.all_kwargs())
-        try:
-            kernel._init_handles()  # loads the binary: registers and spills as the driver reports them
-        except triton.runtime.errors.OutOfResources:
-            return None
-        return Usage(kernel.n_regs, kernel.n_spills, kernel.metadata.shared, config.num_warps)
-
-    kept = fitting(configs, usage, limits_for(10 * major + minor))
-    return kept[:1] if tuning.frozen() else kept
-
-
-def _time(kernel_call, quantiles):
-    """The autotuner's timer: Triton's own, but a single config (after ready, see `_prune`) is not timed."""
-    if tuning.frozen():
-        return [0.0] * len(quantiles)
-    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
-
-
-_attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_KPM", "STRIDE_ALIGN"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_time)(_attn_fwd)
+_TUNER = Tuner(_attn_fwd, _configs(), key=["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_KPM",
+                                           "STRIDE_ALIGN"], buckets=("N_Q_BUCKET", "N_KV_BUCKET"))
 
 
 def stride_align(*tensors: torch.Tensor) -> int:
@@ -236,7 +178,7 @@ def attention_launch(q, k, v, *, causal=False, key_padding_mask=None, scale=None
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STRIDE_ALIGN=stride_align(q, k, v, out),
     )
-    return Launch(_attn_fwd, args, meta, _attn_fwd_tuned.configs)
+    return Launch(_attn_fwd, args, meta, _TUNER.configs)
 
 
 def attention_triton(q, k, v, *, causal=False, key_padding_mask=None, scale=None, out=None):
@@ -248,9 +190,5 @@ def attention_triton(q, k, v, *, causal=False, key_padding_mask=None, scale=None
         grid = (triton.cdiv(Lq, INTERPRETER_CONFIG["BLOCK_M"]), B * H)
         _attn_fwd[grid](*launch.args, **launch.constexprs, **INTERPRETER_CONFIG)
     else:
-        _attn_fwd_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*launch.args, **launch.constexprs)
-        if not torch.compiler.is_compiling():       # traced, the launch is a graph node and picked nothing yet
-            named = dict(zip(_attn_fwd.arg_names, launch.args))
-            buckets = (named["N_Q_BUCKET"], named["N_KV_BUCKET"])
-            _tuned.setdefault(_kind(named, launch.constexprs), {})[buckets] = _attn_fwd_tuned.best_config
+        _TUNER.launch(lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), launch.args, launch.constexprs)
     return launch.args[3]

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from rfserve.kernels import tuning
+from rfserve.kernels.autotune import Tuner
 from rfserve.kernels.launch import Launch, check_device, interpreting
-from rfserve.kernels.limits import Usage, limits_for
-from rfserve.kernels.triton_attention import LOG2E, fitting, head_dim_pad
+from rfserve.kernels.triton_attention import LOG2E, head_dim_pad
 from rfserve.kernels.triton_lang import tl, triton
 
 INTERPRETER_CONFIG = {"BLOCK_N": 16}
@@ -42,7 +43,7 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages) for bn, warps, stages in tiles]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["WIDTH", "WIDTH_BUCKET", "NUM_SPLITS"])
 def _decode_split(
     Q, K, V, TABLE, LENGTHS, M_PART, L_PART, ACC_PART, qk_scale,
     stride_qb, stride_qh, stride_qd,
@@ -50,6 +51,7 @@ def _decode_split(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_tb, stride_tj, stride_lb,
     KV_HEADS, WIDTH, PAGE, NUM_SPLITS,
+    WIDTH_BUCKET,  # unread: the autotuner's key (`tuning.bucket` of WIDTH)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -125,26 +127,10 @@ def _decode_combine(
     tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-def _prune(configs, named_args, **kwargs):
-    """early_config_prune, by the compile check's rule (`fitting`): compile each config for this device and
-    keep those that neither spill nor break a limit, before the autotuner times anything."""
-    major, minor = torch.cuda.get_device_capability()
-
-    def usage(config):
-        kernel = _decode_split.warmup(grid=(1,), **named_args, **kwargs, **config.all_kwargs())
-        try:
-            kernel._init_handles()  # loads the binary: registers and spills as the driver reports them
-        except triton.runtime.errors.OutOfResources:
-            return None
-        return Usage(kernel.n_regs, kernel.n_spills, kernel.metadata.shared, config.num_warps)
-
-    return fitting(configs, usage, limits_for(10 * major + minor))
-
-
-# Keyed on shapes only: lengths change every step and must never trigger tuning (or a graph recapture).
-_decode_split_tuned = triton.autotune(
-    configs=_configs(), key=["KV_HEADS", "WIDTH", "NUM_SPLITS", "HEAD_DIM_PAD", "GROUP_PAD"],
-    prune_configs_by={"early_config_prune": _prune})(_decode_split)
+# Keyed on shapes only, with the width by bucket: lengths change every step and must never trigger tuning (or a
+# graph recapture), and the eager step's width (the longest live row) must not either.
+_TUNER = Tuner(_decode_split, _configs(), key=["KV_HEADS", "WIDTH_BUCKET", "NUM_SPLITS", "HEAD_DIM_PAD", "GROUP_PAD"],
+               buckets=("WIDTH_BUCKET", "NUM_SPLITS"))
 
 
 def num_splits(batch: int, kv_heads: int, width: int) -> int:
@@ -180,9 +166,9 @@ def decode_launches(q, k_cache, v_cache, block_table, lengths, *, scale=None, ou
     split = Launch(_decode_split, (
         q, k_cache, v_cache, block_table, lengths, m_part, l_part, acc_part, scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(), lengths.stride(0),
-        kv_heads, width, page, splits,
+        kv_heads, width, page, splits, tuning.bucket(width),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32"), _decode_split_tuned.configs)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32"), _TUNER.configs)
     combine = Launch(_decode_combine, (m_part, l_part, acc_part, out, *out.stride(), H, splits),
                      dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits)),
                      COMBINE_CONFIGS)
@@ -196,6 +182,6 @@ def decode_attention_triton(q, k_cache, v_cache, block_table, lengths, *, scale=
     if interpreting():  # autotune needs a live driver (shared/reference/kernels.md §2c)
         _decode_split[call.grid](*call.split.args, **call.split.constexprs, **INTERPRETER_CONFIG)
     else:
-        _decode_split_tuned[call.grid](*call.split.args, **call.split.constexprs)
+        _TUNER.launch(call.grid, call.split.args, call.split.constexprs)
     _decode_combine[(q.shape[0] * q.shape[1],)](*call.combine.args, **call.combine.constexprs)
     return call.out

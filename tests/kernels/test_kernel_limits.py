@@ -5,8 +5,9 @@ import torch
 
 from rfserve import kernels
 from rfserve.kernels import dispatch
+from rfserve.kernels.autotune import fitting
 from rfserve.kernels.limits import KB, LIMITS, Usage, blocks_per_sm, limits_for, problems
-from rfserve.kernels.triton_attention import _configs, fitting
+from rfserve.kernels.triton_attention import _configs
 
 H100, A100 = LIMITS[90], LIMITS[80]
 
@@ -45,7 +46,7 @@ def test_pruning_keeps_the_configs_within_limits_and_names_why_when_none_is():
     kept = fitting(configs, lambda c: usage[id(c)], A100)
     assert configs[0] not in kept and configs[1] not in kept
     assert kept and all(problems(A100, usage[id(c)]) == [] for c in kept)
-    with pytest.raises(RuntimeError, match="no attention configuration fits A100.*spills 6 registers"):
+    with pytest.raises(RuntimeError, match="no configuration fits A100.*spills 6 registers"):
         fitting(configs[:1], lambda c: usage[id(c)], A100)
 
 
