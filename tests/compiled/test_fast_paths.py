@@ -18,6 +18,7 @@ from rfserve.model_zoo.fast_path import Captured, CompiledCalls
 from rfserve.server.app import create_app
 from rfserve.server.config import ServerConfig
 from rfserve.server.engine import Engine
+from tests.janusflow.greedy import greedy
 
 pytestmark = pytest.mark.slow            # each compiles a few graphs: about half a minute each on 2 cores
 BUCKETS = (1, 2)
@@ -95,23 +96,6 @@ def test_janus_pro_token_step(tiny_janus_pro):
     _check_graphs(_compiled_images_match_eager(fast, run, calls_per_bucket=1))
 
 
-def _greedy(decoder, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Prefill each prompt into its own slot, then decode greedily for `steps` tokens, every row at once."""
-    tokens, lengths = [], []
-    for row, ids in enumerate(prompts):
-        logits = decoder.prefill(row, decoder.embed(ids, None, []))
-        tokens.append(int(logits.argmax()))
-        lengths.append(len(ids))
-    out = [[t] for t in tokens]
-    for _ in range(steps):
-        logits = decoder.decode(tokens, lengths)
-        tokens = [int(t) for t in logits.argmax(-1)]
-        lengths = [n + 1 for n in lengths]
-        for row, t in enumerate(tokens):
-            out[row].append(t)
-    return out
-
-
 @pytest.mark.parametrize("preset, checkpoint", [("janusflow-1.3b", "tiny_janus"), ("janus-pro-1b", "tiny_janus_pro")])
 def test_chat_decode_step(preset, checkpoint, request):
     """Every chat model's decode step: JanusFlow's, and Janus-Pro's over its bare Llama body."""
@@ -120,13 +104,13 @@ def test_chat_decode_step(preset, checkpoint, request):
     vocab = decoder.lm.config.vocab_size
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(10, vocab, n)] for n in (5, 9)]
-    eager = {b: _greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
+    eager = {b: greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
     with recorded_graphs() as graphs:
         capture.prepare("default")
         capture.finish_capture()
         stats = graph_stats()
         assert stats == {"graph_breaks": 0, "graphs": len(BUCKETS)}
-        fast = {b: _greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
+        fast = {b: greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
         assert graph_stats() == stats
     assert decoder.step.shapes == {(torch.get_num_threads(), (b,), (b,)) for b in BUCKETS}    # call_key
     assert fast == eager

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor
 
+from rfserve import kernels
 from rfserve.model_zoo.loading import CheckpointError, read_json, require
 
 SINGLE_WEIGHTS, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -84,7 +85,11 @@ def load_parts(root: Path, *, device="cpu", dtype=torch.float32) -> JanusParts:
         raise CheckpointError(f"missing file: {root / 'processor_config.json'}")
     try:
         processor = JanusProcessor.from_pretrained(root)
-        model = JanusForConditionalGeneration.from_pretrained(root, dtype=dtype, use_safetensors=True)
+        # The SigLIP tower's attention through the kernel dispatcher (SDPA is its twin); the language model runs
+        # in our own `run_layers`, which never reads this setting.
+        attention = kernels.register_transformers_attention()
+        model = JanusForConditionalGeneration.from_pretrained(root, dtype=dtype, use_safetensors=True,
+                                                              attn_implementation=attention)
     except (OSError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(f"{root}: cannot load the Janus checkpoint: {str(err).splitlines()[0]}") from None
     generation = model.generation_config

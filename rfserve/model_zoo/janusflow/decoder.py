@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rfserve.model_zoo.fast_path import Captured, CompiledCalls
-from rfserve.model_zoo.janusflow.llm import KVBuffers, run_layers
+from rfserve.model_zoo.janusflow.llm import CausalPrompt, KVBuffers, LiveColumns, run_layers
 from rfserve.model_zoo.janusflow.loading import JanusFlowParts
 
 # A prompt's ids (L,), its images' pixels (or None) and the positions their features overwrite → (L, D).
@@ -57,7 +57,6 @@ class SlotDecoder:
         self.device, self.dtype, self.slots, self.max_len = device, dtype, slots, max_len
         with torch.inference_mode():        # inference tensors, as everything that writes into them runs so
             self.kv = KVBuffers.allocate(lm, slots, max_len, device=device, dtype=dtype)
-        self.columns = torch.arange(max_len, device=device)
         self.buckets: tuple[int, ...] = ()
         self.step = self.full_width_step         # the hot call, which the fast path swaps for a compiled one
 
@@ -87,11 +86,8 @@ class SlotDecoder:
     @torch.inference_mode()
     def prefill(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
         """Write a prompt (L, D) into slot `row`; returns the next-token logits (V,) in fp32."""
-        L = embeds.shape[0]
-        dev = embeds.device
-        mask = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None, None]      # (1, 1, L, L)
-        positions = torch.arange(L, device=dev)[None]
-        h = run_layers(self.lm, embeds[None], positions, self.kv.rows(row + 1, row), write=0, mask=mask)
+        positions = torch.arange(embeds.shape[0], device=embeds.device)[None]            # (1, L)
+        h = run_layers(self.lm, embeds[None], positions, self.kv.rows(row + 1, row), write=0, mask=CausalPrompt())
         return self.head(h[0, -1]).float()
 
     @torch.inference_mode()
@@ -102,18 +98,18 @@ class SlotDecoder:
         if bucket is not None:
             pad = [0] * (bucket - n)
             return self.step(torch.tensor(tokens + pad, device=dev), torch.tensor(lengths + pad, device=dev))[:n]
-        width = max(lengths) + 1
-        return self._step(torch.tensor(tokens, device=dev), torch.tensor(lengths, device=dev), self.columns[:width])
+        return self._step(torch.tensor(tokens, device=dev), torch.tensor(lengths, device=dev), max(lengths) + 1)
 
     def full_width_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`decode`'s step for rows 0..b−1 (`tokens`, `positions`: (b,)) over every cache column: one shape per b.
-        Called under `decode`'s or `capture`'s inference mode, which stays outside the compiled graph."""
-        return self._step(tokens, positions, self.columns)
+        """`decode`'s step for rows 0..b−1 (`tokens`, `positions`: (b,)) over every cache column: one shape per b
+        (the decode kernel still reads only each row's live columns). Called under `decode`'s or `capture`'s
+        inference mode, which stays outside the compiled graph."""
+        return self._step(tokens, positions, self.max_len)
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
         embeds = self.lm.model.embed_tokens(tokens)[:, None]                          # (b, 1, D)
-        mask = (columns[None, :] <= positions[:, None])[:, None, None]                # (b, 1, 1, W)
-        h = run_layers(self.lm, embeds, positions[:, None], self.kv.rows(len(tokens)), write=positions, mask=mask)
+        live = LiveColumns((positions + 1).to(torch.int32), width)                   # a row sees up to its token
+        h = run_layers(self.lm, embeds, positions[:, None], self.kv.rows(len(tokens)), write=positions, mask=live)
         return self.head(h[:, 0]).float()                                              # (b, V)
 
     @torch.inference_mode()

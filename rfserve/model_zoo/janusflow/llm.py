@@ -9,7 +9,9 @@ transformers' caches grow by appending; both JanusFlow paths need something else
 
 The layer maths is the HF LlamaDecoderLayer's, using its own submodules (norms, projections,
 rotary embedding, MLP); only the cache write and the mask are ours. Tests compare it with
-the plain HF forward and with `generate()`.
+the plain HF forward and with `generate()`. Chat's prefill (`CausalPrompt`) and decode step
+(`LiveColumns`) attend through the kernel dispatcher: the prompt with `kernels.attention`, the step
+with `kernels.decode_attention`, which on a GPU reads each row's live columns only.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from rfserve import kernels
 
 
 class LlamaBody:
@@ -100,18 +104,33 @@ class KVPool:
         return KVBuffers(views[:n], views[n:])
 
 
+@dataclass(frozen=True)
+class CausalPrompt:
+    """Attention for a prompt written from column 0: each query sees the keys up to its own position."""
+
+
+@dataclass(frozen=True)
+class LiveColumns:
+    """Attention for one query per row over that row's first `lengths[b]` columns, of `width` read."""
+    lengths: torch.Tensor           # (B,) int32
+    width: int
+
+
+Attend = torch.Tensor | CausalPrompt | LiveColumns
+
+
 def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tensor, kv: KVBuffers,
-               write: int | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+               write: int | torch.Tensor, mask: Attend) -> torch.Tensor:
     """The LLM body over `embeds` (B, T, D) at RoPE `positions` (B, T); returns the final-norm
     hidden states (B, T, D).
 
     `write` says where the T new keys/values go in each row of `kv`: an int `s` writes columns
     [s, s+T) of every row; a (B,) tensor writes column write[b] of row b (T must be 1).
     `mask` (B, 1, T, W) is True where a query may attend to a key column; W ≤ S is how many
-    leading columns attention reads.
+    leading columns attention reads. `CausalPrompt` (write 0) and `LiveColumns` (T = 1) say the
+    same for chat's two shapes of attention, which go to the kernels.
     """
     model = lm.model
-    width = mask.shape[-1]
     rows = None if isinstance(write, int) else torch.arange(embeds.shape[0], device=embeds.device)
     cos, sin = model.rotary_emb(embeds, positions)
     h = embeds
@@ -130,8 +149,25 @@ def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tens
         else:
             keys[rows, :, write] = k[:, :, 0]
             values[rows, :, write] = v[:, :, 0]
-        out = F.scaled_dot_product_attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=mask,
-                                             scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+        out = _attend(q, keys, values, mask, attn.scaling)                            # (B, H, T, d)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))   # (B, T, H·d) → D
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.norm(h)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Attend, scale: float) -> torch.Tensor:
+    """q (B, H, T, d) against the cache rows `keys`/`values` (B, Hkv, S, d) → (B, H, T, d)."""
+    groups = q.shape[1] // keys.shape[1]
+    if isinstance(mask, CausalPrompt):
+        T = q.shape[2]
+        k, v = (c[:, :, :T].repeat_interleave(groups, dim=1) for c in (keys, values))   # (B, H, T, d)
+        return kernels.attention(q, k, v, causal=True, scale=scale)
+    if isinstance(mask, LiveColumns):
+        # Row b of the slot cache is block b of a paged cache whose page is the whole width read.
+        table = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[:, None]      # (B, 1)
+        w = mask.width
+        return kernels.decode_attention(q[:, :, 0], keys[:, :, :w], values[:, :, :w], table, mask.lengths,
+                                        scale=scale)[:, :, None]
+    w = mask.shape[-1]
+    return F.scaled_dot_product_attention(q, keys[:, :, :w], values[:, :, :w], attn_mask=mask, scale=scale,
+                                          enable_gqa=groups != 1)

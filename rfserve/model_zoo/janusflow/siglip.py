@@ -5,13 +5,15 @@ Parameter names follow the official `CLIPVisionTower` → timm-style `VisionTran
 weights load as they are. The official tower is built with `ignore_head=True` and no class
 token, so its output is the final-norm feature map of every patch: (B, N, width).
 Its `attn_pool` head exists in the checkpoint but never runs; see `loading.UNUSED_OFFICIAL_KEYS`.
+Attention goes through the kernel dispatcher (`kernels.attention`), whose twin is the SDPA call the official
+tower makes.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rfserve import kernels
 from rfserve.model_zoo.janusflow.config import UnderstandingConfig
 
 
@@ -34,7 +36,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3×(B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = kernels.attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
