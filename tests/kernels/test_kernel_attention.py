@@ -4,11 +4,15 @@ import torch
 
 from rfserve import kernels
 from rfserve.kernels.attention import attention_torch
-from rfserve.kernels.triton_attention import attention_triton, head_dim_pad
+from rfserve.kernels.triton_attention import attention_triton, head_dim_chunks
 
 from kernel_checks import DEVICE, assert_close_to
 
-HEAD_DIMS = [40, 64, 72, 80, 88, 128, 160]
+# Served head dims, plus 33 and 100 (not multiples of 8): the last chunk crosses the head dim.
+HEAD_DIMS = [33, 40, 64, 72, 80, 88, 100, 128, 160]
+# One head dim per chunk pair the kernel compiles (`head_dim_chunks`), for the masked paths:
+# (32, 16), (64, 0), (64, 16), (64, 32), (128, 0) crossing the head dim, (128, 32).
+SPLIT_HEAD_DIMS = [40, 64, 80, 88, 100, 160]
 DTYPES = [torch.float16, torch.float32]
 
 
@@ -36,15 +40,16 @@ def test_head_dims_cross_attention_to_77_tokens(D, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Lq,Lk", [(64, 64), (50, 77), (77, 50), (1, 40)])
-@pytest.mark.parametrize("D", [40, 88])
+@pytest.mark.parametrize("D", SPLIT_HEAD_DIMS)
 def test_causal(D, Lq, Lk, dtype):
     _check(*_qkv(1, 2, Lq, Lk, D, dtype), causal=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_key_padding_mask_with_a_fully_masked_row(dtype, causal):
-    q, k, v = _qkv(3, 2, 40, 77, 64, dtype)
+@pytest.mark.parametrize("D", SPLIT_HEAD_DIMS)
+def test_key_padding_mask_with_a_fully_masked_row(D, dtype, causal):
+    q, k, v = _qkv(3, 2, 40, 77, D, dtype)
     keep = torch.rand(3, 77, device=DEVICE) > 0.4
     keep[1] = False  # SDPA returns zeros for rows that see no key
     keep[2, :3] = True
@@ -75,8 +80,10 @@ def test_default_output_layout_makes_the_head_merge_free():
     assert_close_to(out, attention_torch(q, k, v))
 
 
-def test_head_dim_padding_is_a_power_of_two_of_at_least_16():
-    assert [head_dim_pad(d) for d in [8, 40, 64, 88, 160]] == [16, 64, 64, 128, 256]
+def test_the_masked_tests_cover_every_chunk_pair():
+    pairs = {head_dim_chunks(d) for d in HEAD_DIMS}
+    assert {head_dim_chunks(d) for d in SPLIT_HEAD_DIMS} == pairs
+    assert len(pairs) == len(SPLIT_HEAD_DIMS)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "auto"])

@@ -37,8 +37,11 @@ def test_served_launches_compile_and_fit_sm90_and_sm80():
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     summary = lines[-1]
     assert "errors 0" in summary and "no_config_left 0" in summary and "compiled 132" in summary, summary
-    hunyuan = [line for line in lines if "D88" in line and "sm_90" in line]
-    assert sum(line.startswith("ok") for line in hunyuan) >= 2 * 8, "\n".join(hunyuan)  # 4 of 8 spilled unaligned
+    # Configurations that fit, of 9, per dtype: head dim 88 lost 4 to spills before the alignment hint; 160
+    # fitted 3 on sm_90 while it was padded to 256, and fits 8 split into 128 + 32.
+    for head_dim, target, fit in (("D88", "sm_90", 9), ("D160", "sm_90", 8), ("D160", "sm_80", 2)):
+        found = [line for line in lines if f" {head_dim} " in line and line.split()[1] == target]
+        assert sum(line.startswith("ok") for line in found) >= 2 * fit, "\n".join(found)
     per_row = [line for line in lines if "guidance rows" in line]
     assert len(per_row) == 3 * 4 and all(line.startswith("ok") for line in per_row), "\n".join(per_row)
     decode = [line for line in lines if " decode_" in line]
