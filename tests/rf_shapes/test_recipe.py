@@ -13,10 +13,23 @@ pytestmark = pytest.mark.slow
 STAGES = ("vae", "teacher", "reflow_pairs", "rf2", "distill_pairs", "one_step")
 
 
+def _command(out, *extra):
+    return [sys.executable, "-m", "rfserve.model_zoo.rf_shapes.train", "--out", str(out), "--preset", "tiny", *extra]
+
+
 def _train(out, *extra):
-    subprocess.run([sys.executable, "-m", "rfserve.model_zoo.rf_shapes.train", "--out", str(out), "--preset", "tiny", *extra],
-                   check=True, capture_output=True)
+    subprocess.run(_command(out, *extra), check=True, capture_output=True)
     return json.loads((out / "train_log.json").read_text())
+
+
+def _train_side_by_side(*outs):
+    """Runs at one thread each, at the same time: the determinism check needs two, not twice the wait."""
+    runs = [subprocess.Popen(_command(out, "--threads", "1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for out in outs]
+    for run in runs:
+        output, _ = run.communicate()
+        assert run.returncode == 0, output.decode()[-3000:]
+    return [json.loads((out / "train_log.json").read_text()) for out in outs]
 
 
 def _assert_serves(folder, prompt):
@@ -25,7 +38,7 @@ def _assert_serves(folder, prompt):
 
 
 def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
-    first, second = _train(tmp_path / "a"), _train(tmp_path / "b")
+    first, second = _train_side_by_side(tmp_path / "a", tmp_path / "b")
     for stage in STAGES:
         assert first[stage]["seconds"] > 0, stage
     for stage in ("vae", "teacher", "rf2", "one_step"):

@@ -39,7 +39,7 @@ def free_fixed_port(low: int = 20000, high: int = 32000) -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, ready_timeout: float = 120.0):
+    def __init__(self, *args: str, ready_timeout: float = 300.0):
         """`rfserve serve` with `args`. It serves eagerly unless they name `--compile`: on the CPU the default
         compiles after ready, for a minute or more of both cores, beside the test's own requests."""
         if "--compile" not in args:
