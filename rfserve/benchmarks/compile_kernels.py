@@ -84,6 +84,7 @@ class Row:
     dtype: str
     capability: int
     config: str
+    tiles: dict = field(default_factory=dict)       # the config's meta-parameters (BLOCK_M, BLOCK_N, ...)
     usage: Usage | None = None
     error: str = ""
     problems: list[str] = field(default_factory=list)
@@ -107,10 +108,12 @@ def config_name(config) -> str:
     return f"{tiles} w{config.num_warps} s{config.num_stages}"
 
 
-def check(launches: list[ServedLaunch], capabilities: list[int], dtypes: list[str], log=print) -> dict:
+def check(launches: list[ServedLaunch], capabilities: list[int], dtypes: list[str], log=print,
+          found: dict[tuple[str, str, int], list[Row]] | None = None) -> dict:
     """Compile each distinct specialisation once (launches differing only in batch or an unspecialised
-    integer compile to the same kernel) and return the counts of the summary."""
-    done: set = set()
+    integer compile to the same kernel) and return the counts of the summary. `found`, where given, gets
+    every launch's rows by (label, dtype, capability), the shared ones included (`kernel_figures`)."""
+    done: dict[tuple, list[Row]] = {}
     counts = {"launches": 0, "routed_to_twin": 0, "compiled": 0, "ok": 0, "pruned": 0, "errors": 0,
               "no_config_left": 0}
     for served in launches:
@@ -123,33 +126,42 @@ def check(launches: list[ServedLaunch], capabilities: list[int], dtypes: list[st
                 continue
             for capability in capabilities:
                 key = (launch.kernel, dtype, capability, _specialisation(launch))
-                if key in done:
-                    continue
-                done.add(key)
-                rows = [_row(served, launch, dtype, capability, c) for c in launch.configs]
-                for row in rows:
-                    log(row.line())
-                    counts["compiled"] += 1
-                    counts["errors"] += bool(row.error)
-                    counts["pruned"] += bool(row.problems)
-                    counts["ok"] += not row.error and not row.problems
-                if not any(r.usage is not None and not r.problems for r in rows):
-                    counts["no_config_left"] += 1
-                    log(f"FAIL   sm_{capability} {dtype} {served.label}: no configuration fits")
+                if key not in done:
+                    done[key] = _compile_all(served, launch, dtype, capability, counts, log)
+                if found is not None:
+                    found[served.label, dtype, capability] = done[key]
     return counts
 
 
+def _compile_all(served: ServedLaunch, launch: Launch, dtype: str, capability: int, counts: dict, log) -> list[Row]:
+    rows = [_row(served, launch, dtype, capability, c) for c in launch.configs]
+    for row in rows:
+        log(row.line())
+        counts["compiled"] += 1
+        counts["errors"] += bool(row.error)
+        counts["pruned"] += bool(row.problems)
+        counts["ok"] += not row.error and not row.problems
+    if not any(r.usage is not None and not r.problems for r in rows):
+        counts["no_config_left"] += 1
+        log(f"FAIL   sm_{capability} {dtype} {served.label}: no configuration fits")
+    return rows
+
+
 def _specialisation(launch: Launch) -> tuple:
-    """What the JIT keys a compile on: constexprs, and per argument its type and 16-divisibility / == 1."""
+    """What the JIT keys a compile on: constexprs, and per argument its type and 16-divisibility / == 1, except
+    for the arguments the kernel marks `do_not_specialize` (lengths): launches that differ only there share
+    one binary on the GPU, and are compiled once here."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    spec = tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in launch.args)
+    fixed = set(launch.kernel.do_not_specialize)
+    spec = tuple(native_specialize_impl(BaseBackend, a, False, name not in fixed and i not in fixed, True)
+                 for i, (name, a) in enumerate(zip(launch.kernel.arg_names, launch.args)))
     return spec + tuple(sorted(launch.constexprs.items()))
 
 
 def _row(served: ServedLaunch, launch: Launch, dtype: str, capability: int, config) -> Row:
-    row = Row(served.label, dtype, capability, config_name(config))
+    row = Row(served.label, dtype, capability, config_name(config), dict(config.kwargs))
     try:
         row.usage = usage_of(compile_config(launch, config, capability), config.num_warps)
     except Exception as exc:  # every compile error is a finding, reported with its configuration
