@@ -172,7 +172,7 @@ def _row(served: ServedLaunch, launch: Launch, dtype: str, capability: int, conf
 
 
 def representative(launches: list[ServedLaunch]) -> list[ServedLaunch]:
-    """CI's subset (the full cold run takes tens of minutes on 2 cores): every kernel at the worst attention
+    """The quick check while working on a kernel (CI runs the full set): every kernel at the worst attention
     shapes (head dim 160, the largest the kernel serves; 88, which needs the alignment hint), every velocity
     variant (per-row guidance included) at one latent size per family, and decode attention (head dim 128,
     the only one served) at one bucket over the paged cache: the slot layout and other buckets compile the
@@ -190,7 +190,7 @@ def passed(counts: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subset", action="store_true", help="CI's representative subset (`representative`)")
+    parser.add_argument("--subset", action="store_true", help="a representative subset (`representative`)")
     parser.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated")
     parser.add_argument("--dtypes", default="bf16,fp16", help=f"of {sorted(DTYPES)}, comma-separated")
     args = parser.parse_args(argv)

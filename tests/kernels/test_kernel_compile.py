@@ -1,8 +1,7 @@
-"""The compile check, run as CI runs it: the representative subset (every kernel, bf16 and fp16, sm_90 and
-sm_80, the worst served attention shapes, every velocity variant, decode attention at head dim 128), in a
-process without TRITON_INTERPRET, since the interpreter's `triton.jit` functions cannot be compiled. The full
-set of served launches is `python -m rfserve.benchmarks.compile_kernels`; its cold run is too long for CI on
-2 cores.
+"""The compile check, run as CI runs it: every served launch, bf16 and fp16, sm_90 and sm_80, once per binary
+the GPU would build (284 compiles, about 8 minutes cold on 2 cores), in a process without TRITON_INTERPRET,
+since the interpreter's `triton.jit` functions cannot be compiled. `--subset` (`representative`) is the quick
+check while working on a kernel.
 """
 import os
 import subprocess
@@ -31,12 +30,12 @@ def test_the_subset_covers_every_kernel_and_both_worst_head_dims():
 
 @pytest.mark.aot
 def test_served_launches_compile_and_fit_sm90_and_sm80():
-    done = subprocess.run([sys.executable, "-m", "rfserve.benchmarks.compile_kernels", "--subset"],
-                          capture_output=True, text=True, env=_compiler_env(), timeout=900)
+    done = subprocess.run([sys.executable, "-m", "rfserve.benchmarks.compile_kernels"],
+                          capture_output=True, text=True, env=_compiler_env(), timeout=2400)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     summary = lines[-1]
-    assert "errors 0" in summary and "no_config_left 0" in summary and "compiled 132" in summary, summary
+    assert "errors 0" in summary and "no_config_left 0" in summary and "routed_to_twin 40" in summary, summary
     # Configurations that fit, of 9, per dtype: head dim 88 lost 4 to spills before the alignment hint; 160
     # fitted 3 on sm_90 while it was padded to 256, and fits 8 split into 128 + 32.
     for head_dim, target, fit in (("D88", "sm_90", 9), ("D160", "sm_90", 8), ("D160", "sm_80", 2)):
@@ -45,7 +44,7 @@ def test_served_launches_compile_and_fit_sm90_and_sm80():
     per_row = [line for line in lines if "guidance rows" in line]
     assert len(per_row) == 3 * 4 and all(line.startswith("ok") for line in per_row), "\n".join(per_row)
     decode = [line for line in lines if " decode_" in line]
-    assert len(decode) == (7 + 1) * 4 and all(line.startswith("ok") for line in decode), "\n".join(decode)
+    assert len(decode) >= (7 + 1) * 4 and all(line.startswith("ok") for line in decode), "\n".join(decode)
 
 
 DEMO = '''
