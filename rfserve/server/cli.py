@@ -170,9 +170,6 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(args) -> None:
-    from rfserve.server.app import create_app
-    from rfserve.server.engine import Engine, LoadError
-    from rfserve.server.lifecycle import DrainingServer, Watchdog
     from rfserve.server.security import load_keys
 
     try:
@@ -180,6 +177,11 @@ def serve(args) -> None:
     except OSError as err:
         _fail(f"--api-key-file: {err}")
     sock = listen(args.host, args.port)
+    _quiet_libraries()                  # the model libraries' seconds of imports come after the quick refusals
+    from rfserve.server.app import create_app
+    from rfserve.server.engine import Engine, LoadError
+    from rfserve.server.lifecycle import DrainingServer, Watchdog
+
     config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
                           device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_steps=args.max_steps,
@@ -284,14 +286,15 @@ GENERATE_FLAGS = {"n": "--n", "size": "--size", "num_inference_steps": "--steps"
 
 
 def generate(args) -> None:
+    if args.output.suffix.lower() not in SUFFIX_FORMATS:
+        _fail(f"-o: cannot write {args.output.suffix or 'a file without a suffix'}; "
+              f"use one of {', '.join(SUFFIX_FORMATS)}")
+    _quiet_libraries()                  # the model libraries' seconds of imports come after the quick refusals
     from rfserve.server.encoding import image_bytes
     from rfserve.server.engine import Engine, LoadError
     from rfserve.server.errors import APIError
     from rfserve.server.specs import image_specs
 
-    if args.output.suffix.lower() not in SUFFIX_FORMATS:
-        _fail(f"-o: cannot write {args.output.suffix or 'a file without a suffix'}; "
-              f"use one of {', '.join(SUFFIX_FORMATS)}")
     config = ServerConfig(models=args.models or ["rf-shapes"], device=args.device, dtype=args.dtype,
                           warmup=False, max_batch=max(1, args.n))
     engine = Engine(config)
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
     try:
         {"serve": serve, "generate": generate}[args.command](args)
     except CheckpointError as err:
