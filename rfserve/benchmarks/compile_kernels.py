@@ -10,7 +10,7 @@ Triton's ahead-of-time path for sm_90 and sm_80 with each of its autotune config
 shared memory from the compiled metadata, registers and local memory from the bundled `cuobjdump -res-usage`.
 
 A configuration that breaks a limit is reported as pruned: the autotuner drops it with the same rule
-(`autotune.fitting`). The check fails on a compile error, or on a launch that the dispatcher
+(`triton_autotune.fitting`). The check fails on a compile error, or on a launch that the dispatcher
 would send to Triton with no configuration left. Launches the dispatcher routes to the twin
 (`dispatch.triton_unsupported`) are listed and not compiled. Triton caches the cubins (TRITON_CACHE_DIR),
 so only the first run pays for compilation. Run it without TRITON_INTERPRET: under the interpreter `triton.jit`

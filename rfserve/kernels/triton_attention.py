@@ -9,7 +9,7 @@ Differences from triton-lang's 06-fused-attention tutorial, each one a shape we 
 - an optional key-padding mask;
 - strides passed in, so (B, L, H, D) projections viewed as (B, H, L, D) need no copy;
 - tuned per power-of-two bucket of the lengths, not per length, and never after the server is ready
-  (`kernels.autotune`): lengths are not specialised on, so a new length in a tuned bucket compiles nothing.
+  (`kernels.triton_autotune`): lengths are not specialised on, so a new length in a tuned bucket compiles nothing.
 Causal masking is upper-left aligned (key j visible to query i iff j <= i), as in SDPA's `is_causal`.
 Rows with every key masked return zeros, as SDPA does.
 """
@@ -20,8 +20,8 @@ import math
 import torch
 
 from rfserve.kernels import tuning
-from rfserve.kernels.autotune import Tuner
 from rfserve.kernels.launch import Launch, check_device, interpreting
+from rfserve.kernels.triton_autotune import Tuner
 from rfserve.kernels.triton_lang import tl, triton
 
 LOG2E = 1.4426950408889634

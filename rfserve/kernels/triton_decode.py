@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from rfserve.kernels import tuning
-from rfserve.kernels.autotune import Tuner
 from rfserve.kernels.launch import Launch, check_device, interpreting
 from rfserve.kernels.triton_attention import LOG2E, head_dim_pad
+from rfserve.kernels.triton_autotune import Tuner
 from rfserve.kernels.triton_lang import tl, triton
 
 INTERPRETER_CONFIG = {"BLOCK_N": 16}

@@ -5,9 +5,9 @@ import torch
 
 from rfserve import kernels
 from rfserve.kernels import dispatch
-from rfserve.kernels.autotune import fitting
 from rfserve.kernels.limits import KB, LIMITS, Usage, blocks_per_sm, limits_for, problems
 from rfserve.kernels.triton_attention import _configs
+from rfserve.kernels.triton_autotune import fitting
 
 H100, A100 = LIMITS[90], LIMITS[80]
 
