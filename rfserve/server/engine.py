@@ -217,7 +217,7 @@ class Engine:
         def seconds(n: int, threads: int) -> float:
             # One sampling step: the choice depends on how much work each op has (batch and
             # image size), not on how many steps repeat it, and many-step models stay cheap to time.
-            specs = [replace(self.default_spec(card, "warm-up", i), steps=1) for i in range(n)]
+            specs = self._one_step(card, n)
             torch.set_num_threads(threads)
             try:
                 if (n, threads) not in warmed:          # first runs allocate and start the thread pool
@@ -239,10 +239,8 @@ class Engine:
         card = model.card
         shapes = [(size, b) for size in card.sizes for b in self.buckets]
         for size, b in tqdm(shapes, desc=f"tuning kernels for {name}", unit="shape", disable=not progress):
-            width, height = parse_size(size)
-            spec = replace(self.default_spec(card, "warm-up", 0), width=width, height=height, steps=1)
             try:
-                model.pipeline.run([replace(spec, seed=i) for i in range(b)])
+                model.pipeline.run(self._one_step(card, b, size))
             except torch.OutOfMemoryError:
                 # The worker splits a batch this large at this size, so its buckets are never served.
                 torch.cuda.empty_cache()
@@ -256,9 +254,18 @@ class Engine:
             for b in self.buckets:
                 if plan is not None:
                     plan.apply(b)
-                pipe.run([replace(self.default_spec(card, "warm-up", i), steps=1) for i in range(b)])
+                pipe.run(self._one_step(card, b))
         finally:
             torch.set_num_threads(base)
+
+    def _one_step(self, card: ModelCard, n: int, size: str | None = None) -> list[ImageSpec]:
+        """n warm-up images (seeds 0..n-1) of one sampling step, at `size` or the model's default: what warm-up
+        times or records depends on the work per step, not on how many steps repeat it."""
+        spec = replace(self.default_spec(card, "warm-up", 0), steps=1)
+        if size is not None:
+            width, height = parse_size(size)
+            spec = replace(spec, width=width, height=height)
+        return [replace(spec, seed=i) for i in range(n)]
 
     def _time_batch(self, pipe: Pipeline, card: ModelCard, n: int, repeats: int = 3) -> float:
         specs = [self.default_spec(card, "warm-up", i) for i in range(n)]

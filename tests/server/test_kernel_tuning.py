@@ -25,7 +25,7 @@ def timed(monkeypatch):
 
 def test_warm_up_times_every_size_and_nothing_after_ready(tiny_sd, timed):
     engine = Engine(ServerConfig(models=[f"perflow-sd15={tiny_sd}"], device="cpu", max_batch=2,
-                                 batch_buckets=(1, 2), cpu_threads=1))
+                                 batch_buckets=(1, 2), cpu_threads=1, compile="off"))   # no background compile
     engine.load(progress=False)
     try:
         card = engine.models["perflow-sd15"].card
