@@ -14,6 +14,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from rfserve.model_zoo.paged_kv import BlockAllocator, PromptChunk
+
 
 @dataclass(frozen=True)
 class ImageDefaults:
@@ -129,32 +131,33 @@ class Pipeline(Protocol):
 
 
 class ChatDecoder(Protocol):
-    """Token-level decoding over a fixed pool of KV slots, which the continuous batcher steps."""
-    slots: int
-    max_len: int
+    """Token-level decoding over a paged KV cache, which the continuous batcher steps. A sequence holds a list of
+    blocks of `page` tokens from `blocks`; its token at position p lives in block blocks[p // page]."""
+    slots: int                                # the most sequences one decode step runs
+    max_len: int                              # the most positions one sequence holds
+    page: int
+    blocks: BlockAllocator                    # the pool's free list (block 0, the null block, never handed out)
 
-    def embed(self, ids: list[int], pixel_values: Any, image_positions: list[int]) -> Any:
-        """A prompt's embeddings (L, D), image features in place."""
+    def embed_many(self, prompts: list[tuple[list[int], Any, list[int]]]) -> list[Any]:
+        """(ids, pixel_values or None, image_positions) prompts' embeddings (L, D), images in one forward."""
         ...
 
-    def prefill(self, row: int, embeds: Any) -> Any:
-        """Write a prompt into slot `row`; the next-token logits (V,)."""
+    def prefill(self, chunks: list[PromptChunk]) -> Any:
+        """Several sequences' prompt chunks in one forward, their KV written into their blocks; each chunk's
+        last-token logits (n, V)."""
         ...
 
-    def decode(self, tokens: list[int], lengths: list[int]) -> Any:
-        """One step for rows 0..n−1; logits (n, V)."""
-        ...
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Move a sequence's KV from row src to row dst when a row is freed."""
+    def decode(self, tokens: list[int], lengths: list[int], tables: list[list[int]]) -> Any:
+        """One step: token i at position lengths[i] of the sequence whose blocks are tables[i]; logits (n, V)."""
         ...
 
     def fast_path(self, buckets: tuple[int, ...]) -> FastPath:
-        """The decode step compiled per bucket of running rows."""
+        """The decode step compiled per bucket of running sequences (and of table width)."""
         ...
 
     def capture(self) -> None:
-        """Run the step at every bucket while no sequence is running, so that each is compiled and recorded."""
+        """Run the step at every bucket, so that each is compiled and recorded (padding rows touch only the
+        null block)."""
         ...
 
 
@@ -193,7 +196,10 @@ class ChatParts(Protocol):
     @property
     def context_length(self) -> int: ...
 
-    def decoder(self, slots: int, max_len: int) -> ChatDecoder: ...
+    def decoder(self, slots: int, max_len: int, num_blocks: int | None = None) -> ChatDecoder:
+        """A decoder stepping up to `slots` sequences of up to `max_len` positions each, over a pool of
+        `num_blocks` blocks (None: enough for every slot at `max_len`)."""
+        ...
 
 
 @dataclass

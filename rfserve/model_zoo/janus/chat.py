@@ -6,7 +6,7 @@ The prompt is what `JanusProcessor` makes for `generate()`:
   (`use_default_system_prompt`), or the request's own system message in its place;
 - BOS from the tokenizer, and each `<image_placeholder>` expanded to BOI + G image tokens + EOI.
 `JanusModel` writes each image's aligned SigLIP features over its G image-token positions. Decoding is the
-language model's text head over our slot KV cache (`model_zoo.janusflow.decoder.SlotDecoder`), so streaming,
+language model's text head over our paged KV cache (`model_zoo.janusflow.decoder.PagedDecoder`), so streaming,
 stop strings, seeds and usage are those of every chat model here.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from rfserve.model_zoo.base import ChatPrompt
 from rfserve.model_zoo.janus.loading import JanusParts
-from rfserve.model_zoo.janusflow.decoder import SlotDecoder
+from rfserve.model_zoo.janusflow.decoder import PagedDecoder
 from rfserve.model_zoo.janusflow.llm import LlamaBody
 
 ROLES = {"User": "user", "Assistant": "assistant"}
@@ -90,10 +90,10 @@ class JanusChat:
     def context_length(self) -> int:
         return self.parts.context_length
 
-    def decoder(self, slots: int, max_len: int) -> SlotDecoder:
+    def decoder(self, slots: int, max_len: int, num_blocks: int | None = None) -> PagedDecoder:
         p = self.parts
-        return SlotDecoder(LlamaBody(p.model.model.language_model), p.model.lm_head, self.embed_prompt, p.device,
-                           p.dtype, slots, max_len)
+        return PagedDecoder(LlamaBody(p.model.model.language_model), p.model.lm_head, self.embed_prompt, p.device,
+                            p.dtype, slots, max_len, num_blocks)
 
     def embed_prompt(self, ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      image_positions: torch.Tensor) -> torch.Tensor:

@@ -1,34 +1,53 @@
-"""Token-level decoding over a fixed pool of KV slots, for continuous batching.
+"""Token-level decoding over a paged KV cache, for continuous batching.
 
-The cache is allocated once: (slots, kv_heads, max_len, head_dim) per layer. Running sequences
-occupy rows 0..n−1, so a decode step attends over plain views of the first n rows; when a
-sequence leaves, the last one moves into its row (one copy of its KV, never a reallocation).
-A sequence's KV column j holds its token at position j, so positions are simply lengths.
+The cache is a pool of PAGE-token blocks per layer (`model_zoo.paged_kv`), allocated once; `blocks`, its
+allocator, is the batcher's to use. A sequence owns a list of blocks, its token at position p lives at offset
+p % PAGE of block blocks[p // PAGE], and nothing ever moves: a sequence that ends gives its blocks back.
+Memory follows the tokens actually held, not slots × max_len.
 
-The fast path (`fast_path`) captures one decode step per bucket of running rows, as gpt-fast and vLLM
-capture theirs: `step` attends over the whole cache width with a mask, so its shapes depend on the bucket
-alone, and `decode` pads the rows up to the bucket (the padding rows are free slots, whose column 0 it
-overwrites harmlessly). Eagerly, `decode` reads only the columns in use.
+- `prefill(chunks)`: several sequences' prompt chunks in ONE forward, right-padded to the longest chunk (the
+  batcher bounds rows × longest chunk, so padding never costs more than the chunk budget; packing would need a
+  varlen attention kernel that `kernels.attention` does not have). Chunks that all start at 0 attend causally
+  through `kernels.attention`; a batch with a continuation chunk attends through the blocks (`PagedPrefix`).
+- `decode(tokens, lengths, tables)`: one step for n sequences. The step writes each new token's key and value
+  into its block and calls `kernels.decode_attention` over the block tables: the Triton kernel reads only each
+  sequence's live tiles, the torch twin gathers the table's width. Eagerly the width is the blocks of the
+  longest sequence, so a step costs the live tokens.
+
+The fast path (`fast_path`) captures `step` once per (row bucket, width bucket), as vLLM captures its decode
+graphs: the shapes are the bucket's alone, and `decode` pads up to it. Padding rows take token 0 at position 0
+with a table of null blocks: they write into the null block and attend to nothing (length 0, zeros). On CUDA
+there is one width, the whole context, since the Triton kernel skips the dead tiles of a wide table and the
+captures stay one per row bucket; elsewhere (the torch twin, whose cost is the width it gathers) the widths are
+powers of two of blocks from 256 tokens up to `max_len`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from rfserve.model_zoo.fast_path import Captured, CompiledCalls
-from rfserve.model_zoo.janusflow.llm import CausalPrompt, KVBuffers, LiveColumns, run_layers
+from rfserve.model_zoo.janusflow.llm import CausalPrompt, PagedDecode, PagedPrefix, PagedWrite, run_layers
 from rfserve.model_zoo.janusflow.loading import JanusFlowParts
+from rfserve.model_zoo.paged_kv import NULL_BLOCK, PAGE, BlockAllocator, PagedKV, PromptChunk, blocks_for
 
 # A prompt's ids (L,), its images' pixels (or None) and the positions their features overwrite → (L, D).
 EmbedPrompt = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+SMALLEST_WIDTH = 256        # tokens: the narrowest table a torch-twin decode step is captured at
+
+
+def default_blocks(slots: int, max_len: int) -> int:
+    """A pool where every slot can hold `max_len` tokens at once (the slot cache's memory), plus the null block."""
+    return slots * blocks_for(max_len) + 1
 
 
 @dataclass(frozen=True)
 class JanusFlowChat:
-    """JanusFlow's `ChatParts` (model_zoo.base): the processor, and the slot decoder chat batches over."""
+    """JanusFlow's `ChatParts` (model_zoo.base): the processor, and the paged decoder chat batches over."""
     parts: JanusFlowParts
 
     @property
@@ -43,77 +62,133 @@ class JanusFlowChat:
     def context_length(self) -> int:
         return self.parts.context_length
 
-    def decoder(self, slots: int, max_len: int) -> "SlotDecoder":
+    def decoder(self, slots: int, max_len: int, num_blocks: int | None = None) -> "PagedDecoder":
         p, lm = self.parts, self.parts.model.language_model
-        return SlotDecoder(lm, lm.lm_head, p.model.embed_prompt, p.device, p.dtype, slots, max_len)
+        return PagedDecoder(lm, lm.lm_head, p.model.embed_prompt, p.device, p.dtype, slots, max_len, num_blocks)
 
 
-class SlotDecoder:
-    """Over any Llama body `lm` (read as `run_layers` reads it), its text head and the model's prompt embedding."""
+class PagedDecoder:
+    """Over any Llama body `lm` (read as `run_layers` reads it), its text head and the model's prompt embedding.
+
+    `slots`: the most sequences one decode step runs; `max_len`: the most positions one sequence holds;
+    `num_blocks`: the pool's size, the null block included (default: `default_blocks`).
+    """
+    page = PAGE
 
     def __init__(self, lm, head: nn.Module, embed_prompt: EmbedPrompt, device: torch.device, dtype: torch.dtype,
-                 slots: int, max_len: int):
+                 slots: int, max_len: int, num_blocks: int | None = None):
         self.lm, self.head, self.embed_prompt = lm, head, embed_prompt
         self.device, self.dtype, self.slots, self.max_len = device, dtype, slots, max_len
-        with torch.inference_mode():        # inference tensors, as everything that writes into them runs so
-            self.kv = KVBuffers.allocate(lm, slots, max_len, device=device, dtype=dtype)
-        self.buckets: tuple[int, ...] = ()
-        self.step = self.full_width_step         # the hot call, which the fast path swaps for a compiled one
+        c = lm.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.num_blocks = num_blocks or default_blocks(slots, max_len)
+        self.kv = PagedKV.allocate(c.num_hidden_layers, c.num_key_value_heads, head_dim, self.num_blocks,
+                                   device=device, dtype=dtype)
+        self.blocks = BlockAllocator(self.num_blocks)
+        self.row_buckets: tuple[int, ...] = ()
+        self.width_buckets: tuple[int, ...] = ()
+        self.step = self.paged_step             # the hot call, which the fast path swaps for a compiled one
 
+    # -- the fast path ---------------------------------------------------------------
     def fast_path(self, buckets: tuple[int, ...]) -> CompiledCalls:
-        """`step` compiled per bucket of running rows (the buckets up to `slots`, and `slots` itself)."""
-        self.buckets = tuple(sorted({b for b in buckets if b < self.slots} | {self.slots}))
-        for buffer in (*self.kv.keys, *self.kv.values):
-            torch._dynamo.mark_static_address(buffer)       # CUDA graphs write the cache in place, never a copy
+        """`step` compiled per (rows, width): rows the buckets up to `slots`, and `slots` itself; widths (in
+        blocks) as the module docstring says."""
+        self.row_buckets = tuple(sorted({b for b in buckets if b < self.slots} | {self.slots}))
+        top = blocks_for(self.max_len)
+        widths, w = [], blocks_for(SMALLEST_WIDTH)
+        while self.device.type != "cuda" and w < top:
+            widths.append(w)
+            w *= 2
+        self.width_buckets = (*widths, top)
         return CompiledCalls([(self, "step")])
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Run `step` at every bucket, twice (compile, then record): while nothing is running, so the
-        columns it writes are free."""
-        for b in self.buckets:
-            for _ in range(2):
-                tokens, positions = (torch.zeros(b, dtype=torch.long, device=self.device) for _ in range(2))
-                self.step(tokens, positions)                   # two tensors: decode never passes one twice
+        """Run `step` at every (rows, width) bucket, twice (compile, then record). Every row is a padding row,
+        which writes only into the null block, so capture may run beside live sequences."""
+        for b in self.row_buckets:
+            for w in self.width_buckets:
+                for _ in range(2):
+                    tokens, positions = (torch.zeros(b, dtype=torch.long, device=self.device) for _ in range(2))
+                    self.step(tokens, positions, torch.zeros(b, w, dtype=torch.int32, device=self.device))
 
+    # -- prompts ---------------------------------------------------------------------
     @torch.inference_mode()
     def embed(self, ids: list[int], pixel_values: torch.Tensor | None, image_positions: list[int]) -> torch.Tensor:
         """Prompt embeddings (L, D) with image features in place."""
-        ids_t = torch.tensor(ids, device=self.device)
-        pixels = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
-        return self.embed_prompt(ids_t, pixels, torch.tensor(image_positions, dtype=torch.long, device=self.device))
+        return self.embed_many([(ids, pixel_values, image_positions)])[0]
 
     @torch.inference_mode()
-    def prefill(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
-        """Write a prompt (L, D) into slot `row`; returns the next-token logits (V,) in fp32."""
-        positions = torch.arange(embeds.shape[0], device=embeds.device)[None]            # (1, L)
-        h = run_layers(self.lm, embeds[None], positions, self.kv.rows(row + 1, row), write=0, mask=CausalPrompt())
-        return self.head(h[0, -1]).float()
+    def embed_many(self, prompts: list[tuple[list[int], torch.Tensor | None, list[int]]]) -> list[torch.Tensor]:
+        """Several prompts' embeddings, their images encoded in one vision forward: the prompts are embedded as
+        one concatenated prompt (each one's image positions shifted by the lengths before it), then split."""
+        ids, pixels, positions, offset = [], [], [], 0
+        for p_ids, p_pixels, p_positions in prompts:
+            ids += p_ids
+            positions += [offset + i for i in p_positions]
+            if p_pixels is not None:
+                pixels.append(p_pixels.to(self.device, self.dtype))
+            offset += len(p_ids)
+        embeds = self.embed_prompt(torch.tensor(ids, device=self.device), torch.cat(pixels) if pixels else None,
+                                   torch.tensor(positions, dtype=torch.long, device=self.device))   # (ΣL, D)
+        return list(embeds.split([len(p[0]) for p in prompts]))
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """One step for rows 0..n−1: token i sits at position lengths[i]; returns logits (n, V) fp32."""
+    def prefill(self, chunks: list[PromptChunk]) -> torch.Tensor:
+        """Write each chunk's KV into its sequence's blocks, in one forward; the logits (n, V) in fp32 of each
+        chunk's last token."""
+        n, dev = len(chunks), self.device
+        lengths = [c.embeds.shape[0] for c in chunks]
+        T, W = max(lengths), max(blocks_for(c.start + t) for c, t in zip(chunks, lengths))
+        table = np.zeros((n, W), dtype=np.int32)                  # padded with the null block
+        for i, (c, t) in enumerate(zip(chunks, lengths)):
+            if len(c.blocks) < blocks_for(c.start + t) or c.start + t > self.max_len:
+                raise ValueError(f"a chunk of {t} tokens from position {c.start} does not fit its "
+                                 f"{len(c.blocks)} blocks (max_len {self.max_len})")
+            table[i, :blocks_for(c.start + t)] = c.blocks[:blocks_for(c.start + t)]
+        embeds = torch.zeros(n, T, chunks[0].embeds.shape[-1], device=dev, dtype=chunks[0].embeds.dtype)
+        for i, c in enumerate(chunks):
+            embeds[i, :lengths[i]] = c.embeds                                         # right-padded (n, T, D)
+        table_t = torch.from_numpy(table).to(dev)
+        starts, lens = (torch.tensor(x, device=dev) for x in ([c.start for c in chunks], lengths))
+        positions = starts[:, None] + torch.arange(T, device=dev)                   # (n, T)
+        real = torch.arange(T, device=dev) < lens[:, None]                            # (n, T)
+        blocks = table_t.long().gather(1, (positions // PAGE).clamp(max=W - 1))
+        write = PagedWrite(torch.where(real, blocks, NULL_BLOCK).flatten(),
+                           torch.where(real, positions % PAGE, 0).flatten())
+        mask = CausalPrompt() if all(c.start == 0 for c in chunks) else PagedPrefix(table_t, positions)
+        h = run_layers(self.lm, embeds, positions, self.kv, write=write, mask=mask)   # (n, T, D)
+        return self.head(h[torch.arange(n, device=dev), lens - 1]).float()           # (n, V)
+
+    # -- decoding --------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], lengths: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """One step for n sequences: token i sits at position lengths[i], in the blocks tables[i] (which must
+        cover it); returns logits (n, V) fp32."""
         n, dev = len(tokens), self.device
-        bucket = next((b for b in self.buckets if b >= n), None) if isinstance(self.step, Captured) else None
-        if bucket is not None:
-            pad = [0] * (bucket - n)
-            return self.step(torch.tensor(tokens + pad, device=dev), torch.tensor(lengths + pad, device=dev))[:n]
-        return self._step(torch.tensor(tokens, device=dev), torch.tensor(lengths, device=dev), max(lengths) + 1)
+        width = blocks_for(max(lengths) + 1)
+        rows = width_ = None
+        if isinstance(self.step, Captured):
+            rows = next((b for b in self.row_buckets if b >= n), None)
+            width_ = next((w for w in self.width_buckets if w >= width), None)
+        if rows is None or width_ is None:
+            rows, width_ = n, width                          # eager: exactly the rows and the live width
+        table = np.zeros((rows, width_), dtype=np.int32)     # padding rows: all null block
+        for i, blocks in enumerate(tables):
+            k = min(len(blocks), width_)
+            table[i, :k] = blocks[:k]
+        pad = [0] * (rows - n)
+        return self.step(torch.tensor(tokens + pad, device=dev), torch.tensor(lengths + pad, device=dev),
+                         torch.from_numpy(table).to(dev))[:n]
 
-    def full_width_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`decode`'s step for rows 0..b−1 (`tokens`, `positions`: (b,)) over every cache column: one shape per b
-        (the decode kernel still reads only each row's live columns). Called under `decode`'s or `capture`'s
-        inference mode, which stays outside the compiled graph."""
-        return self._step(tokens, positions, self.max_len)
-
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+    def paged_step(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """`decode`'s step: `tokens`, `positions` (b,), `table` (b, W) int32 → logits (b, V). A row whose first
+        block is the null block is padding: length 0. Called under `decode`'s or `capture`'s inference mode,
+        which stays outside the compiled graph."""
         embeds = self.lm.model.embed_tokens(tokens)[:, None]                          # (b, 1, D)
-        live = LiveColumns((positions + 1).to(torch.int32), width)                   # a row sees up to its token
-        h = run_layers(self.lm, embeds, positions[:, None], self.kv.rows(len(tokens)), write=positions, mask=live)
+        blocks = table.gather(1, (positions // PAGE)[:, None])[:, 0].long()          # (b,)
+        lengths = torch.where(table[:, 0] == NULL_BLOCK, 0, positions + 1).to(torch.int32)
+        h = run_layers(self.lm, embeds, positions[:, None], self.kv, write=PagedWrite(blocks, positions % PAGE),
+                       mask=PagedDecode(table, lengths))
         return self.head(h[:, 0]).float()                                              # (b, V)
 
-    @torch.inference_mode()
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's KV from row src to row dst (compaction when a row is freed)."""
-        for buf in (*self.kv.keys, *self.kv.values):
-            buf[dst, :, :length] = buf[src, :, :length]

@@ -4,14 +4,19 @@ transformers' caches grow by appending; both JanusFlow paths need something else
 - text-to-image writes the prompt KV once and then *overwrites* the same 1 + G columns at
   every ODE step, so the prompt is never recomputed and nothing is reallocated (Janus-Pro's
   image tokens write one column a step); its batches share one `KVPool`;
-- chat keeps one slot per sequence in a fixed (slots, heads, max_len, d) buffer, and each
-  decode step writes one column per sequence at that sequence's own position.
+- chat pages its KV (`model_zoo.paged_kv`): one pool of PAGE-token blocks per layer, a block table per
+  sequence; every new token (a prompt chunk's or a decode step's) is written at its own (block, offset)
+  (`PagedWrite`), so sequences of any lengths share one forward.
 
 The layer maths is the HF LlamaDecoderLayer's, using its own submodules (norms, projections,
 rotary embedding, MLP); only the cache write and the mask are ours. Tests compare it with
-the plain HF forward and with `generate()`. Chat's prefill (`CausalPrompt`) and decode step
-(`LiveColumns`) attend through the kernel dispatcher: the prompt with `kernels.attention`, the step
-with `kernels.decode_attention`, which on a GPU reads each row's live columns only.
+the plain HF forward and with `generate()`. Chat attends in three shapes:
+- `CausalPrompt`: prompt chunks that start at position 0 see themselves causally, through
+  `kernels.attention` on the keys and values just computed (right-padded rows: a real query never sees a pad);
+- `PagedPrefix`: chunks that continue a sequence see its earlier KV, gathered from its blocks, and themselves
+  (SDPA with an explicit mask: key column j is visible to the query at position p when j ≤ p);
+- `PagedDecode`: one query per sequence through `kernels.decode_attention` over its block table, which
+  reads only the blocks up to its length (the Triton kernel) or gathers the table's width (the torch twin).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from rfserve import kernels
+from rfserve.model_zoo.paged_kv import PagedKV
 
 
 class LlamaBody:
@@ -106,32 +112,48 @@ class KVPool:
 
 @dataclass(frozen=True)
 class CausalPrompt:
-    """Attention for a prompt written from column 0: each query sees the keys up to its own position."""
+    """Attention for prompts that start at position 0: each query sees this forward's keys up to its own."""
 
 
 @dataclass(frozen=True)
-class LiveColumns:
-    """Attention for one query per row over that row's first `lengths[b]` columns, of `width` read."""
-    lengths: torch.Tensor           # (B,) int32
-    width: int
+class PagedPrefix:
+    """Attention for prompt chunks that continue sequences: query t of row b, at `positions[b, t]`, sees the
+    key columns 0 … positions[b, t] of the blocks `table[b]` (already holding this chunk's keys)."""
+    table: torch.Tensor             # (B, W) int32: each row's blocks, padded with the null block
+    positions: torch.Tensor         # (B, T)
 
 
-Attend = torch.Tensor | CausalPrompt | LiveColumns
+@dataclass(frozen=True)
+class PagedDecode:
+    """Attention for one query per row over the first `lengths[b]` positions of the blocks `table[b]`."""
+    table: torch.Tensor             # (B, W) int32
+    lengths: torch.Tensor           # (B,) int32; 0 for a padding row (its output is zeros)
 
 
-def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tensor, kv: KVBuffers,
-               write: int | torch.Tensor, mask: Attend) -> torch.Tensor:
+@dataclass(frozen=True)
+class PagedWrite:
+    """Where the B·T new tokens go in a paged cache, row-major over (B, T): token i at offset offsets[i] of
+    block blocks[i]. A padding token goes to the null block."""
+    blocks: torch.Tensor            # (B·T,) long
+    offsets: torch.Tensor           # (B·T,) long
+
+
+Attend = torch.Tensor | CausalPrompt | PagedPrefix | PagedDecode
+
+
+def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tensor, kv: KVBuffers | PagedKV,
+               write: int | torch.Tensor | PagedWrite, mask: Attend) -> torch.Tensor:
     """The LLM body over `embeds` (B, T, D) at RoPE `positions` (B, T); returns the final-norm
     hidden states (B, T, D).
 
-    `write` says where the T new keys/values go in each row of `kv`: an int `s` writes columns
-    [s, s+T) of every row; a (B,) tensor writes column write[b] of row b (T must be 1).
+    `write` says where the T new keys/values go: into `KVBuffers`, an int `s` writes columns [s, s+T) of every
+    row and a (B,) tensor writes column write[b] of row b (T must be 1); into a `PagedKV`, a `PagedWrite`.
     `mask` (B, 1, T, W) is True where a query may attend to a key column; W ≤ S is how many
-    leading columns attention reads. `CausalPrompt` (write 0) and `LiveColumns` (T = 1) say the
-    same for chat's two shapes of attention, which go to the kernels.
+    leading columns attention reads. `CausalPrompt`, `PagedPrefix` and `PagedDecode` are chat's shapes of
+    attention (see the module docstring).
     """
     model = lm.model
-    rows = None if isinstance(write, int) else torch.arange(embeds.shape[0], device=embeds.device)
+    rows = None if isinstance(write, (int, PagedWrite)) else torch.arange(embeds.shape[0], device=embeds.device)
     cos, sin = model.rotary_emb(embeds, positions)
     h = embeds
     for i, layer in enumerate(model.layers):
@@ -143,31 +165,42 @@ def run_layers(lm: LlamaForCausalLM, embeds: torch.Tensor, positions: torch.Tens
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         keys, values = kv.keys[i], kv.values[i]
-        if rows is None:
+        if isinstance(write, PagedWrite):
+            B, kv_heads, T, d = k.shape
+            keys[write.blocks, :, write.offsets] = k.transpose(1, 2).reshape(B * T, kv_heads, d)
+            values[write.blocks, :, write.offsets] = v.transpose(1, 2).reshape(B * T, kv_heads, d)
+        elif isinstance(write, int):
             keys[:, :, write:write + k.shape[2]] = k
             values[:, :, write:write + v.shape[2]] = v
         else:
             keys[rows, :, write] = k[:, :, 0]
             values[rows, :, write] = v[:, :, 0]
-        out = _attend(q, keys, values, mask, attn.scaling)                            # (B, H, T, d)
+        out = _attend(q, k, v, keys, values, mask, attn.scaling)                            # (B, H, T, d)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))   # (B, T, H·d) → D
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.norm(h)
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Attend, scale: float) -> torch.Tensor:
-    """q (B, H, T, d) against the cache rows `keys`/`values` (B, Hkv, S, d) → (B, H, T, d)."""
-    groups = q.shape[1] // keys.shape[1]
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: Attend, scale: float) -> torch.Tensor:
+    """q (B, H, T, d) → (B, H, T, d): against this forward's own k, v (B, Hkv, T, d) for `CausalPrompt`, else
+    against the cache `keys`/`values` (rows (B, Hkv, S, d), or blocks (num_blocks, Hkv, PAGE, d) when paged)."""
+    groups = q.shape[1] // k.shape[1]
     if isinstance(mask, CausalPrompt):
-        T = q.shape[2]
-        k, v = (c[:, :, :T].repeat_interleave(groups, dim=1) for c in (keys, values))   # (B, H, T, d)
+        k, v = (c.repeat_interleave(groups, dim=1) for c in (k, v))                    # (B, H, T, d)
         return kernels.attention(q, k, v, causal=True, scale=scale)
-    if isinstance(mask, LiveColumns):
-        # Row b of the slot cache is block b of a paged cache whose page is the whole width read.
-        table = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[:, None]      # (B, 1)
-        w = mask.width
-        return kernels.decode_attention(q[:, :, 0], keys[:, :, :w], values[:, :, :w], table, mask.lengths,
-                                        scale=scale)[:, :, None]
+    if isinstance(mask, PagedDecode):
+        return kernels.decode_attention(q[:, :, 0], keys, values, mask.table, mask.lengths, scale=scale)[:, :, None]
+    if isinstance(mask, PagedPrefix):
+        B, (W, page) = q.shape[0], (mask.table.shape[1], keys.shape[2])
+        table = mask.table.long()
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:
+            return cache[table].transpose(1, 2).reshape(B, cache.shape[1], W * page, -1)   # (B, Hkv, W·PAGE, d)
+
+        seen = torch.arange(W * page, device=q.device) <= mask.positions[:, None, :, None]  # (B, 1, T, W·PAGE)
+        return F.scaled_dot_product_attention(q, gather(keys), gather(values), attn_mask=seen, scale=scale,
+                                              enable_gqa=groups != 1)
     w = mask.shape[-1]
     return F.scaled_dot_product_attention(q, keys[:, :, :w], values[:, :, :w], attn_mask=mask, scale=scale,
                                           enable_gqa=groups != 1)
