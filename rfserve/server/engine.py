@@ -199,7 +199,8 @@ class Engine:
             self.captured_later.set()
 
     def _capture_chat(self, name: str) -> None:
-        """Start the chat model's batcher now, and capture its decode step per bucket of running slots."""
+        """Start the chat model's batcher now, and capture its decode step per bucket of running sequences (and,
+        where the torch twin attends, of block-table width)."""
         decoder = self.chat_batcher(name).decoder
         fast = decoder.fast_path(self.config.batch_buckets)
         fast.prepare(self.config.compile_mode)
@@ -324,12 +325,20 @@ class Engine:
         context = self.chat_parts(name).context_length
         return min(self.config.chat.max_len or context, context)
 
+    def _chat_blocks(self, name: str, max_seqs: int, max_len: int) -> int:
+        """KV blocks in the chat model's pool, the null block included: until the memory planner sizes it, every
+        sequence can hold `max_len` tokens at once (the memory the slot cache took)."""
+        from rfserve.model_zoo.paged_kv import blocks_for          # local: this helper goes when the planner lands
+
+        return max_seqs * blocks_for(max_len) + 1
+
     def chat_batcher(self, name: str) -> ContinuousBatcher:
         """The chat model's batcher, started on first use (its KV cache is allocated then)."""
         with self._chat_lock:
             if name not in self.chat_batchers:
                 parts, m = self.chat_parts(name), self.metrics
-                decoder = parts.decoder(self.config.chat.slots_on(self.device.type), self.chat_max_len(name))
+                slots, max_len = self.config.chat.slots_on(self.device.type), self.chat_max_len(name)
+                decoder = parts.decoder(slots, max_len, self._chat_blocks(name, slots, max_len))
                 tokens = TokenMetrics(m.chat_first_token.labels(name), m.chat_token_gap.labels(name),
                                       m.chat_tokens.labels(name))
                 batcher = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,

@@ -112,7 +112,8 @@ def test_chat_decode_step(preset, checkpoint, request):
         assert stats == {"graph_breaks": 0, "graphs": len(BUCKETS)}
         fast = {b: greedy(decoder, prompts[:b], steps=6) for b in BUCKETS}
         assert graph_stats() == stats
-    assert decoder.step.shapes == {(torch.get_num_threads(), (b,), (b,)) for b in BUCKETS}    # call_key
+    width = 256 // decoder.page                                 # one width bucket: max_len 256 is the smallest
+    assert decoder.step.shapes == {(torch.get_num_threads(), (b,), (b,), (b, width)) for b in BUCKETS}   # call_key
     assert fast == eager
     _check_graphs(graphs)
 
@@ -217,3 +218,44 @@ def test_cpu_default_captures_after_ready(tiny_sd):
                 engine.shutdown()
     off, on = (np.asarray(Image.open(io.BytesIO(base64.b64decode(images[k])))).astype(int) for k in ("off", "auto"))
     assert np.abs(off - on).max() <= 1
+
+
+def test_chat_paged_step_captures_rows_by_widths_and_serving_never_recompiles(tiny_janus):
+    """The paged decode step on the CPU (torch twin): one graph per (row bucket, width bucket), widths powers of
+    two of blocks from 256 tokens. Streams served through the batcher (admissions, a sequence growing past 256
+    tokens into the wider bucket, one leaving) take only captured graphs and choose the eager tokens."""
+    from rfserve.model_zoo.registry import load_model, parse_spec
+    from rfserve.server.chat.batcher import ChatSequence, ContinuousBatcher
+    from tests.janusflow.test_chat_batcher import Collector
+
+    chat = load_model(parse_spec(f"janusflow-1.3b={tiny_janus}"), torch.device("cpu"), torch.float32).chat
+    decoder = chat.decoder(2, 512)
+    vocab = decoder.lm.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(10, vocab, n)] for n in (250, 10, 30)]
+
+    def serve() -> list[list[int]]:
+        batcher = ContinuousBatcher(decoder, chat.tokenizer, eos_id=-1).start()
+        seqs = [ChatSequence(ids, None, [], n, 0.0, 1.0, [], None, Collector()) for ids, n in zip(prompts, (12, 4, 6))]
+        try:
+            for seq in seqs:
+                batcher.submit(seq)
+            for seq in seqs:
+                assert seq.emit.done.wait(120)
+        finally:
+            batcher.close()
+        return [seq.generated for seq in seqs]
+
+    eager = serve()
+    fast = decoder.fast_path(BUCKETS)
+    assert decoder.width_buckets == (16, 32)
+    with recorded_graphs() as graphs:
+        fast.prepare("default")
+        decoder.capture()
+        fast.finish_capture()
+        stats = graph_stats()
+        assert stats == {"graph_breaks": 0, "graphs": len(BUCKETS) * 2}
+        assert serve() == eager
+        assert graph_stats() == stats
+    assert decoder.step.shapes == {(torch.get_num_threads(), (b,), (b,), (b, w)) for b in BUCKETS for w in (16, 32)}
+    _check_graphs(graphs)
