@@ -98,4 +98,7 @@ def janus_config(name: str, ids: TokenIds, vocab_size: int | None = None) -> Jan
                           channel_multiplier=list(a.vq_channel_multiplier), latent_channels=a.vq_latent_channels,
                           num_res_blocks=a.vq_res_blocks, projection_dim=a.hidden, image_token_embed_dim=a.hidden,
                           initializer_range=a.init_range)
-    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids.image)
+    # The published checkpoints keep lm_head apart from the embeddings; transformers reads the top-level flag
+    # (JanusConfig defaults it to True, which would tie them and drop one 102400 × hidden matrix).
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids.image,
+                       tie_word_embeddings=False)
