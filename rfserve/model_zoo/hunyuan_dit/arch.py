@@ -66,11 +66,14 @@ PRESETS: dict[str, HunyuanArchConfig] = {
         vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  sample_size=1024, scaling_factor=0.13025, force_upcast=False,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-        # BERT-large widths; the vocabulary is the tiny tokenizer's (it only sizes the embedding table).
+        # BERT-large widths (hfl/chinese-roberta-wwm-ext-large), with the published vocabulary: 47020 entries
+        # (Tencent-Hunyuan/HunyuanDiT t2i/clip_text_encoder/config.json). The tiny test tokenizer's ids are all
+        # below it, so a random checkpoint tokenizes with the tiny tokenizer but weighs what the real one weighs.
         bert=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  max_position_embeddings=512),
-        # mT5-xl encoder widths; vocabulary as above.
-        t5=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu"),
+                  max_position_embeddings=512, vocab_size=47020),
+        # mT5-xl encoder widths; mT5's vocabulary of 250112 entries (every mT5 config.json), as above.
+        t5=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu",
+                vocab_size=250112),
     ),
     "tiny": _TINY,
     "tiny-v1.1": replace(_TINY, transformer={**_TINY.transformer, "use_style_cond_and_image_meta_size": True},
@@ -85,8 +88,11 @@ def build_random_hunyuan(cfg: HunyuanArchConfig, seed: int, scratch: Path, devic
     torch.manual_seed(seed)
     tokenizer = write_bert_vocab(scratch)
     tokenizer_2 = train_t5_tokenizer()
-    bert = BertConfig(**cfg.bert, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    t5 = T5Config(**cfg.t5, vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id,
+    # The preset's vocabulary sizes the embedding tables (the published ones for v1.2); never below the tokenizer's.
+    bert = BertConfig(**{**cfg.bert, "vocab_size": max(cfg.bert.get("vocab_size", 0), len(tokenizer))},
+                      pad_token_id=tokenizer.pad_token_id)
+    t5 = T5Config(**{**cfg.t5, "vocab_size": max(cfg.t5.get("vocab_size", 0), len(tokenizer_2))},
+                  pad_token_id=tokenizer_2.pad_token_id,
                   eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id)
     with torch.device(device):
         models = dict(transformer=HunyuanDiT2DModel(**cfg.transformer), vae=AutoencoderKL(**cfg.vae),
