@@ -1,4 +1,4 @@
-"""`rfserve serve` and `rfserve generate`."""
+"""`rfserve serve`, `rfserve generate` and `rfserve plan`."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--chat-image-host", action="append", default=[], metavar="HOST",
                       help="a host whose http(s) image URLs may be fetched; repeatable ($RFSERVE_CHAT_IMAGE_HOSTS; "
                            "default: none, remote image URLs are refused)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                       help="the share of the device's memory the server plans with, in (0, 1]")
+    serve.add_argument("--device-memory", default=None, metavar="BYTES",
+                       help="the memory the server may plan with instead of the device's total: 80GiB, 80GB or "
+                            "bytes (default: the device's total)")
     serve.add_argument("--no-warmup", action="store_true",
                        help="ready as soon as the models load: no warm-up run, graph capture or CPU thread measurement")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
@@ -129,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", default=None, help="WxH, one of the model's sizes (default: the model's own)")
     gen.add_argument("--n", type=int, default=1, help="images to make")
     gen.add_argument("--debug", action="store_true", help="print the traceback of a failed load")
+    plan = sub.add_parser("plan", help="the memory plan of models on a GPU of a given size, from their "
+                                       "configurations alone (nothing is downloaded)", formatter_class=HelpFormatter)
+    plan.add_argument("--model", action="append", dest="models", metavar="SPEC",
+                      help="as for serve; repeat for models served together (default: the embedded rf-shapes)")
+    plan.add_argument("--device-memory", required=True, metavar="BYTES", help="80GiB, 80GB or bytes")
+    plan.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                      help="the share of the device memory planned with, in (0, 1]")
+    plan.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass")
+    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    plan.add_argument("--chat-slots", type=int, default=ChatConfig().slots_on("cuda"), metavar="N",
+                      help="sequences decoded together; no chat model holds KV for more at full context")
+    plan.add_argument("--chat-max-len", type=int, default=None, metavar="N",
+                      help="tokens per sequence (default: the model's context)")
+    plan.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     sub.add_parser("bench", help="the latency suite (model level and HTTP level); see `rfserve bench -h`",
                    add_help=False)
     return parser
@@ -145,6 +164,40 @@ def _quiet_libraries() -> None:
 def _fail(message: str) -> NoReturn:
     print(f"rfserve: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _memory_flags(args) -> tuple[float, int | None]:
+    """--gpu-memory-utilization and --device-memory, checked before any model library is imported."""
+    from rfserve.model_zoo.memory_units import parse_bytes
+
+    if not 0 < args.gpu_memory_utilization <= 1:
+        _fail(f"--gpu-memory-utilization: must be in (0, 1], got {args.gpu_memory_utilization}")
+    try:
+        return args.gpu_memory_utilization, (None if args.device_memory is None else parse_bytes(args.device_memory))
+    except ValueError as err:
+        _fail(str(err))
+
+
+def plan(args) -> None:
+    """Print the memory plan; exit 1 with one line on stderr when it does not fit."""
+    utilization, device_memory = _memory_flags(args)
+    for flag, value in (("--max-batch", args.max_batch), ("--chat-slots", args.chat_slots),
+                        ("--chat-max-len", args.chat_max_len)):
+        if value is not None and value < 1:
+            _fail(f"{flag}: must be at least 1, got {value}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")        # configurations only: never a download
+    _quiet_libraries()
+    import torch
+
+    from rfserve.model_zoo.memory_plan import plan_memory
+
+    result = plan_memory(args.models or ["rf-shapes"], device_memory=int(device_memory or 0),
+                         utilization=utilization, max_batch=args.max_batch, dtype=getattr(torch, args.dtype),
+                         max_seqs=args.chat_slots, max_len=args.chat_max_len)
+    print(json.dumps(result.to_json()) if args.json else result.table(), flush=True)
+    if not result.fits:
+        print(f"rfserve: the plan does not fit: {result.problem}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _fail_loading(err: LoadError, debug: bool) -> NoReturn:
@@ -176,6 +229,7 @@ def serve(args) -> None:
         keys = load_keys(args.api_key, args.api_key_file)
     except OSError as err:
         _fail(f"--api-key-file: {err}")
+    utilization, device_memory = _memory_flags(args)
     sock = listen(args.host, args.port)
     _quiet_libraries()                  # the model libraries' seconds of imports come after the quick refusals
     from rfserve.server.app import create_app
@@ -193,6 +247,7 @@ def serve(args) -> None:
                           api_keys=keys, protect_metrics=args.protect_metrics, model_root=args.model_root,
                           cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,
                           batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads,
+                          gpu_memory_utilization=utilization, device_memory=device_memory,
                           chat=_chat_config(args))
     engine = Engine(config)
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
@@ -335,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        {"serve": serve, "generate": generate}[args.command](args)
+        {"serve": serve, "generate": generate, "plan": plan}[args.command](args)
     except CheckpointError as err:
         _fail(str(err))
 

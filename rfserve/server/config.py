@@ -39,4 +39,6 @@ class ServerConfig:
     protect_metrics: bool = False
     model_root: str | None = None     # local model paths must resolve inside it
     cors_origins: list[str] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.9   # the share of device memory the memory plan budgets, as vLLM's flag
+    device_memory: int | None = None  # bytes the plan may use instead of the device's total (None: the total)
     chat: ChatConfig = field(default_factory=ChatConfig)   # the CLI and Ray Serve resolve flags and environment
