@@ -10,7 +10,8 @@ The attention operands are laid out as the processor passes them: projections (B
 
 Chat decode attention (the split kernel and its combine) runs for the LLMs of JanusFlow-1.3B and Janus-Pro
 1B/7B at their full context, at every slot bucket the chat decoder captures, over the paged cache (PAGE =
-PAGED_PAGE) and over the slot cache read as one block per sequence (PAGE = context).
+PAGED_PAGE, what the chat decoder serves since issue #32) and over the slot cache read as one block per sequence
+(PAGE = context: no longer served; kept until the compile figures in RESULTS.md are recorded again).
 """
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def _decode(model, B, H, kv_heads, D, context, slots, page) -> list[ServedLaunch
 
 
 def chat_buckets(buckets: tuple[int, ...], slots: int) -> list[int]:
-    """The row counts the chat decoder captures (`SlotDecoder.fast_path`): the buckets under `slots`, and `slots`."""
+    """The row counts the chat decoder captures (`PagedDecoder.fast_path`): the buckets under `slots`, and `slots`
+    (on CUDA at one table width, the whole context)."""
     return sorted({b for b in buckets if b < slots} | {slots})
 
 

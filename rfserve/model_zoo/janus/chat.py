@@ -11,6 +11,8 @@ stop strings, seeds and usage are those of every chat model here.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from PIL import Image
 from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
@@ -44,11 +46,12 @@ class JanusChatProcessor:
         return next((t for t in self._reserved if t and t in text), None)
 
     def prompt(self, turns: list[tuple[str, str]], system: str, images: list[Image.Image]) -> ChatPrompt:
-        messages = [{"role": ROLES[role], "content": _parts(text, self.image_tag)} for role, text in turns]
+        messages: Any = [{"role": ROLES[role], "content": _parts(text, self.image_tag)} for role, text in turns]
         chat = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         if system:
             chat = system.rstrip("\n") + "\n\n" + chat          # as the default one sits: then a blank line
-        ids, positions = [], []
+        ids: list[int] = []
+        positions: list[int] = []
         for tok in self.tokenizer(chat).input_ids:              # BOS first, as the processor's tokenizer adds it
             if tok != self.image_id:
                 ids.append(tok)

@@ -60,7 +60,7 @@ class KVBuffers:
 def _kv_shape(lm: LlamaForCausalLM, length: int) -> tuple[int, int, int]:
     """(kv_heads, length, head_dim): one row of one layer's keys or values."""
     c = lm.config
-    return c.num_key_value_heads, length, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_key_value_heads or c.num_attention_heads, length, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
 class KVPool:
