@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from rfserve.benchmarks.loadgen import environment
 from rfserve.benchmarks.timing import median_ms
 from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.paged_kv import blocks_for
 from rfserve.model_zoo.registry import load_model, parse_spec
 
 CPU = torch.device("cpu")
@@ -103,13 +104,16 @@ def image_case(spec: str, steps: int | None = None) -> tuple[object, Callable[[i
 
 
 def chat_case(spec: str, slots: int) -> tuple[object, Callable[[int], Callable[[], object]]]:
-    """The slot decoder's fast path, and for each batch a decode step over that many running rows."""
+    """The paged decoder's fast path, and for each batch a decode step over that many running sequences."""
     model = load_model(parse_spec(spec), CPU, torch.float32)
     assert model.chat is not None
     decoder = model.chat.decoder(slots, 256)
 
+    lengths = [40 + i for i in range(slots)]
+    tables = [decoder.blocks.allocate(blocks_for(n + 1)) or [] for n in lengths]   # the pool holds slots × 256
+
     def run(batch: int) -> Callable[[], object]:
-        return lambda: decoder.decode([5] * batch, [40 + i for i in range(batch)])
+        return lambda: decoder.decode([5] * batch, lengths[:batch], tables[:batch])
     fast = decoder.fast_path(tuple(range(1, slots + 1)))
     return _ChatCapture(fast, decoder), run
 
