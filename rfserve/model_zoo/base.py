@@ -196,6 +196,11 @@ class ChatParts(Protocol):
     @property
     def context_length(self) -> int: ...
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token takes in the decoder's paged cache, at the model's dtype: what the budget divides."""
+        ...
+
     def decoder(self, slots: int, max_len: int, num_blocks: int | None = None) -> ChatDecoder:
         """A decoder stepping up to `slots` sequences of up to `max_len` positions each, over a pool of
         `num_blocks` blocks (None: enough for every slot at `max_len`)."""

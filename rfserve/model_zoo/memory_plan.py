@@ -27,22 +27,18 @@ from rfserve.model_zoo.hunyuan_dit.arch import PRESETS as HUNYUAN_ARCHS
 from rfserve.model_zoo.hunyuan_dit.geometry import rotary_tables, supported_sizes
 from rfserve.model_zoo.janus.config import TokenIds, janus_config
 from rfserve.model_zoo.janusflow.config import JanusFlowConfig, preset as janusflow_preset
-from rfserve.model_zoo.janusflow.llm import KVPool, LlamaBody, run_layers
+from rfserve.model_zoo.janusflow.llm import T2I_PREFIX_TOKENS, KVPool, LlamaBody, run_layers
 from rfserve.model_zoo.janusflow.loading import build_model as build_janusflow
 from rfserve.model_zoo.loading import read_json
 from rfserve.model_zoo.memory_units import GiB, parse_bytes
 from rfserve.model_zoo.meta_peak import peak_bytes
+from rfserve.model_zoo.paged_kv import PAGE, llm_bytes_per_token
 from rfserve.model_zoo.presets import ModelSpec
 from rfserve.model_zoo.registry import parse_spec
 from rfserve.model_zoo.sd_config import PRESETS as SD_ARCHS
 
-PAGE = 16                       # tokens per KV block
-# The longest prompt a chat model's text-to-image batch holds KV for. Its KV is 2·max_batch rows × (prompt + the
-# image tokens), so an uncapped prompt (up to the whole context) would need up to 16× this plan's figure.
-# The text-to-image paths of janusflow and janus must enforce it (they cut at the context today).
-T2I_PROMPT_TOKENS = 512
 SDXL_VAE = HUNYUAN_ARCHS["v1.2"].vae          # JanusFlow decodes with stabilityai/sdxl-vae, as Hunyuan-DiT does
-__all__ = ["PAGE", "MemoryPlan", "ModelPlan", "kv_blocks", "parse_bytes", "plan_memory"]
+__all__ = ["PAGE", "MemoryPlan", "ModelPlan", "kv_blocks", "parse_bytes", "plan_memory", "share_kv"]
 
 
 def kv_blocks(nbytes: int, bytes_per_token: int) -> int:
@@ -140,12 +136,13 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def plan_memory(specs: list[str], *, device_memory: int, utilization: float = 0.9, max_batch: int = 8,
+def plan_memory(specs: list[str] | list[ModelSpec], *, device_memory: int, utilization: float = 0.9, max_batch: int = 8,
                 dtype: torch.dtype = torch.bfloat16, max_seqs: int = 32, max_len: int | None = None) -> MemoryPlan:
     """The plan for serving `specs` together on one device of `device_memory` bytes."""
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {utilization}")
-    models = [plan_model(parse_spec(s), device="meta", dtype=dtype, max_batch=max_batch) for s in specs]
+    models = [plan_model(parse_spec(s) if isinstance(s, str) else s, device="meta", dtype=dtype,
+                         max_batch=max_batch) for s in specs]
     plan = MemoryPlan(device_memory, utilization, models)
     for m in models:
         m.context = min(m.context, max_len) if max_len else m.context
@@ -154,7 +151,7 @@ def plan_memory(specs: list[str], *, device_memory: int, utilization: float = 0.
         plan.problem = (f"weights {_gib(sum(m.weights_bytes for m in models))} GiB + activation reserve "
                         f"{_gib(plan.reserve_bytes)} GiB exceed the budget of {_gib(plan.budget_bytes)} GiB")
         return plan
-    _share_kv([m for m in models if m.chats], free, max_seqs)
+    share_kv([m for m in models if m.chats], free, max_seqs)
     short = next((m for m in models if m.chats and m.kv_tokens < m.context), None)
     if short is not None:
         plan.problem = (f"{short.name} gets {short.kv_tokens:,} KV tokens, less than one full-context sequence "
@@ -162,7 +159,7 @@ def plan_memory(specs: list[str], *, device_memory: int, utilization: float = 0.
     return plan
 
 
-def _share_kv(chat: list[ModelPlan], free: int, max_seqs: int) -> None:
+def share_kv(chat: list[ModelPlan], free: int, max_seqs: int) -> None:
     """Give every chat model the same number of tokens from `free` bytes, in whole blocks; a model never gets
     more than `max_seqs` full-context sequences, and what it leaves goes to the others."""
     waiting = sorted(chat, key=lambda m: max_seqs * m.context)
@@ -284,12 +281,6 @@ def _hunyuan(spec, folder, device, dtype, B) -> Footprint:
                                             dtype=dtype), return_dict=False)[0]})
 
 
-def _kv_per_token(config, dtype: torch.dtype) -> int:
-    """Keys and values of one token in every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
-
-
 def _prefill(lm, embed: Callable, rows: int, prompt: int, width: int, kv, device) -> torch.Tensor:
     """The t2i prompt forward as the pipelines run it: `rows` prompts of `prompt` tokens, written at column 0
     of `kv`, under a (rows, 1, prompt, width) causal mask. Returns the hidden states (rows, prompt, D)."""
@@ -311,7 +302,7 @@ def _janusflow(spec, folder, device, dtype, B) -> Footprint:
     side = cfg.understanding.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (cfg.gen_encoder.input_channels, side, side)
     G, context = (side // cfg.gen_encoder.stride) ** 2, cfg.language.max_position_embeddings
-    P = min(T2I_PROMPT_TOKENS, context - 1 - G)
+    P = min(T2I_PREFIX_TOKENS, context - 1 - G)
 
     def sample():
         kv = KVPool(lm, device, dtype).batch(R, P + 1 + G)
@@ -326,7 +317,7 @@ def _janusflow(spec, folder, device, dtype, B) -> Footprint:
     return Footprint([model, vae], {
         "sample": sample,
         "decode": lambda: vae.decode(_zeros(B, *latent, device=device, dtype=vae.dtype), return_dict=False)[0]},
-        _kv_per_token(cfg.language, dtype), context)
+        llm_bytes_per_token(cfg.language, dtype), context)
 
 
 def _janus(spec, folder, device, dtype, B) -> Footprint:
@@ -341,7 +332,7 @@ def _janus(spec, folder, device, dtype, B) -> Footprint:
     text: Any = cfg.text_config
     G = cast(Any, cfg.vision_config).num_image_tokens
     lm, R = LlamaBody(model.model.language_model), 2 * B
-    P = min(T2I_PROMPT_TOKENS, text.max_position_embeddings - G)
+    P = min(T2I_PREFIX_TOKENS, text.max_position_embeddings - G)
 
     def sample():
         kv = KVPool(lm, device, dtype).batch(R, P + G)
@@ -351,4 +342,4 @@ def _janus(spec, folder, device, dtype, B) -> Footprint:
     return Footprint([model], {
         "sample": sample,
         "decode": lambda: model.decode_image_tokens(_zeros(B, G, device=device))},            # (B, H, W, 3)
-        _kv_per_token(text, dtype), text.max_position_embeddings)
+        llm_bytes_per_token(text, dtype), text.max_position_embeddings)

@@ -33,6 +33,16 @@ def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     return 2 * layers * kv_heads * head_dim * dtype.itemsize
 
 
+def head_dim(config) -> int:
+    """A Llama config's head width (`head_dim` where the config sets it)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def llm_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """`bytes_per_token` of the Llama LLM a config describes: what the planner counts and the decoder allocates."""
+    return bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim(config), dtype)
+
+
 @dataclass
 class PagedKV:
     """Per layer, keys and values (num_blocks, kv_heads, PAGE, head_dim)."""

@@ -22,6 +22,7 @@ from rfserve.server.buckets import BucketPlan
 from rfserve.server.chat.batcher import ContinuousBatcher, TokenMetrics
 from rfserve.server.config import ServerConfig
 from rfserve.server.device import DeviceTurns
+from rfserve.server.memory import ChatNeed, KVBudgetTooSmall, log_plan, size_chat_kv
 from rfserve.server.metrics import Metrics
 from rfserve.server.scheduler import Batcher, Job
 from rfserve.server.security import confine
@@ -92,6 +93,7 @@ class Engine:
         self._inflight: set[Job] = set()
         self._inflight_lock = threading.Lock()
         self.chat_batchers: dict[str, ContinuousBatcher] = {}
+        self.kv_blocks: dict[str, int] = {}   # each chat model's KV pool, in blocks (sized at the end of load)
         self._chat_lock = threading.Lock()
         self.turns = DeviceTurns()            # one forward at a time on the device: image steps and chat turns
         self.later: list[tuple[str, FastPath]] = []     # fast paths captured after ready (the CPU's default)
@@ -118,6 +120,7 @@ class Engine:
                 model.card = replace(model.card, max_steps=cap, defaults=replace(d, steps=min(d.steps, cap)))
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
+        log_plan(self.specs, self.device, self.dtype, self.config)
         tuning.thaw()
         if self.config.warmup:
             for spec in self.specs:
@@ -127,6 +130,10 @@ class Engine:
                         self._tune_sizes(spec.name, self.models[spec.name], progress)
                 except Exception as err:
                     raise LoadError(spec, "warming up", err) from err
+        self._size_chat_kv()                  # after warm-up: the KV gets what the image batches left
+        if self.compiling:
+            for name in self.kv_blocks:
+                self._capture_chat(name)
         tuning.freeze()                       # a request never waits on a kernel benchmark (kernels.tuning)
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
                              turns=self.turns, fault_injection=self.config.fault_injection, plans=self.plans,
@@ -150,8 +157,6 @@ class Engine:
         return self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
 
     def _warm(self, name: str, model: LoadedModel, progress: bool) -> None:
-        if model.chat is not None and self.compiling:
-            self._capture_chat(name)
         pipe, card = model.pipeline, model.card
         fast = pipe.fast_path() if self.device.type == "cuda" or self.config.compile != "off" else None
         if fast is None or (self.device.type == "cpu" and not self.compiling):   # CPU auto: after ready, or never
@@ -325,12 +330,19 @@ class Engine:
         context = self.chat_parts(name).context_length
         return min(self.config.chat.max_len or context, context)
 
-    def _chat_blocks(self, name: str, max_seqs: int, max_len: int) -> int:
-        """KV blocks in the chat model's pool, the null block included: until the memory planner sizes it, every
-        sequence can hold `max_len` tokens at once (the memory the slot cache took)."""
-        from rfserve.model_zoo.paged_kv import blocks_for          # local: this helper goes when the planner lands
-
-        return max_seqs * blocks_for(max_len) + 1
+    def _size_chat_kv(self) -> None:
+        """Each chat model's KV pool in blocks, from the budget that loading and warm-up left (server.memory)."""
+        needs = [ChatNeed(name, m.chat.kv_bytes_per_token, self.chat_max_len(name))
+                 for name, m in self.models.items() if m.chat is not None]
+        if not needs:
+            return
+        try:
+            self.kv_blocks = size_chat_kv(needs, self.device, self.config.device_memory,
+                                          self.config.gpu_memory_utilization,
+                                          self.config.chat.slots_on(self.device.type))
+        except KVBudgetTooSmall as err:
+            spec = next(s for s in self.specs if s.name == err.name)
+            raise LoadError(spec, "sizing its chat KV cache", err) from err
 
     def chat_batcher(self, name: str) -> ContinuousBatcher:
         """The chat model's batcher, started on first use (its KV cache is allocated then)."""
@@ -338,7 +350,7 @@ class Engine:
             if name not in self.chat_batchers:
                 parts, m = self.chat_parts(name), self.metrics
                 slots, max_len = self.config.chat.slots_on(self.device.type), self.chat_max_len(name)
-                decoder = parts.decoder(slots, max_len, self._chat_blocks(name, slots, max_len))
+                decoder = parts.decoder(slots, max_len, self.kv_blocks[name])
                 tokens = TokenMetrics(m.chat_first_token.labels(name), m.chat_token_gap.labels(name),
                                       m.chat_tokens.labels(name))
                 batcher = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,

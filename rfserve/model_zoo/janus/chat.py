@@ -21,6 +21,7 @@ from rfserve.model_zoo.base import ChatPrompt
 from rfserve.model_zoo.janus.loading import JanusParts
 from rfserve.model_zoo.janusflow.decoder import PagedDecoder
 from rfserve.model_zoo.janusflow.llm import LlamaBody
+from rfserve.model_zoo.paged_kv import llm_bytes_per_token
 
 ROLES = {"User": "user", "Assistant": "assistant"}
 
@@ -92,6 +93,10 @@ class JanusChat:
     @property
     def context_length(self) -> int:
         return self.parts.context_length
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return llm_bytes_per_token(self.parts.model.model.language_model.config, self.parts.dtype)
 
     def decoder(self, slots: int, max_len: int, num_blocks: int | None = None) -> PagedDecoder:
         p = self.parts

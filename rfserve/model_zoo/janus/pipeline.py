@@ -37,7 +37,7 @@ from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_s
 from rfserve.model_zoo.fast_path import CompiledCalls
 from rfserve.model_zoo.janus.loading import JanusParts, load_parts
 from rfserve.model_zoo.janus.sampling import guided_logits, next_tokens
-from rfserve.model_zoo.janusflow.llm import KVBuffers, KVPool, LlamaBody, run_layers
+from rfserve.model_zoo.janusflow.llm import T2I_PREFIX_TOKENS, KVBuffers, KVPool, LlamaBody, run_layers
 from rfserve.model_zoo.samplers import guidance_tensor, keep_rows
 from rfserve.model_zoo.seeding import generators
 
@@ -70,8 +70,10 @@ class JanusPipeline:
 
     @cached_property
     def max_prompt_tokens(self) -> int:
-        """Room left in the context for the prompt text after the template and the G image tokens."""
-        return self.parts.context_length - self.parts.num_image_tokens - len(self.chat_ids(""))
+        """Room for the prompt text after the template: within the context with the G image tokens, and within
+        the prefix the KV plan counts (`T2I_PREFIX_TOKENS`)."""
+        template = len(self.chat_ids(""))
+        return min(self.parts.context_length - self.parts.num_image_tokens - template, T2I_PREFIX_TOKENS - template)
 
     def text_ids(self, prompt: str) -> list[int]:
         return self.parts.tokenizer(prompt, add_special_tokens=False).input_ids

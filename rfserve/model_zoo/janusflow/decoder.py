@@ -33,7 +33,8 @@ from torch import nn
 from rfserve.model_zoo.fast_path import Captured, CompiledCalls
 from rfserve.model_zoo.janusflow.llm import CausalPrompt, PagedDecode, PagedPrefix, PagedWrite, run_layers
 from rfserve.model_zoo.janusflow.loading import JanusFlowParts
-from rfserve.model_zoo.paged_kv import NULL_BLOCK, PAGE, BlockAllocator, PagedKV, PromptChunk, blocks_for
+from rfserve.model_zoo.paged_kv import (NULL_BLOCK, PAGE, BlockAllocator, PagedKV, PromptChunk, blocks_for,
+                                        head_dim, llm_bytes_per_token)
 
 # A prompt's ids (L,), its images' pixels (or None) and the positions their features overwrite → (L, D).
 EmbedPrompt = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
@@ -62,6 +63,10 @@ class JanusFlowChat:
     def context_length(self) -> int:
         return self.parts.context_length
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return llm_bytes_per_token(self.parts.model.language_model.config, self.parts.dtype)
+
     def decoder(self, slots: int, max_len: int, num_blocks: int | None = None) -> "PagedDecoder":
         p, lm = self.parts, self.parts.model.language_model
         return PagedDecoder(lm, lm.lm_head, p.model.embed_prompt, p.device, p.dtype, slots, max_len, num_blocks)
@@ -80,9 +85,8 @@ class PagedDecoder:
         self.lm, self.head, self.embed_prompt = lm, head, embed_prompt
         self.device, self.dtype, self.slots, self.max_len = device, dtype, slots, max_len
         c = lm.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.num_blocks = num_blocks or default_blocks(slots, max_len)
-        self.kv = PagedKV.allocate(c.num_hidden_layers, c.num_key_value_heads, head_dim, self.num_blocks,
+        self.kv = PagedKV.allocate(c.num_hidden_layers, c.num_key_value_heads, head_dim(c), self.num_blocks,
                                    device=device, dtype=dtype)
         self.blocks = BlockAllocator(self.num_blocks)
         self.row_buckets: tuple[int, ...] = ()

@@ -29,7 +29,7 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from rfserve import kernels
-from rfserve.model_zoo.paged_kv import PagedKV
+from rfserve.model_zoo.paged_kv import PagedKV, head_dim
 
 
 class LlamaBody:
@@ -60,7 +60,13 @@ class KVBuffers:
 def _kv_shape(lm: LlamaForCausalLM, length: int) -> tuple[int, int, int]:
     """(kv_heads, length, head_dim): one row of one layer's keys or values."""
     c = lm.config
-    return c.num_key_value_heads or c.num_attention_heads, length, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_key_value_heads or c.num_attention_heads, length, head_dim(c)
+
+
+# The longest prefix (template and prompt) a text-to-image batch holds KV for: its KV is 2·rows × (prefix + the
+# image tokens), so a prompt allowed the whole context (16,384 tokens on Janus-Pro) would make one batch of 8
+# hold 16× what `rfserve plan` counts (issue #32). Both pipelines cut longer prompts to it, as SD cuts at 77.
+T2I_PREFIX_TOKENS = 512
 
 
 class KVPool:

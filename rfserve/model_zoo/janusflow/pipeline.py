@@ -29,7 +29,7 @@ import torch
 from rfserve import kernels
 from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
 from rfserve.model_zoo.fast_path import CompiledCalls
-from rfserve.model_zoo.janusflow.llm import KVBuffers, KVPool, run_layers
+from rfserve.model_zoo.janusflow.llm import T2I_PREFIX_TOKENS, KVBuffers, KVPool, run_layers
 from rfserve.model_zoo.janusflow.loading import JanusFlowParts, load_parts
 from rfserve.model_zoo.samplers import guidance_tensor, keep_rows, straight_ahead
 from rfserve.model_zoo.seeding import initial_noise
@@ -59,9 +59,11 @@ class JanusFlowPipeline:
 
     @property
     def max_prompt_tokens(self) -> int:
-        """Room left in the context for the prompt text after the template, t_emb and the image."""
+        """Room for the prompt text after the template: within the context with t_emb and the image, and within
+        the prefix the KV plan counts (`T2I_PREFIX_TOKENS`)."""
         template = len(self.parts.processor.t2i_prefix(""))
-        return self.parts.context_length - 1 - self.parts.num_gen_tokens - template - 4
+        return min(self.parts.context_length - 1 - self.parts.num_gen_tokens - template - 4,
+                   T2I_PREFIX_TOKENS - template)
 
     def prefixes(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids of each prompt's prefix; over-long prompts are cut to `max_prompt_tokens`."""
