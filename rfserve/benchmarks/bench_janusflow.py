@@ -166,11 +166,14 @@ def _batcher_tok_s(chat: ChatParts, decoder: ChatDecoder, ids: list[int], concur
 
 
 @torch.inference_mode()
-def hf_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int) -> float:
+def hf_decode(parts: JanusFlowParts, concurrency: int, new_tokens: int,
+              cache_implementation: str | None = None) -> float:
+    """Tokens/s of transformers' `generate()` over `concurrency` copies of the prompt; `cache_implementation`
+    "static" preallocates the cache as gpt-fast does (default: the dynamic cache)."""
     lm, ids = parts.model.language_model, chat_prompt(parts)
     input_ids = torch.tensor([ids] * concurrency, device=parts.device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              pad_token_id=parts.processor.pad_id, eos_token_id=None)
+              pad_token_id=parts.processor.pad_id, eos_token_id=None, cache_implementation=cache_implementation)
     lm.generate(input_ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})     # warm-up
     sync(parts.device)
     start = time.perf_counter()

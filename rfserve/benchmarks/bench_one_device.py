@@ -53,7 +53,7 @@ def chat_streams(engine: Engine, turns: DeviceTurns, streams: int, seconds: floa
     budget = min(engine.chat_max_len(MODEL) - len(ids) - 1, 200)
     gaps = Samples()
     batcher = ContinuousBatcher(parts.decoder(streams, engine.chat_max_len(MODEL)), parts.tokenizer, eos_id=-1,
-                                metrics=TokenMetrics(Samples(), gaps, Samples()), turns=turns).start()
+                                metrics=TokenMetrics(Samples(), gaps, Samples(), Samples()), turns=turns).start()
     stop = time.monotonic() + seconds
     done = threading.Semaphore(0)
 

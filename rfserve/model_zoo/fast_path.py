@@ -29,6 +29,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 # Held while a compile on the capture thread has fixed the intra-op thread count (one count for the whole
 # process) that its graph will guard on; the worker leaves the count be meanwhile (server.threads.ThreadPlan).
 THREAD_COUNT = threading.Lock()
+RECOMPILE_LIMIT = 256           # captures of one hot call's code object, every instance together (see `prepare`)
 
 
 def enable_compile_cache(folder: Path = DEFAULT_CACHE) -> None:
@@ -158,6 +159,10 @@ class CompiledCalls:
         if not compile_mode:
             return
         enable_compile_cache()
+        # Dynamo compiles one code object at most `recompile_limit` (8) times, across every instance: the chat
+        # step alone is captured per (row bucket, width bucket) for each chat model, well past 8, and a fullgraph
+        # compile past the limit is an error. Only captured shapes ever compile (`Captured`), so the bound is ours.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for owner, name in self.calls:
             eager = getattr(owner, name)
             fast = torch.compile(eager, mode=compile_mode, fullgraph=True, dynamic=False)

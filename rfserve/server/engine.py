@@ -352,13 +352,16 @@ class Engine:
                 slots, max_len = self.config.chat.slots_on(self.device.type), self.chat_max_len(name)
                 decoder = parts.decoder(slots, max_len, self.kv_blocks[name])
                 tokens = TokenMetrics(m.chat_first_token.labels(name), m.chat_token_gap.labels(name),
-                                      m.chat_tokens.labels(name))
+                                      m.chat_tokens.labels(name), m.chat_preemptions.labels(name))
                 batcher = ContinuousBatcher(decoder, parts.tokenizer, parts.processor.eos_id,
                                             max_waiting=self.config.chat.max_waiting, metrics=tokens,
                                             turns=self.turns).start()
                 m.chat_sequences.labels(name, "running").set_function(lambda: batcher.load[0])
                 m.chat_sequences.labels(name, "waiting").set_function(lambda: batcher.load[1])
                 m.chat_slots.labels(name).set(decoder.slots)
+                pool = decoder.blocks
+                m.chat_kv_blocks.labels(name, "free").set_function(lambda: pool.free_blocks)
+                m.chat_kv_blocks.labels(name, "used").set_function(lambda: pool.capacity - pool.free_blocks)
                 self.chat_batchers[name] = batcher
             return self.chat_batchers[name]
 

@@ -43,8 +43,12 @@ class Metrics:
         self.chat_tokens = Counter("rfserve_chat_tokens_total", "Chat tokens generated.", ["model"], registry=r)
         self.chat_sequences = Gauge("rfserve_chat_sequences", "Chat sequences by state (running, waiting).",
                                     ["model", "state"], registry=r)
-        self.chat_slots = Gauge("rfserve_chat_kv_slots", "Chat KV slots allocated (in use: running sequences).",
+        self.chat_slots = Gauge("rfserve_chat_kv_slots", "Chat sequences one decode step runs at most.",
                                 ["model"], registry=r)
+        self.chat_kv_blocks = Gauge("rfserve_chat_kv_blocks", "Chat KV cache blocks (16 tokens each) by state "
+                                    "(used, free).", ["model", "state"], registry=r)
+        self.chat_preemptions = Counter("rfserve_chat_preemptions_total", "Chat sequences preempted because the KV "
+                                        "pool was full (recomputed when blocks come back).", ["model"], registry=r)
 
     def track_cuda(self, device) -> None:
         """Allocator gauges for the serving device, so a leak (memory not returning to its idle level after

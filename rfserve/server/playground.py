@@ -33,6 +33,8 @@ class ChatStatus(BaseModel):
     running: int
     waiting: int
     slots: int
+    kv_tokens: int                            # the KV pool (none before the first chat request on the CPU)
+    kv_tokens_used: int
     first_token_p50_ms: float | None
     token_gap_p50_ms: float | None
 
@@ -135,8 +137,12 @@ def playground_router(engine) -> APIRouter:
             if model is not None and model.chat is not None:
                 batcher = engine.chat_batchers.get(spec.name)
                 running, waiting = batcher.load if batcher else (0, 0)
+                pool = batcher.decoder.blocks if batcher else None
                 chat = ChatStatus(running=running, waiting=waiting,
                                   slots=engine.config.chat.slots_on(engine.device.type),
+                                  kv_tokens=pool.capacity * batcher.decoder.page if batcher and pool else 0,
+                                  kv_tokens_used=(pool.capacity - pool.free_blocks) * batcher.decoder.page
+                                  if batcher and pool else 0,
                                   first_token_p50_ms=_ms(quantile(0.5, firsts.get(spec.name, []))),
                                   token_gap_p50_ms=_ms(quantile(0.5, gaps.get(spec.name, []))))
             models[spec.name] = ModelStatus(queue_depth=engine.batcher.depth(spec.name),

@@ -185,6 +185,24 @@ def test_capture_after_ready_keys_the_thread_count():
         assert calls == [1, 1] and graph_stats() == stats
 
 
+def test_a_hot_call_captures_more_shapes_than_dynamos_default_limit():
+    """Dynamo compiles one code object 8 times by default, across every instance; the chat step is captured per
+    (row bucket, width bucket) for each chat model, well past that, and a fullgraph compile past the limit fails
+    the capture. Twelve captured shapes of one call all compile and stay compiled."""
+    owner = SimpleNamespace(call=lambda x: x * 2)
+    fast = CompiledCalls([(owner, "call")])
+    with recorded_graphs():
+        fast.prepare("default")
+        for n in range(1, 13):
+            owner.call(torch.ones(n))
+        fast.finish_capture()
+        stats = graph_stats()
+        assert stats == {"graph_breaks": 0, "graphs": 12}
+        assert owner.call.shapes == {(torch.get_num_threads(), (n,)) for n in range(1, 13)}
+        torch.testing.assert_close(owner.call(torch.ones(12)), torch.full((12,), 2.0))
+        assert graph_stats() == stats
+
+
 def test_cpu_default_captures_after_ready(tiny_sd):
     """`--compile auto` on the CPU, for a family whose fast path says so: ready comes after the eager warm-up
     alone, the shapes warm-up saw compile on a background thread while requests are served eagerly, and then

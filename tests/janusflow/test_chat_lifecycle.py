@@ -125,6 +125,10 @@ def test_chat_metrics_count_tokens_and_gaps_and_reach_the_status_strip(server):
         before["rfserve_chat_inter_token_seconds_count"] == tokens - 1
     assert server.metric("rfserve_chat_sequences", model=MODEL, state="running") == 0
     assert read("rfserve_chat_kv_slots") == 4                      # the CPU default
+    free, used = (server.metric("rfserve_chat_kv_blocks", model=MODEL, state=s) for s in ("free", "used"))
+    assert used == 0 and free > 0                                   # the finished stream gave its blocks back
+    assert server.metric("rfserve_chat_preemptions_total", model=MODEL) == 0
     status = httpx.get(f"{server.url}/v1/status").json()["models"][MODEL]["chat"]
     assert status["running"] == 0 and status["slots"] == 4
+    assert status["kv_tokens"] == free * 16 and status["kv_tokens_used"] == 0
     assert status["first_token_p50_ms"] > 0 and status["token_gap_p50_ms"] > 0

@@ -69,6 +69,7 @@ class TokenMetrics:
     first_token: Any                          # histogram: seconds from submit to the first token
     token_gap: Any                            # histogram: seconds between a stream's tokens
     tokens: Any                               # counter
+    preemptions: Any                          # counter
 
 
 @dataclass(eq=False)
@@ -229,6 +230,8 @@ class ContinuousBatcher:
                 self._retire([victim])
                 victim.length = 0
                 self.preemptions += 1
+                if self.metrics is not None:
+                    self.metrics.preemptions.inc()
                 log.info("chat KV pool full: a sequence of %d tokens is preempted and will be recomputed",
                          len(victim.ids) + len(victim.generated))
                 with self._cond:

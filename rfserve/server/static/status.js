@@ -19,7 +19,9 @@ export function startStatus() {
       models.textContent = Object.entries(s.models).map(([name, m]) => {
         const line = `${name}: queue ${m.queue_depth} · p50 ${ms(m.p50_ms)}`;
         const c = m.chat;
-        return c ? `${line} · chat ${c.running}/${c.slots} running, ${c.waiting} waiting · first token ` +
+        const kv = c && c.kv_tokens ? ` · KV ${Math.round((100 * c.kv_tokens_used) / c.kv_tokens)}% of ` +
+          `${c.kv_tokens.toLocaleString()} tokens` : "";
+        return c ? `${line} · chat ${c.running}/${c.slots} running, ${c.waiting} waiting${kv} · first token ` +
           `${ms(c.first_token_p50_ms)} · token gap ${ms(c.token_gap_p50_ms)}` : line;
       }).join("  |  ");
       models.title = `p50 over the last ${Math.round(s.window_s)} s`;
