@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -128,6 +128,14 @@ class Pipeline(Protocol):
     def fast_path(self) -> FastPath | None:
         """The compiled path to capture during warm-up, or None where the family has none yet."""
         ...
+
+
+@runtime_checkable
+class ReservesMemory(Protocol):
+    """A pipeline that holds memory beyond the forward's own between batches (the chat families' text-to-image KV
+    pool): the engine reserves it at load for `--max-batch` images, before warm-up measures what is used."""
+
+    def reserve_memory(self, max_batch: int) -> None: ...
 
 
 class ChatDecoder(Protocol):

@@ -53,6 +53,7 @@ class Footprint:
     stages: dict[str, Callable[[], object]]
     kv_bytes_per_token: int = 0       # chat models only
     context: int = 0                  # tokens one chat sequence may reach
+    held_bytes: int = 0               # what a stage keeps between batches: the text-to-image KV pool (KVPool.reserve)
 
     def weights_bytes(self) -> int:
         tensors = {id(t): t for m in self.modules for t in (*m.parameters(), *m.buffers())}   # tied once
@@ -72,6 +73,7 @@ class ModelPlan:
     context: int = 0
     kv_tokens: int = 0
     stages: dict[str, int] = field(default_factory=dict)     # each stage's peak; activation is their max
+    held_bytes: int = 0               # the part of the activation held from load on (Footprint.held_bytes)
 
     @property
     def chats(self) -> bool:
@@ -89,7 +91,8 @@ class ModelPlan:
     def to_json(self) -> dict:
         return {"name": self.name, "family": self.family, "weights_bytes": self.weights_bytes,
                 "activation_bytes": self.activation_bytes, "kv_bytes": self.kv_bytes, "kv_tokens": self.kv_tokens,
-                "kv_bytes_per_token": self.kv_bytes_per_token, "total_bytes": self.total_bytes}
+                "kv_bytes_per_token": self.kv_bytes_per_token, "held_bytes": self.held_bytes,
+                "total_bytes": self.total_bytes}
 
 
 @dataclass
@@ -104,9 +107,14 @@ class MemoryPlan:
         return int(self.device_memory * self.utilization)
 
     @property
+    def held_bytes(self) -> int:
+        return sum(m.held_bytes for m in self.models)
+
+    @property
     def reserve_bytes(self) -> int:
-        """One activation reserve: the largest forward of any model, as only one runs at a time."""
-        return max((m.activation_bytes for m in self.models), default=0)
+        """One activation reserve: the largest transient peak of any model, as only one forward runs at a time.
+        What a model holds from load on (its text-to-image KV pool) is counted apart, once per model."""
+        return max((m.activation_bytes - m.held_bytes for m in self.models), default=0)
 
     @property
     def fits(self) -> bool:
@@ -124,10 +132,10 @@ class MemoryPlan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]
-        used = sum(m.weights_bytes + m.kv_bytes for m in self.models) + self.reserve_bytes
+        used = sum(m.weights_bytes + m.kv_bytes for m in self.models) + self.held_bytes + self.reserve_bytes
         lines += ["", f"budget {_gib(self.budget_bytes)} GiB = {_gib(self.device_memory)} GiB × {self.utilization:g}; "
-                      f"planned {_gib(used)} GiB (weights + KV + one activation reserve of "
-                      f"{_gib(self.reserve_bytes)} GiB); sizes in GiB"]
+                      f"planned {_gib(used)} GiB (weights + KV + text-to-image KV pools of {_gib(self.held_bytes)} "
+                      f"GiB + one activation reserve of {_gib(self.reserve_bytes)} GiB); sizes in GiB"]
         lines.append("fits" if self.fits else f"does not fit: {self.problem}")
         return "\n".join(lines)
 
@@ -146,9 +154,10 @@ def plan_memory(specs: list[str] | list[ModelSpec], *, device_memory: int, utili
     plan = MemoryPlan(device_memory, utilization, models)
     for m in models:
         m.context = min(m.context, max_len) if max_len else m.context
-    free = plan.budget_bytes - sum(m.weights_bytes for m in models) - plan.reserve_bytes
+    fixed = sum(m.weights_bytes for m in models) + plan.held_bytes
+    free = plan.budget_bytes - fixed - plan.reserve_bytes
     if free < 0:
-        plan.problem = (f"weights {_gib(sum(m.weights_bytes for m in models))} GiB + activation reserve "
+        plan.problem = (f"weights and text-to-image KV pools {_gib(fixed)} GiB + activation reserve "
                         f"{_gib(plan.reserve_bytes)} GiB exceed the budget of {_gib(plan.budget_bytes)} GiB")
         return plan
     share_kv([m for m in models if m.chats], free, max_seqs)
@@ -181,7 +190,7 @@ def plan_model(spec: ModelSpec, *, device, dtype: torch.dtype, max_batch: int) -
     fp = footprint(spec, torch.device(device), dtype, max_batch)
     stages = fp.activation_bytes()
     return ModelPlan(spec.name, spec.preset.family, fp.weights_bytes(), max(stages.values(), default=0),
-                     fp.kv_bytes_per_token, fp.context, stages=stages)
+                     fp.kv_bytes_per_token, fp.context, stages=stages, held_bytes=fp.held_bytes)
 
 
 def footprint(spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch: int) -> Footprint:
@@ -317,7 +326,7 @@ def _janusflow(spec, folder, device, dtype, B) -> Footprint:
     return Footprint([model, vae], {
         "sample": sample,
         "decode": lambda: vae.decode(_zeros(B, *latent, device=device, dtype=vae.dtype), return_dict=False)[0]},
-        llm_bytes_per_token(cfg.language, dtype), context)
+        llm_bytes_per_token(cfg.language, dtype), context, R * (P + 1 + G) * llm_bytes_per_token(cfg.language, dtype))
 
 
 def _janus(spec, folder, device, dtype, B) -> Footprint:
@@ -342,4 +351,4 @@ def _janus(spec, folder, device, dtype, B) -> Footprint:
     return Footprint([model], {
         "sample": sample,
         "decode": lambda: model.decode_image_tokens(_zeros(B, G, device=device))},            # (B, H, W, 3)
-        llm_bytes_per_token(text, dtype), text.max_position_embeddings)
+        llm_bytes_per_token(text, dtype), text.max_position_embeddings, R * (P + G) * llm_bytes_per_token(text, dtype))

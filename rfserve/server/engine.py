@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rfserve.kernels import dispatch, tuning
-from rfserve.model_zoo.base import ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, parse_size
+from rfserve.model_zoo.base import (ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, ReservesMemory,
+                                    parse_size)
 from rfserve.model_zoo.loading import describe
 from rfserve.model_zoo.presets import ModelSpec
 from rfserve.model_zoo.registry import load_model, parse_spec, resolve_dtype
@@ -108,10 +109,13 @@ class Engine:
     def load(self, progress: bool = True) -> None:
         """Load every model, warm it (capturing the fast path when compiling, on CUDA by default), start
         the worker, then flip ready."""
+        log_plan(self.specs, self.device, self.dtype, self.config)
         for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
             start = time.perf_counter()
             try:
                 model = load_model(spec, self.device, self.dtype)
+                if isinstance(model.pipeline, ReservesMemory):
+                    model.pipeline.reserve_memory(self.config.max_batch)
             except Exception as err:
                 raise LoadError(spec, "loading", err) from err
             if self.config.max_steps:
@@ -120,7 +124,6 @@ class Engine:
                 model.card = replace(model.card, max_steps=cap, defaults=replace(d, steps=min(d.steps, cap)))
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
-        log_plan(self.specs, self.device, self.dtype, self.config)
         tuning.thaw()
         if self.config.warmup:
             for spec in self.specs:

@@ -46,6 +46,11 @@ def test_the_pool_takes_the_budget_and_streams_beyond_it_still_finish(tiny_janus
     engine.load(progress=False)
     try:
         assert engine.kv_blocks[MODEL] == tokens // PAGE + 1
+        pipe = engine.models[MODEL].pipeline        # its text-to-image KV pool was held before the budget was read
+        lm = pipe.parts.model.language_model.config
+        longest = -(-(len(pipe.parts.processor.t2i_prefix("")) + pipe.max_prompt_tokens) // 64) * 64
+        assert pipe.kv_pool.flat[0].numel() == 2 * 8 * (longest + 1 + pipe.parts.num_gen_tokens) * \
+            lm.num_key_value_heads * (lm.hidden_size // lm.num_attention_heads)
         batcher = engine.chat_batcher(MODEL)
         assert batcher.decoder.num_blocks == tokens // PAGE + 1
         parts, sinks = engine.chat_parts(MODEL), []

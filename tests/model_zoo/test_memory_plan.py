@@ -49,6 +49,18 @@ def test_every_preset_fits_80gib_and_chat_gets_64k_tokens(alone):
     assert alone["janus-pro-7b"].models[0].kv_bytes_per_token == 2 * 30 * 32 * 128 * 2
 
 
+def test_text_to_image_pools_are_held_apart_from_the_shared_reserve():
+    """Janus-Pro's text-to-image KV pool is reserved at load (KVPool.reserve) and held: counted once for its model,
+    beside the one transient reserve that Hunyuan-DiT's decode sets, not inside it."""
+    plan = plan_memory(["janus-pro-7b", "hunyuan-dit-v1.2"], device_memory=80 * GiB)
+    janus, hunyuan = plan.models
+    assert janus.held_bytes == 2 * 8 * (512 + 576) * janus.kv_bytes_per_token       # CFG rows × (prefix + image)
+    assert 0 < janus.held_bytes < janus.activation_bytes and hunyuan.held_bytes == 0
+    assert plan.reserve_bytes == max(janus.activation_bytes - janus.held_bytes, hunyuan.activation_bytes)
+    used = janus.weights_bytes + hunyuan.weights_bytes + janus.held_bytes + plan.reserve_bytes + janus.kv_bytes
+    assert plan.fits and 0 <= plan.budget_bytes - used < PAGE * janus.kv_bytes_per_token
+
+
 def test_weights_match_the_published_checkpoints(alone):
     """Janus-Pro-7B: 7.42B parameters (the hub's safetensors count), bf16, lm_head apart from the embeddings.
     JanusFlow-1.3B: model.safetensors is 4.09 GB of bf16 (2.05B parameters, with a 12.6M pooling head we do not
@@ -63,7 +75,8 @@ def test_chat_models_share_kv_equally_and_respect_the_sequence_cap():
     plan = plan_memory(["janus-pro-1b", "janus-pro-7b"], device_memory=80 * GiB)
     small, large = plan.models
     assert plan.fits and small.kv_tokens == large.kv_tokens
-    used = small.weights_bytes + large.weights_bytes + plan.reserve_bytes + small.kv_bytes + large.kv_bytes
+    used = (small.weights_bytes + large.weights_bytes + plan.held_bytes + plan.reserve_bytes + small.kv_bytes
+            + large.kv_bytes)
     assert plan.budget_bytes - used < PAGE * (small.kv_bytes_per_token + large.kv_bytes_per_token)
     capped = plan_memory(["janusflow-1.3b"], device_memory=80 * GiB, max_seqs=4)
     assert capped.models[0].kv_tokens == 4 * 4096                    # 4 sequences at JanusFlow's full context

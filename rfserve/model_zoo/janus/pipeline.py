@@ -75,6 +75,11 @@ class JanusPipeline:
         template = len(self.chat_ids(""))
         return min(self.parts.context_length - self.parts.num_image_tokens - template, T2I_PREFIX_TOKENS - template)
 
+    def reserve_memory(self, max_batch: int) -> None:
+        """The KV pool of `max_batch` images (2 rows each, CFG) at the longest prompt and the G image tokens."""
+        longest = len(self.chat_ids("")) + self.max_prompt_tokens
+        self.kv_pool.reserve(2 * max_batch, longest + self.parts.num_image_tokens)
+
     def text_ids(self, prompt: str) -> list[int]:
         return self.parts.tokenizer(prompt, add_special_tokens=False).input_ids
 

@@ -78,9 +78,12 @@ class KVPool:
     fixed from one replay to the next (inductor otherwise skips CUDA graphs for it: "mutated inputs"). Every
     view starts at its buffer's first element, so a bucket's graph always sees the same addresses, and the
     views are marked static. A view is contiguous, so its strides depend on its own shape alone, never on how
-    large the pool has grown: the compiled graphs' stride guards hold. The pool grows to the largest batch
-    asked for and keeps that memory, as a serving KV cache does; after a growth each captured graph
-    re-records once. One batch at a time uses it: the worker runs a pipeline's batches one after another.
+    large the pool has grown: the compiled graphs' stride guards hold. The server reserves the pool at load for
+    the largest batch it will run (`reserve`: `--max-batch` prompts of the longest prefix, `T2I_PREFIX_TOKENS`),
+    so that its memory is held from the start, where the chat KV budget measures it, and no batch grows it
+    later; a pool used without a reservation grows to the largest batch asked for and keeps that memory, as a
+    serving KV cache does, and after a growth each captured graph re-records once. One batch at a time uses it:
+    the worker runs a pipeline's batches one after another.
     """
 
     def __init__(self, lm: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):
@@ -94,6 +97,10 @@ class KVPool:
         for t in (*kv.keys, *kv.values):
             t.zero_()
         return kv
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Hold the memory of a batch of `rows` sequences of `length` columns from now on."""
+        self._views(rows, length)
 
     def keep(self, kv: KVBuffers, rows: list[int]) -> KVBuffers:
         """The batch `kv` (this pool's) cut to `rows`, in that order, moved to the front of the pool: a batch

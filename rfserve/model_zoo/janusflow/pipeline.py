@@ -65,6 +65,12 @@ class JanusFlowPipeline:
         return min(self.parts.context_length - 1 - self.parts.num_gen_tokens - template - 4,
                    T2I_PREFIX_TOKENS - template)
 
+    def reserve_memory(self, max_batch: int) -> None:
+        """The KV pool of `max_batch` images (2 rows each, CFG) at the longest prefix, padded as `sample` pads it."""
+        longest = len(self.parts.processor.t2i_prefix("")) + self.max_prompt_tokens
+        P = -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET
+        self.kv_pool.reserve(2 * max_batch, P + 1 + self.parts.num_gen_tokens)
+
     def prefixes(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids of each prompt's prefix; over-long prompts are cut to `max_prompt_tokens`."""
         proc, limit = self.parts.processor, self.max_prompt_tokens
