@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu/run.sh hunyuan    # Hunyuan-DiT against diffusers; streaming previews and edits; chat sampling
 #   bash benchmarks/gpu/run.sh janusflow  # JanusFlow against the reference loop and transformers' generate()
 #   bash benchmarks/gpu/run.sh janus      # Janus-Pro against transformers
+#   bash benchmarks/gpu/run.sh chat       # chat decode against the context (512 to 65,536), and 8 streams
+#                                         # against generate() with a static cache (issue #32)
 #   bash benchmarks/gpu/run.sh host       # the host path at GPU pace on the device machine's CPUs, and encoders
 #   bash benchmarks/gpu/run.sh dry        # every step above, on this CPU at tiny shapes: CI runs it, so that a
 #                                         # device call never meets a typo, a missing flag or a missing module
@@ -27,6 +29,7 @@ if [ "$MODE" = dry ]; then
   SUITE="--arch tiny --device cpu --batches 1,2 --concurrency 1,2 --requests 4 --open-requests 6 --repeats 1"
   HOST="--quick --sizes 64 --seconds 1"; ENC="--sizes 64 --seconds 0.2"; HUNYUAN="--steps 2 --repeat 1"; STREAM="--repeat 1"
   SAMPLING="--rows 1,8 --repeat 1"; JANUSFLOW="--concurrency 8"; JANUS="--batches 1 --concurrency 8"
+  CHAT="--contexts 512,1024 --new-tokens 8"
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PWD" || exit 1
@@ -34,7 +37,7 @@ else
   DEVICE=cuda; TINY=
   SUITE="--arch sd15 --device cuda --batches 1,16 --concurrency 1,4,16,64 --requests 64 --open-requests 200 --repeats 5"
   HOST="--sizes 512,1024 --seconds 3"; ENC="--sizes 512,1024"; HUNYUAN="--steps 50 --repeat 3"; STREAM="--batch 8 --repeat 5"
-  SAMPLING=; JANUSFLOW=; JANUS=--real
+  SAMPLING=; JANUSFLOW=; JANUS=--real; CHAT=
 fi
 
 core() {
@@ -63,6 +66,10 @@ janus() {
   # shellcheck disable=SC2086
   step "janus-pro" 560 python3 -m rfserve.benchmarks.bench_janus $JANUS --out "$OUT" > "$OUT/janus_pro.log" 2>&1
 }
+chat() {
+  # shellcheck disable=SC2086
+  step "chat context" 560 python3 -m rfserve.benchmarks.bench_chat_context $TINY $CHAT --out "$OUT" > "$OUT/chat.log" 2>&1
+}
 host() {
   # shellcheck disable=SC2086
   step "host path" 420 python3 -m rfserve.benchmarks.bench_host $HOST --out "$OUT/host" > "$OUT/host.log" 2>&1
@@ -75,9 +82,10 @@ case "$MODE" in
   hunyuan) hunyuan; reports="bench_hunyuan.md streaming/streaming.md sampling/sampling.md" ;;
   janusflow) janusflow; reports="bench_janusflow.md" ;;
   janus) janus; reports="bench_janus_janus-pro-1b.md" ;;
+  chat) chat; reports="bench_chat_context.md" ;;
   host) host; reports="host/host.md" ;;
-  dry) core; hunyuan; janusflow; janus; host; reports="" ;;
-  *) echo "usage: run.sh core|hunyuan|janusflow|janus|host|dry" >&2; exit 2 ;;
+  dry) core; hunyuan; janusflow; janus; chat; host; reports="" ;;
+  *) echo "usage: run.sh core|hunyuan|janusflow|janus|chat|host|dry" >&2; exit 2 ;;
 esac
 for f in $reports; do [ -f "$OUT/$f" ] && { echo "---- $f"; cat "$OUT/$f"; }; done
 if [ "$MODE" = dry ] && [ "$FAILED" -ne 0 ]; then
