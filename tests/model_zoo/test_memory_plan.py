@@ -34,6 +34,7 @@ def test_peak_tracker_counts_a_matmul_chain_on_meta():
     assert peak_bytes(lambda: w.t()[:2]) == 0                                       # views allocate nothing
 
 
+@pytest.mark.smoke            # builds every family on meta with the libraries' own classes: upstream changes show
 def test_every_preset_fits_80gib_and_chat_gets_64k_tokens(alone):
     for name, plan in alone.items():
         assert plan.fits, f"{name}: {plan.problem}"
