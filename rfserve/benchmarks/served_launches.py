@@ -9,9 +9,9 @@ The attention operands are laid out as the processor passes them: projections (B
 (B, H, L, D); Hunyuan's query and key are materialised by qk-norm and RoPE, its value stays a view.
 
 Chat decode attention (the split kernel and its combine) runs for the LLMs of JanusFlow-1.3B and Janus-Pro
-1B/7B at their full context, at every slot bucket the chat decoder captures, over the paged cache (PAGE =
-PAGED_PAGE, what the chat decoder serves since issue #32) and over the slot cache read as one block per sequence
-(PAGE = context: no longer served; kept until the compile figures in RESULTS.md are recorded again).
+1B/7B at every row bucket the chat decoder captures on CUDA, over the paged cache (blocks of
+`model_zoo.paged_kv.PAGE` tokens) with a block table as wide as the full context: the one width CUDA captures
+(`PagedDecoder.fast_path`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from rfserve.kernels.launch import Launch
 from rfserve.model_zoo.hunyuan_dit.geometry import SUPPORTED_SHAPES
 from rfserve.model_zoo.janus.config import ARCHS as JANUS_ARCHS
 from rfserve.model_zoo.janusflow.config import preset as janusflow_preset
+from rfserve.model_zoo.paged_kv import PAGE
 from rfserve.model_zoo.presets import PRESETS
 from rfserve.server.chat.config import ChatConfig
 from rfserve.server.config import ServerConfig
@@ -34,7 +35,6 @@ SD_VAE_HEAD_DIM = 512
 HUNYUAN_HEADS, HUNYUAN_HEAD_DIM, HUNYUAN_TEXT_TOKENS = 16, 88, 77 + 256
 JANUSFLOW_LATENT = 48  # 384 px / 8
 SD15_PRESETS = ("instaflow-0.9b", "instaflow-2rf", "perflow-sd15")
-PAGED_PAGE = 16  # tokens per KV block of the paged cache (issue #32)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _chat_llms() -> dict[str, tuple[int, int, int, int]]:
 
 def _decode(model, B, H, kv_heads, D, context, slots, page) -> list[ServedLaunch]:
     """Both kernels of one decode call: B running rows of a cache sized for `slots` sequences of `context`
-    tokens, in blocks of `page` tokens (page = context: the slot cache, one block per sequence)."""
+    tokens, in blocks of `page` tokens, each row's table as wide as the context."""
     def build(dtype):
         from rfserve.kernels.triton_decode import decode_launches
 
@@ -149,6 +149,5 @@ def served_launches(buckets: tuple[int, ...] = ServerConfig.batch_buckets) -> li
     slots = ChatConfig().slots_on("cuda")
     for model, (H, kv_heads, D, context) in _chat_llms().items():
         for b in chat_buckets(buckets, slots):
-            for page in (PAGED_PAGE, context):
-                out.extend(_decode(model, b, H, kv_heads, D, context, slots, page))
+            out.extend(_decode(model, b, H, kv_heads, D, context, slots, PAGE))
     return out

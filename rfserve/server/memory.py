@@ -7,7 +7,8 @@ largest warm-up batch, not planned:
 - on CUDA, the allocator's peak since start: the weights, the largest batch at `--max-batch` at every size
   (warm-up tunes each), captured graphs' pools;
 - on the CPU, the process's resident memory: the weights, the activations the allocator keeps, the libraries.
-  The host has no device allocator to ask, and the resident set is what competes with the KV for RAM.
+  The host has no device allocator to ask, and the resident set is what competes with the KV for RAM. The
+  CPU's total is the container's cgroup limit where one is set below the host's RAM.
 The remaining `utilization` margin covers what neither sees (cuBLAS workspaces, the chat step's own graphs).
 A chat model never gets more than every sequence at full length (`max_seqs × max_len`) nor less than one
 sequence at full length: a budget below that fails the start with one line that says what to change.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,7 @@ from rfserve.model_zoo.presets import ModelSpec
 from rfserve.server.config import ServerConfig
 
 log = logging.getLogger("rfserve.memory")
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))   # v2, v1
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,26 @@ class KVBudgetTooSmall(RuntimeError):
 
 
 def device_total(device: torch.device, device_memory: int | None) -> int:
-    """The memory to plan with: `--device-memory`, else the device's (the host's RAM on the CPU)."""
+    """The memory to plan with: `--device-memory`, else the device's (on the CPU, the host's, see `host_memory`)."""
     if device_memory:
         return device_memory
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[1]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host_memory()
+
+
+def host_memory() -> int:
+    """The host's RAM, or a container's memory limit where its cgroup sets a lower one: a pod's limit is what the
+    kernel's OOM killer enforces, whatever RAM the node has."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in CGROUP_LIMITS:
+        try:
+            text = limit.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():                  # "max" (v2) or a huge v1 figure: no lower limit
+            total = min(total, int(text))
+    return total
 
 
 def used_bytes(device: torch.device) -> int:

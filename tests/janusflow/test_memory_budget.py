@@ -25,6 +25,18 @@ def test_blocks_are_shared_by_tokens_and_capped_and_floored():
     assert err.value.name == "a"
 
 
+def test_a_containers_memory_limit_bounds_the_cpu_total(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", ())
+    host = memory.host_memory()                         # the machine's RAM alone
+    unlimited, limited = tmp_path / "v2", tmp_path / "v1"
+    unlimited.write_text("max\n")
+    limited.write_text(f"{host // 4}\n")
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (unlimited, tmp_path / "absent"))
+    assert memory.host_memory() == host
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (unlimited, limited))
+    assert memory.host_memory() == host // 4
+
+
 def budget_for(tokens: int, bytes_per_token: int, utilization: float = 0.9) -> int:
     """A device memory whose budget, with nothing used, holds `tokens` of KV."""
     return int(tokens * bytes_per_token / utilization) + 1
