@@ -1,5 +1,5 @@
 """The compile check, run as CI runs it: every served launch, bf16 and fp16, sm_90 and sm_80, once per binary
-the GPU would build (284 compiles, about 8 minutes cold on 2 cores), in a process without TRITON_INTERPRET,
+the GPU would build (256 compiles, about 8 minutes cold on 2 cores), in a process without TRITON_INTERPRET,
 since the interpreter's `triton.jit` functions cannot be compiled. `--subset` (`representative`) is the quick
 check while working on a kernel.
 """
