@@ -329,7 +329,7 @@ class Engine:
         return parts
 
     def chat_max_len(self, name: str) -> int:
-        """Tokens per KV slot: `--chat-max-len`, never past the model's context."""
+        """Tokens one sequence may hold: `--chat-max-len`, never past the model's context."""
         context = self.chat_parts(name).context_length
         return min(self.config.chat.max_len or context, context)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 # (field, variable, meaning) of the integer settings; the flag is --chat-<field with dashes>.
 INT_SETTINGS = (
     ("slots", "RFSERVE_CHAT_SLOTS", "sequences decoded together (default: 32 on CUDA, 4 on CPU)"),
-    ("max_len", "RFSERVE_CHAT_MAX_LEN", "tokens per slot, prompt and completion (default: the model's context)"),
+    ("max_len", "RFSERVE_CHAT_MAX_LEN", "tokens one sequence may hold, prompt and completion (default: the model's context)"),
     ("max_waiting", "RFSERVE_CHAT_MAX_WAITING", "sequences queued for a slot before 429 (default: 256)"),
     ("max_images", "RFSERVE_CHAT_MAX_IMAGES", "image parts per request (default: 4)"),
     ("max_image_pixels", "RFSERVE_CHAT_MAX_IMAGE_PIXELS", "width x height cap, checked before decoding "
@@ -33,7 +33,8 @@ class ChatConfig:
     default_max_tokens: int = 512
 
     def slots_on(self, device_type: str) -> int:
-        """Slots are KV memory: many on a GPU, few where each decode step costs CPU time."""
+        """Sequences one decode step runs: many on a GPU, few where each step's rows cost CPU time. The KV they share
+        comes from the memory budget (server.memory), not from this number."""
         return self.slots or (32 if device_type == "cuda" else 4)
 
     @classmethod
