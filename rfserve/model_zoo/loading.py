@@ -28,6 +28,11 @@ def describe(err: BaseException) -> str:
     return first if isinstance(err, CheckpointError) else f"{type(err).__name__}: {first}"
 
 
+def is_hub_id(source: str) -> bool:
+    """Whether `resolve_source` looks `source` up on the hub (or in its cache): it names no local path."""
+    return not Path(source).expanduser().exists() and bool(_HUB_ID.match(source))
+
+
 def resolve_source(source: str, *, variant: str | None = None) -> Path:
     path = Path(source).expanduser()
     if path.exists():

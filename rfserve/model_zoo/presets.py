@@ -1,16 +1,25 @@
 """Named presets: which pipeline family serves a name, where its weights live by
-default, its generation defaults, and the sizes it accepts."""
+default, its generation defaults, and the sizes it accepts; and the `--model` SPEC that names one.
+
+The SPEC is parsed here, beside the presets, and not in the registry: the registry imports every family
+(seconds of diffusers and transformers), and the CLI refuses an unknown preset or option before that."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from rfserve.model_zoo.base import ImageDefaults, Vocabulary
+from rfserve.model_zoo.loading import CheckpointError
 from rfserve.model_zoo.rf_shapes.presets import CHECKPOINT_DIR, RF_SHAPES_DEFAULTS
 from rfserve.model_zoo.rf_shapes.vocabulary import VOCABULARY as RF_SHAPES_VOCABULARY
 
 SD_SIZE_FACTORS = ((1.0, 1.0), (1.0, 1.5), (1.5, 1.0), (1.5, 1.5))   # (w, h) × native side
 # The families whose loader also returns chat parts (`LoadedModel.chat`): what `rfserve serve -h` lists as chatting.
 CHAT_FAMILIES = frozenset({"janusflow", "janus"})
+# PeRFlow's parameterisations (model_zoo.perflow.scheduler), which `?prediction_type=` may name.
+PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
+SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling",
+                "ms_per_image", "ms_per_batch", "sizes", "temperature"}
 PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-saturated, "
                     "high-contrast, out of focus, dark")
 
@@ -82,3 +91,18 @@ class ModelSpec:
     @property
     def preset(self) -> Preset:
         return PRESETS[self.name]
+
+
+def parse_spec(text: str) -> ModelSpec:
+    head, _, query = text.partition("?")             # the options may follow a bare NAME too
+    name, _, source = head.partition("=")
+    name = name.strip()
+    if name not in PRESETS:
+        raise CheckpointError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    options = dict(parse_qsl(query, keep_blank_values=False))
+    unknown = set(options) - SPEC_OPTIONS
+    if unknown:
+        raise CheckpointError(f"unknown option(s) {sorted(unknown)} in --model {text}; known: {sorted(SPEC_OPTIONS)}")
+    if options.get("prediction_type", "diff_eps") not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}")
+    return ModelSpec(name, source.strip() or PRESETS[name].source, options)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
-from urllib.parse import parse_qsl
 
 import torch
 
@@ -17,29 +16,11 @@ from rfserve.model_zoo.hunyuan_dit import load_hunyuan
 from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from rfserve.model_zoo.janus import load_janus
 from rfserve.model_zoo.janusflow import load_janusflow
-from rfserve.model_zoo.loading import CheckpointError, resolve_source
+from rfserve.model_zoo.loading import resolve_source
 from rfserve.model_zoo.perflow.pipeline import PeRFlowPipeline
-from rfserve.model_zoo.perflow.scheduler import PREDICTION_TYPES
-from rfserve.model_zoo.presets import PRESETS, ModelSpec, Preset
+from rfserve.model_zoo.presets import ModelSpec, Preset
+from rfserve.model_zoo.presets import parse_spec as parse_spec      # re-exported: what callers load, they parse
 from rfserve.model_zoo.synthetic import load_synthetic
-
-SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling",
-                "ms_per_image", "ms_per_batch", "sizes", "temperature"}
-
-
-def parse_spec(text: str) -> ModelSpec:
-    head, _, query = text.partition("?")             # the options may follow a bare NAME too
-    name, _, source = head.partition("=")
-    name = name.strip()
-    if name not in PRESETS:
-        raise CheckpointError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-    options = dict(parse_qsl(query, keep_blank_values=False))
-    unknown = set(options) - SPEC_OPTIONS
-    if unknown:
-        raise CheckpointError(f"unknown option(s) {sorted(unknown)} in --model {text}; known: {sorted(SPEC_OPTIONS)}")
-    if options.get("prediction_type", "diff_eps") not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}")
-    return ModelSpec(name, source.strip() or PRESETS[name].source, options)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -48,8 +29,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    root = resolve_source(spec.source) if spec.source else None      # None: the family needs no checkpoint
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, root: Path | None = None) -> LoadedModel:
+    """`root`: the source already resolved (server.sources, before the model libraries were imported)."""
+    if root is None and spec.source:
+        root = resolve_source(spec.source)      # still None: the family needs no checkpoint
     return FAMILY_LOADERS[spec.preset.family](spec, root, device, dtype)
 
 

@@ -22,7 +22,7 @@ from rfserve.server.chat.config import INT_SETTINGS, ChatConfig
 from rfserve.server.config import ServerConfig
 
 if TYPE_CHECKING:
-    from rfserve.server.engine import LoadError
+    from rfserve.server.sources import LoadError
 
 # What the first-run banner's curl line asks for: a prompt every model draws something sensible for.
 TRY_PROMPT = "a red circle on a blue background"
@@ -207,6 +207,16 @@ def _fail_loading(err: LoadError, debug: bool) -> NoReturn:
     _fail(str(err))
 
 
+def _sources(models: list[str], model_root: str | None, debug: bool) -> dict[str, Path]:
+    """The checkpoint folders, found before the model libraries' seconds of imports (server.sources)."""
+    from rfserve.server.sources import LoadError, find_sources, model_specs
+
+    try:
+        return find_sources(model_specs(models, model_root))     # a bad SPEC's CheckpointError: main's one line
+    except LoadError as err:
+        _fail_loading(err, debug)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before any model loads: a busy or forbidden address then fails in a
     second, not after minutes of loading and warming (where uvicorn's own bind aborted the process)."""
@@ -231,6 +241,8 @@ def serve(args) -> None:
         _fail(f"--api-key-file: {err}")
     utilization, device_memory = _memory_flags(args)
     sock = listen(args.host, args.port)
+    debug = args.debug or args.log_level.lower() == "debug"
+    sources = _sources(args.models or ["rf-shapes"], args.model_root, debug)
     _quiet_libraries()                  # the model libraries' seconds of imports come after the quick refusals
     from rfserve.server.app import create_app
     from rfserve.server.engine import Engine, LoadError
@@ -249,7 +261,7 @@ def serve(args) -> None:
                           batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads,
                           gpu_memory_utilization=utilization, device_memory=device_memory,
                           chat=_chat_config(args))
-    engine = Engine(config)
+    engine = Engine(config, sources=sources)
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
     server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
     watchdog = Watchdog(engine, config.watchdog_s)
@@ -275,7 +287,7 @@ def serve(args) -> None:
     watchdog.stop()
     engine.shutdown()
     if failure:
-        _fail_loading(failure[0], args.debug or args.log_level.lower() == "debug")
+        _fail_loading(failure[0], debug)
     if engine.compiling_in_background:
         _exit_during_compile()
 
@@ -344,6 +356,7 @@ def generate(args) -> None:
     if args.output.suffix.lower() not in SUFFIX_FORMATS:
         _fail(f"-o: cannot write {args.output.suffix or 'a file without a suffix'}; "
               f"use one of {', '.join(SUFFIX_FORMATS)}")
+    sources = _sources(args.models or ["rf-shapes"], None, args.debug)
     _quiet_libraries()                  # the model libraries' seconds of imports come after the quick refusals
     from rfserve.server.encoding import image_bytes
     from rfserve.server.engine import Engine, LoadError
@@ -352,7 +365,7 @@ def generate(args) -> None:
 
     config = ServerConfig(models=args.models or ["rf-shapes"], device=args.device, dtype=args.dtype,
                           warmup=False, max_batch=max(1, args.n))
-    engine = Engine(config)
+    engine = Engine(config, sources=sources)
     try:
         engine.load(progress=True)
     except LoadError as err:

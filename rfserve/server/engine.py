@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,9 +17,7 @@ from tqdm.auto import tqdm
 from rfserve.kernels import dispatch, tuning
 from rfserve.model_zoo.base import (ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, ReservesMemory,
                                     parse_size)
-from rfserve.model_zoo.loading import describe
-from rfserve.model_zoo.presets import ModelSpec
-from rfserve.model_zoo.registry import load_model, parse_spec, resolve_dtype
+from rfserve.model_zoo.registry import load_model, resolve_dtype
 from rfserve.server.buckets import BucketPlan
 from rfserve.server.chat.batcher import ContinuousBatcher, TokenMetrics
 from rfserve.server.config import ServerConfig
@@ -26,7 +25,7 @@ from rfserve.server.device import DeviceTurns
 from rfserve.server.memory import ChatNeed, KVBudgetTooSmall, log_plan, size_chat_kv
 from rfserve.server.metrics import Metrics
 from rfserve.server.scheduler import Batcher, Job
-from rfserve.server.security import confine
+from rfserve.server.sources import LoadError, model_specs
 from rfserve.server.threads import ThreadPlan, usable_cores
 from rfserve.server.worker import Worker
 
@@ -37,15 +36,6 @@ class ShuttingDown(Exception):
     """Queued work refused because the server is stopping."""
 
 
-class LoadError(RuntimeError):
-    """A model that could not be loaded or warmed, whatever raised: one line naming the model, where it came
-    from and the cause (a `CheckpointError` already names its file). Anything less specific left a server
-    alive, never ready and silent. The original exception stays the cause, for --debug's traceback."""
-
-    def __init__(self, spec: ModelSpec, stage: str, err: BaseException):
-        super().__init__(f"model {spec.name!r} ({spec.source or 'built in'}) failed while {stage}: {describe(err)}")
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,19 +44,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def confine_spec(spec: ModelSpec, model_root: str | None) -> ModelSpec:
-    options = dict(spec.options)
-    for key in ("base", "tiny_vae"):
-        if key in options:
-            options[key] = confine(options[key], model_root)
-    return ModelSpec(spec.name, confine(spec.source, model_root), options)
-
-
 class Engine:
-    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None, sources: dict[str, Path] | None = None):
+        """`sources`: checkpoint folders by model name that the caller found already (server.sources); the
+        engine finds the others as it loads them."""
         self.config = config
         self.metrics = metrics or Metrics()
-        self.specs = [confine_spec(parse_spec(s), config.model_root) for s in config.models]
+        self.specs = model_specs(config.models, config.model_root)
+        self.sources = sources or {}
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"model served twice: {names}")
@@ -113,7 +98,7 @@ class Engine:
         for spec in tqdm(self.specs, desc="loading models", unit="model", disable=not progress):
             start = time.perf_counter()
             try:
-                model = load_model(spec, self.device, self.dtype)
+                model = load_model(spec, self.device, self.dtype, self.sources.get(spec.name))
                 if isinstance(model.pipeline, ReservesMemory):
                     model.pipeline.reserve_memory(self.config.max_batch)
             except Exception as err:

@@ -65,24 +65,37 @@ class ThreadPlan:
         """`seconds(n, threads)` times one batch of n. Every size and thread count is timed
         once per round and keeps its best time, so a burst of other work (the HTTP server
         starting beside warm-up, say) spoils rounds, not decisions. Wide threads start at
-        the smallest size from which every larger one gains from them."""
+        the smallest size from which every larger one gains from them.
+
+        So a round times the sizes from the largest down, and stops below the first one where wide threads
+        do not (yet) clearly gain: no smaller size can change the plan then. Where wide threads lose at the
+        largest batch, as for a small model on two busy cores, a round is two timings, not one per size and
+        thread count; and the slow wide runs it skips are the ones that made warm-up take a minute."""
         if wide <= base:
             return cls(base, base)
         if single_image_s >= COMPUTE_BOUND_S:
             return cls(base, wide, 1)
-        ordered = sorted(set(sizes))
+        ordered = sorted(set(sizes), reverse=True)
         best = {(n, t): float("inf") for n in ordered for t in (base, wide)}
         spent = 0.0
         for done in range(rounds):
             if done >= 2 and spent >= budget_s:
                 break
-            for n, threads in best:
-                took = seconds(n, threads)
-                best[n, threads] = min(best[n, threads], took)
-                spent += took
+            for n in ordered:
+                for threads in (base, wide):
+                    took = seconds(n, threads)
+                    best[n, threads] = min(best[n, threads], took)
+                    spent += took
+                if not _gains(best, n, base, wide):
+                    break
         wide_from = None
-        for n in reversed(ordered):
-            if best[n, wide] > WIDE_MARGIN * best[n, base]:
+        for n in ordered:
+            if not _gains(best, n, base, wide):
                 break
             wide_from = n
         return cls(base, wide, wide_from)
+
+
+def _gains(best: dict[tuple[int, int], float], n: int, base: int, wide: int) -> bool:
+    """Whether wide threads are clearly faster at n, by the best times so far."""
+    return best[n, wide] <= WIDE_MARGIN * best[n, base]

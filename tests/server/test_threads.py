@@ -38,8 +38,17 @@ def test_wide_from_the_smallest_size_where_all_cores_pay():
     plan = ThreadPlan.measure((2, 4, 8, 16), 1, 2, seconds, single_image_s=0.01, rounds=3,
                               budget_s=float("inf"))
     assert plan.wide_from == 8        # 4 gains under the margin, so 2's gain does not count
-    assert len(calls) == 3 * 8        # every size and thread count, once per round
+    # Each round times both counts from the largest size down to 4, the first that does not gain:
+    # 2 cannot change the plan, so it is never timed.
+    assert calls == [(n, t) for n in (16, 8, 4) for t in (1, 2)] * 3
     assert [plan.threads_for(n) for n in (1, 4, 7, 8, 13, 16)] == [1, 1, 1, 2, 2, 2]
+
+
+def test_a_round_stops_at_the_largest_size_where_wide_does_not_pay():
+    seconds, calls = costs({(8, 2): 2.0, (8, 1): 1.0, (4, 2): 0.1, (4, 1): 1.0})
+    plan = ThreadPlan.measure((4, 8), 1, 2, seconds, single_image_s=0.01, rounds=3, budget_s=float("inf"))
+    assert plan.wide_from is None     # 4 gains, but 8 does not: never wide
+    assert calls == [(8, 1), (8, 2)] * 3
 
 
 def test_a_burst_of_noise_cannot_decide():

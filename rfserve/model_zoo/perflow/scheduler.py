@@ -16,9 +16,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from rfserve import kernels
+from rfserve.model_zoo.presets import PREDICTION_TYPES
 from rfserve.model_zoo.samplers import euler_update
 
-PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
 
 
 @dataclass(frozen=True)
