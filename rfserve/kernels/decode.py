@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from rfserve.kernels import dispatch
 
 
+def gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The blocks of `cache` (num_blocks, Hkv, PAGE, D) that each row of `table` (B, W) names, in order, as that
+    row's contiguous keys or values: (B, Hkv, W·PAGE, D)."""
+    B, W = table.shape
+    _, kv_heads, page, D = cache.shape
+    return cache[table.long()].transpose(1, 2).reshape(B, kv_heads, W * page, D)   # from (B, Hkv, W, PAGE, D)
+
+
 def decode_attention_torch(q, k_cache, v_cache, block_table, lengths, *, scale=None):
     """The twin, with static shapes (torch.compile and CUDA graphs take it as it is): gather every sequence's
     blocks to (B, Hkv, max_blocks·PAGE, D), drop the columns at or past its length, and run SDPA.
@@ -18,7 +26,7 @@ def decode_attention_torch(q, k_cache, v_cache, block_table, lengths, *, scale=N
     Table entries past a sequence's length are clamped into range and their keys and values zeroed, so a
     free block's stale or uninitialised contents (even NaN) never reach the output; the kernel never loads them.
     """
-    B, H, D = q.shape
+    H = q.shape[1]
     num_blocks, kv_heads, page, _ = k_cache.shape
     width = block_table.shape[1] * page
     table = block_table.long().clamp(0, num_blocks - 1)
@@ -26,8 +34,7 @@ def decode_attention_torch(q, k_cache, v_cache, block_table, lengths, *, scale=N
     live = keep[:, None, :, None]  # (B, 1, W, 1)
 
     def gather(cache):
-        blocks = cache[table].transpose(1, 2)  # (B, Hkv, max_blocks, PAGE, D)
-        return torch.where(live, blocks.reshape(B, kv_heads, width, D), 0)  # (B, Hkv, W, D)
+        return torch.where(live, gather_blocks(cache, table), 0)  # (B, Hkv, W, D)
 
     out = F.scaled_dot_product_attention(q[:, :, None], gather(k_cache), gather(v_cache),
                                          attn_mask=keep[:, None, None, :], scale=scale,

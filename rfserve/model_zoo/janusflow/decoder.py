@@ -144,16 +144,14 @@ class PagedDecoder:
         n, dev = len(chunks), self.device
         lengths = [c.embeds.shape[0] for c in chunks]
         T, W = max(lengths), max(blocks_for(c.start + t) for c, t in zip(chunks, lengths))
-        table = np.zeros((n, W), dtype=np.int32)                  # padded with the null block
-        for i, (c, t) in enumerate(zip(chunks, lengths)):
+        for c, t in zip(chunks, lengths):
             if len(c.blocks) < blocks_for(c.start + t) or c.start + t > self.max_len:
                 raise ValueError(f"a chunk of {t} tokens from position {c.start} does not fit its "
                                  f"{len(c.blocks)} blocks (max_len {self.max_len})")
-            table[i, :blocks_for(c.start + t)] = c.blocks[:blocks_for(c.start + t)]
+        table_t = self._table([c.blocks[:blocks_for(c.start + t)] for c, t in zip(chunks, lengths)], n, W)
         embeds = torch.zeros(n, T, chunks[0].embeds.shape[-1], device=dev, dtype=chunks[0].embeds.dtype)
         for i, c in enumerate(chunks):
             embeds[i, :lengths[i]] = c.embeds                                         # right-padded (n, T, D)
-        table_t = torch.from_numpy(table).to(dev)
         starts, lens = (torch.tensor(x, device=dev) for x in ([c.start for c in chunks], lengths))
         positions = starts[:, None] + torch.arange(T, device=dev)                   # (n, T)
         real = torch.arange(T, device=dev) < lens[:, None]                            # (n, T)
@@ -177,13 +175,17 @@ class PagedDecoder:
             width_ = next((w for w in self.width_buckets if w >= width), None)
         if rows is None or width_ is None:
             rows, width_ = n, width                          # eager: exactly the rows and the live width
-        table = np.zeros((rows, width_), dtype=np.int32)     # padding rows: all null block
-        for i, blocks in enumerate(tables):
-            k = min(len(blocks), width_)
-            table[i, :k] = blocks[:k]
         pad = [0] * (rows - n)
         return self.step(torch.tensor(tokens + pad, device=dev), torch.tensor(lengths + pad, device=dev),
-                         torch.from_numpy(table).to(dev))[:n]
+                         self._table([blocks[:width_] for blocks in tables], rows, width_))[:n]
+
+    def _table(self, tables: list[list[int]], rows: int, width: int) -> torch.Tensor:
+        """Block lists (each at most `width` long) as a (rows, width) int32 table on the device, padded with the
+        null block: a row past the lists is a padding row, a list's tail is unused."""
+        table = np.full((rows, width), NULL_BLOCK, dtype=np.int32)
+        for i, blocks in enumerate(tables):
+            table[i, :len(blocks)] = blocks
+        return torch.from_numpy(table).to(self.device)
 
     def paged_step(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """`decode`'s step: `tokens`, `positions` (b,), `table` (b, W) int32 → logits (b, V). A row whose first

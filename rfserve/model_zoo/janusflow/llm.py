@@ -29,6 +29,7 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from rfserve import kernels
+from rfserve.kernels.decode import gather_blocks
 from rfserve.model_zoo.paged_kv import PagedKV, head_dim
 
 
@@ -205,15 +206,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tenso
     if isinstance(mask, PagedDecode):
         return kernels.decode_attention(q[:, :, 0], keys, values, mask.table, mask.lengths, scale=scale)[:, :, None]
     if isinstance(mask, PagedPrefix):
-        B, (W, page) = q.shape[0], (mask.table.shape[1], keys.shape[2])
-        table = mask.table.long()
-
-        def gather(cache: torch.Tensor) -> torch.Tensor:
-            return cache[table].transpose(1, 2).reshape(B, cache.shape[1], W * page, -1)   # (B, Hkv, W·PAGE, d)
-
-        seen = torch.arange(W * page, device=q.device) <= mask.positions[:, None, :, None]  # (B, 1, T, W·PAGE)
-        return F.scaled_dot_product_attention(q, gather(keys), gather(values), attn_mask=seen, scale=scale,
-                                              enable_gqa=groups != 1)
+        width = mask.table.shape[1] * keys.shape[2]                                   # W·PAGE columns
+        seen = torch.arange(width, device=q.device) <= mask.positions[:, None, :, None]  # (B, 1, T, W·PAGE)
+        return F.scaled_dot_product_attention(q, gather_blocks(keys, mask.table), gather_blocks(values, mask.table),
+                                              attn_mask=seen, scale=scale, enable_gqa=groups != 1)
     w = mask.shape[-1]
     return F.scaled_dot_product_attention(q, keys[:, :, :w], values[:, :, :w], attn_mask=mask, scale=scale,
                                           enable_gqa=groups != 1)
