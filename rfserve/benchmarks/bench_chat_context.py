@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ import transformers
 
 from rfserve.benchmarks.bench_janusflow import chat_prompt, hf_decode, ours_decode, random_parts, timed
 from rfserve.benchmarks.capture import capture, resolve_mode, summary
+from rfserve.benchmarks.timing import device_label, save_report
 from rfserve.model_zoo.janusflow.decoder import JanusFlowChat
 from rfserve.model_zoo.paged_kv import blocks_for
 
@@ -66,19 +65,13 @@ def main() -> None:
     steps = [step_ms(chat, c, mode, whole, device) for c in contexts for whole in (False, True)]
     streams = ours_decode(chat, chat_prompt(parts), STREAMS, new_tokens, device, mode)
     result = {
-        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "transformers": transformers.__version__, "preset": name, "compile_mode": mode,
+        "date": datetime.date.today().isoformat(), "device": device_label(device), "torch": torch.__version__, "transformers": transformers.__version__, "preset": name, "compile_mode": mode,
         "steps": steps,
         "streams": {"streams": STREAMS, "new_tokens": new_tokens, **streams,
                     "hf_static_tok_s": hf_decode(parts, STREAMS, new_tokens, cache_implementation="static"),
                     "hf_dynamic_tok_s": hf_decode(parts, STREAMS, new_tokens)},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_chat_context_tiny" if args.tiny else "bench_chat_context"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    save_report(args.out, "bench_chat_context_tiny" if args.tiny else "bench_chat_context", result, markdown)
 
 
 def markdown(r: dict) -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ import transformers
 
 from rfserve.benchmarks.bench_janusflow import QUESTION, decode_table, ours_decode, sync
 from rfserve.benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
-from rfserve.benchmarks.timing import call_ms
+from rfserve.benchmarks.timing import call_ms, device_label, save_report
 from rfserve.model_zoo.janus.chat import JanusChat
 from rfserve.model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
 from rfserve.model_zoo.janus.loading import JanusParts
@@ -142,19 +140,14 @@ def main() -> None:
     t2i = [bench(pipe, int(b), warmup, repeat) for b in args.batches.split(",")]
     result = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."), "preset": name, "image_tokens": pipe.parts.num_image_tokens,
         "image_side": pipe.parts.image_side,
         "compile_mode": mode, "t2i_capture": bench_compiled(pipe, t2i, repeat, mode) if mode else None, "t2i": t2i,
         "decode": decode(pipe, [int(c) for c in args.concurrency.split(",")], 32 if args.real else 16, mode),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_janus_{name}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    save_report(args.out, f"bench_janus_{name}", result, markdown)
 
 
 def markdown(r: dict) -> str:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import threading
 import time
@@ -28,6 +26,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from rfserve.benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
+from rfserve.benchmarks.timing import device_label, save_report
 from rfserve.model_zoo.base import ChatDecoder, ChatParts
 from rfserve.model_zoo.janusflow.config import JanusFlowConfig, preset
 from rfserve.model_zoo.janusflow.decoder import JanusFlowChat
@@ -200,18 +199,13 @@ def main() -> None:
     steps, repeats, new_tokens = (30, 2, 16) if args.tiny else (30, 5, 128)
     chat, ids, concurrency = JanusFlowChat(parts), chat_prompt(parts), [int(c) for c in args.concurrency.split(",")]
     result = {
-        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "device": device_label(device), "torch": torch.__version__,
         "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "preset": name,
         "compile_mode": mode, "t2i": bench_t2i(parts, steps, repeats, mode),
         "decode": [{"concurrency": c, "new_tokens": new_tokens, **ours_decode(chat, ids, c, new_tokens, device, mode),
                     "hf_generate_tok_s": hf_decode(parts, c, new_tokens)} for c in concurrency],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_janusflow_tiny" if args.tiny else "bench_janusflow"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    save_report(args.out, "bench_janusflow_tiny" if args.tiny else "bench_janusflow", result, markdown)
 
 
 def markdown(r: dict) -> str:
