@@ -1,11 +1,11 @@
 """What every image pipeline offers the server: a card describing its limits and defaults, and the
-`Pipeline` protocol, whose `run()` makes a batch of compatible image specs. `server/` calls only this."""
+`Pipeline` protocol, which the engine drives one denoising step at a time, so that requests join and leave a
+running batch between steps. `server/` calls only this."""
 from __future__ import annotations
 
 import re
 import time
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from rfserve.model_zoo.paged_kv import BlockAllocator, PromptChunk
+    from rfserve.model_zoo.running import Running
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image to make. Specs in a batch share `batch_key()`.
+    """One image to make. Specs running together share `join_key()`; with joining off, `batch_key()`.
 
     An edit also carries the input `image`, resized to width × height, and `strength`: how much of the flow
     is run, from the input mixed with the seed's noise (1 = all of it, which is text-to-image). With a `mask`,
@@ -80,8 +81,14 @@ class ImageSpec:
     def uses_cfg(self) -> bool:
         return self.guidance > 1.0
 
+    def join_key(self) -> tuple:
+        """What rows of one running batch share: the latent's shape, and whether they edit (an edit's rows carry
+        their input's latents). Step counts, guidance, strengths and masks are per row."""
+        return (self.width, self.height, self.image is not None)
+
     def batch_key(self) -> tuple:
-        return (self.width, self.height, self.steps, self.uses_cfg, self.image is not None, self.strength)
+        """The whole-batch grouping of `--continuous off`: specs that would run the same loop."""
+        return (*self.join_key(), self.steps, self.uses_cfg, self.strength)
 
 
 @dataclass
@@ -110,11 +117,36 @@ class FastPath(Protocol):
 
 
 class Pipeline(Protocol):
-    """One family's pipeline, as the server drives it (each family's pipeline.py implements it)."""
+    """One family's pipeline, as the server drives it (each family's pipeline.py implements it), a denoising step
+    at a time: `begin` the first rows, then `step` them all, one forward for every row still stepping; between
+    two steps new rows may join (`admit`), rows may leave (`Running.keep`), streaming rows take a `preview`, and
+    rows that have taken all their steps are decoded and leave (`finish`). Every row follows its own spec alone
+    (its seed, steps, guidance and strength), whichever rows share its forwards."""
     family: str
 
+    def begin(self, specs: list[ImageSpec]) -> Running:
+        """Rows for specs that share `join_key()`: text encoded, noise drawn, edits encoded; no step taken."""
+        ...
+
+    def admit(self, running: Running, specs: list[ImageSpec]) -> None:
+        """`specs` (sharing `running`'s join key) join: they take their first step with the others' next."""
+        ...
+
+    def step(self, running: Running) -> None:
+        """One step of every row that has steps left, in one forward."""
+        ...
+
+    def preview(self, running: Running, rows: list[int]) -> np.ndarray:
+        """The pictures of `rows` as their flow stands, (len(rows), H, W, 3) uint8: the clean image their last
+        step points at, decoded. Only streaming rows are ever asked for, so a preview costs nobody else."""
+        ...
+
+    def finish(self, running: Running, rows: list[int]) -> BatchOutput:
+        """`rows` (finished) decoded, in that order; they leave `running`."""
+        ...
+
     def run(self, specs: list[ImageSpec]) -> BatchOutput:
-        """Images for specs that share `batch_key()`; image i follows `specs[i]` alone (its own seed)."""
+        """Images for specs that share `join_key()`, begun together and stepped to the end (`Stepped.run`)."""
         ...
 
     def kept_prompt(self, prompt: str) -> str:
@@ -128,6 +160,19 @@ class Pipeline(Protocol):
     def fast_path(self) -> FastPath | None:
         """The compiled path to capture during warm-up, or None where the family has none yet."""
         ...
+
+
+class Stepped:
+    """`run` for a step-level pipeline: what the engine does with no request joining or leaving."""
+
+    def run(self: Pipeline, specs: list[ImageSpec]) -> BatchOutput:
+        running = self.begin(specs)
+        while running.stepping():
+            self.step(running)
+        out = self.finish(running, list(range(len(running))))
+        for stage, secs in running.timings.items():
+            out.timings[stage] = out.timings.get(stage, 0.0) + secs
+        return out
 
 
 @runtime_checkable
@@ -222,41 +267,13 @@ class LoadedModel:
     chat: ChatParts | None = None             # set for the models that also chat
 
 
-# Rows of the batch now → their pictures as the flow stands, (len(rows), H, W, 3) uint8: the clean image the
-# last step points at, decoded. Only streaming rows are ever asked for, so a preview costs nobody else.
-Preview = Callable[[list[int]], np.ndarray]
-StepHook = Callable[[Preview, int], "list[int] | None"]
-_step_hook: ContextVar[StepHook | None] = ContextVar("rfserve_step_hook", default=None)
-
-
-def between_steps(preview: Preview, steps: int) -> list[int] | None:
-    """Every multi-step sampling loop calls this after each of its `steps` steps. It is the engine's seam
-    inside a batch: there the device turns to queued chat steps (server/device.py), streaming requests take
-    their previews (`preview`, called only for their rows and only at their preview steps, spaced over
-    `steps`), and rows whose request was
-    cancelled or passed its deadline leave. It returns the rows to keep (indices into the current rows),
-    which the loop then keeps of its whole state (`model_zoo.samplers.keep_rows`), or None when all stay.
-    Outside the engine it does nothing and returns None."""
-    hook = _step_hook.get()
-    return None if hook is None else hook(preview, steps)
-
-
-@contextmanager
-def step_hook(hook: StepHook) -> Iterator[None]:
-    """Run `hook` at every `between_steps()` of the sampling loops called inside this block (this thread)."""
-    token = _step_hook.set(hook)
-    try:
-        yield
-    finally:
-        _step_hook.reset(token)
-
-
 class StageTimer:
     """Wall-clock per stage; the device is synchronised at stage ends so GPU work
     is attributed to the stage that queued it."""
 
-    def __init__(self, sync: Callable[[], None] | None = None):
-        self.timings: dict[str, float] = {}
+    def __init__(self, sync: Callable[[], None] | None = None, timings: dict[str, float] | None = None):
+        """`timings`: where to add the seconds (a running batch's own), else a fresh dict."""
+        self.timings: dict[str, float] = {} if timings is None else timings
         self._sync = sync or (lambda: None)
 
     @contextmanager

@@ -1,0 +1,84 @@
+"""A batch in flight, row by row: what a step-level pipeline (model_zoo.base.Pipeline) keeps between two steps.
+
+Rows join (`extend`) and leave (`keep`) between any two steps, so every per-row quantity lives here, as a row of
+a batch-first tensor or an entry of a per-row list, never as one value for the whole batch: each row has its own
+step count, its own place in its schedule, its own guidance and its own edit strength. A pipeline's `step` reads
+them per row, so a row computes what it would compute alone, whatever else shares its forward."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from rfserve.model_zoo.base import ImageSpec
+
+
+@dataclass
+class Running:
+    specs: list[ImageSpec]
+    truncated: list[bool]                     # the prompt was cut to what the model reads
+    steps: list[int]                          # the steps each row takes in all (an edit: its share)
+    rows: dict[str, Any]                      # batch-first tensors, lists with one entry per row, or `RowState`s
+    done: list[int] = field(default_factory=list)     # the steps each row has taken
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.done = self.done or [0] * len(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def finished(self) -> list[int]:
+        """The rows that have taken all their steps, ready for `Pipeline.finish`."""
+        return [i for i, (done, steps) in enumerate(zip(self.done, self.steps)) if done >= steps]
+
+    def stepping(self) -> list[int]:
+        """The rows that still have steps to take."""
+        return [i for i, (done, steps) in enumerate(zip(self.done, self.steps)) if done < steps]
+
+    def advance(self) -> None:
+        """Every row has taken one more step: the end of each `Pipeline.step`."""
+        self.done = [d + 1 for d in self.done]
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` (indices, in the order they stay) go on."""
+        self.specs = [self.specs[i] for i in rows]
+        self.truncated = [self.truncated[i] for i in rows]
+        self.steps = [self.steps[i] for i in rows]
+        self.done = [self.done[i] for i in rows]
+        self.rows = {name: _take(value, rows) for name, value in self.rows.items()}
+
+    def extend(self, other: "Running") -> None:
+        """`other`'s rows join after these: they take their first step with this batch's next."""
+        self.specs += other.specs
+        self.truncated += other.truncated
+        self.steps += other.steps
+        self.done += other.done
+        self.rows = {name: _join(value, other.rows[name]) for name, value in self.rows.items()}
+        for stage, secs in other.timings.items():
+            self.timings[stage] = self.timings.get(stage, 0.0) + secs
+
+
+class RowState(Protocol):
+    """Per-row state that is neither a tensor nor a list (a KV cache's rows, say) keeps and joins itself."""
+
+    def take(self, rows: list[int]) -> "RowState": ...
+
+    def join(self, other: "RowState") -> "RowState": ...
+
+
+def _take(value: Any, rows: list[int]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if rows == list(range(len(value))) else value[rows]
+    if isinstance(value, list):
+        return [value[i] for i in rows]
+    return value.take(rows)
+
+
+def _join(value: Any, other: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, other.to(value.dtype)])
+    if isinstance(value, list):
+        return value + other
+    return value.join(other)
