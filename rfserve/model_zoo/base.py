@@ -7,7 +7,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -146,7 +146,7 @@ class Pipeline(Protocol):
         ...
 
     def run(self, specs: list[ImageSpec]) -> BatchOutput:
-        """Images for specs that share `join_key()`, begun together and stepped to the end (`Stepped.run`)."""
+        """Images for specs that share `join_key()`, begun together and stepped to the end (`running.Stepped`)."""
         ...
 
     def kept_prompt(self, prompt: str) -> str:
@@ -160,19 +160,6 @@ class Pipeline(Protocol):
     def fast_path(self) -> FastPath | None:
         """The compiled path to capture during warm-up, or None where the family has none yet."""
         ...
-
-
-class Stepped:
-    """`run` for a step-level pipeline: what the engine does with no request joining or leaving."""
-
-    def run(self: Pipeline, specs: list[ImageSpec]) -> BatchOutput:
-        running = self.begin(specs)
-        while running.stepping():
-            self.step(running)
-        out = self.finish(running, list(range(len(running))))
-        for stage, secs in running.timings.items():
-            out.timings[stage] = out.timings.get(stage, 0.0) + secs
-        return out
 
 
 @runtime_checkable

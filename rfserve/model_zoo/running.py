@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from rfserve.model_zoo.base import ImageSpec
+from rfserve.model_zoo.base import BatchOutput, ImageSpec
 
 
 @dataclass
@@ -82,3 +83,31 @@ def _join(value: Any, other: Any) -> Any:
     if isinstance(value, list):
         return value + other
     return value.join(other)
+
+
+class Stepped:
+    """`run` for a step-level pipeline: what the engine does when no request joins or leaves. Rows are finished as
+    soon as they have taken their steps (so `step` always steps every row), and answered in spec order."""
+
+    def run(self: Any, specs: list[ImageSpec]) -> BatchOutput:
+        running = self.begin(specs)
+        ids, parts = list(range(len(specs))), []                # the spec behind each running row
+        while len(running):
+            done = running.finished()
+            if not done:
+                self.step(running)
+                continue
+            parts.append(([ids[i] for i in done], self.finish(running, done)))
+            ids = [spec for i, spec in enumerate(ids) if i not in set(done)]
+        order = [spec for done_ids, _ in parts for spec in done_ids]
+        where = {spec: k for k, spec in enumerate(order)}       # spec -> its row in the finished parts
+        pick = [where[i] for i in range(len(specs))]
+        images = np.concatenate([out.images for _, out in parts])[pick]
+        on_device = [out.device_images for _, out in parts]
+        device = None if any(d is None for d in on_device) else torch.cat(on_device)[pick]
+        timings = dict(running.timings)
+        for _, out in parts:
+            for stage, secs in out.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + secs
+        truncated = [flag for _, out in parts for flag in out.prompt_truncated]
+        return BatchOutput(images, [truncated[k] for k in pick], timings, device)
