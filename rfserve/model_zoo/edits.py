@@ -46,9 +46,9 @@ def vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EditLatents:
-    """An edit batch's inputs, for the rows still running: the input pixels and their latents, the seed's
-    noise, and the mask at both sizes (1 where the picture may change; None when nothing is masked)."""
-    strength: float
+    """An edit batch's inputs, one row per running row: the input pixels and their latents, the seed's noise, and
+    the mask at both sizes (1 where the picture may change; None while no row is masked). Each row's strength is
+    its spec's. A `RowState` of `model_zoo.running.Running`: rows leave (`take`) and join (`join`) with the batch."""
     image: torch.Tensor                 # (B, 3, H, W) in [0, 1]
     data: torch.Tensor                  # (B, C, h, w)
     noise: torch.Tensor                 # (B, C, h, w)
@@ -69,20 +69,32 @@ class EditLatents:
             masks = [np.ones((s.height, s.width), np.float32) if s.mask is None else s.mask for s in specs]
             pixel_mask = torch.from_numpy(np.stack(masks))[:, None].to(noise.device, noise.dtype)  # (B, 1, H, W)
             mask = F.adaptive_max_pool2d(pixel_mask.float(), data.shape[-2:]).to(noise.dtype)    # (B, 1, h, w)
-        return cls(specs[0].strength, image, data, noise, pixel_mask, mask)
+        return cls(image, data, noise, pixel_mask, mask)
 
-    def keep(self, rows: list[int]) -> None:
-        """Only `rows` go on (`between_steps` shrank the batch)."""
-        self.image, self.data, self.noise = self.image[rows], self.data[rows], self.noise[rows]
-        if self.mask is not None and self.pixel_mask is not None:
-            self.pixel_mask, self.mask = self.pixel_mask[rows], self.mask[rows]
+    def take(self, rows: list[int]) -> "EditLatents":
+        """Only `rows` go on."""
+        pick = (lambda t: None if t is None else t[rows])
+        return EditLatents(self.image[rows], self.data[rows], self.noise[rows], pick(self.pixel_mask), pick(self.mask))
+
+    def join(self, other: "EditLatents") -> "EditLatents":
+        """`other`'s rows after these. Where only one side is masked, the other's rows get an all-ones mask, which
+        changes nothing: 1·x + 0·input is x, exactly."""
+        def cat(a: torch.Tensor | None, b: torch.Tensor | None, like_a: torch.Tensor, like_b: torch.Tensor):
+            if a is None and b is None:
+                return None
+            return torch.cat([torch.ones_like(like_a[:, :1]) if a is None else a,
+                              torch.ones_like(like_b[:, :1]) if b is None else b])
+        return EditLatents(torch.cat([self.image, other.image]), torch.cat([self.data, other.data]),
+                           torch.cat([self.noise, other.noise]),
+                           cat(self.pixel_mask, other.pixel_mask, self.image, other.image),
+                           cat(self.mask, other.mask, self.data, other.data))
 
     def hold(self, x: torch.Tensor, noised: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`x` with the kept area put back to `noised(data, noise)`, the input at the point x has reached."""
+        """`x` with the kept area put back to `noised(data, noise)`, the input at the point each row of x has
+        reached."""
         if self.mask is None:
             return x
         return self.mask * x + (1 - self.mask) * noised(self.data, self.noise)
-
 
 
 def composite(edit: EditLatents | None, images: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
