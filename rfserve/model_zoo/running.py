@@ -7,12 +7,14 @@ them per row, so a row computes what it would compute alone, whatever else share
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, ContextManager, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from rfserve.model_zoo.base import BatchOutput, ImageSpec
+from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Running:
     rows: dict[str, Any]                      # batch-first tensors, lists with one entry per row, or `RowState`s
     done: list[int] = field(default_factory=list)     # the steps each row has taken
     timings: dict[str, float] = field(default_factory=dict)
+    sync: Callable[[], None] | None = None    # waits for the device, so a stage's time includes its kernels
 
     def __post_init__(self) -> None:
         self.done = self.done or [0] * len(self.specs)
@@ -38,9 +41,18 @@ class Running:
         """The rows that still have steps to take."""
         return [i for i, (done, steps) in enumerate(zip(self.done, self.steps)) if done < steps]
 
+    def stage(self, name: str) -> ContextManager[None]:
+        """Time a stage of this batch (the steps: "sample") into its `timings`."""
+        return StageTimer(self.sync, self.timings).stage(name)
+
     def advance(self) -> None:
         """Every row has taken one more step: the end of each `Pipeline.step`."""
         self.done = [d + 1 for d in self.done]
+
+    def leave(self, rows: list[int]) -> None:
+        """`rows` leave (finished, or their request is gone); the rest go on in order."""
+        gone = set(rows)
+        self.keep([i for i in range(len(self)) if i not in gone])
 
     def keep(self, rows: list[int]) -> None:
         """Only `rows` (indices, in the order they stay) go on."""
@@ -86,28 +98,48 @@ def _join(value: Any, other: Any) -> Any:
 
 
 class Stepped:
-    """`run` for a step-level pipeline: what the engine does when no request joins or leaves. Rows are finished as
-    soon as they have taken their steps (so `step` always steps every row), and answered in spec order."""
+    """What a step-level pipeline does when no request joins or leaves: `run` begins the specs together and steps
+    them to their ends, finishing each row as soon as it has taken its steps (so `step` always steps every row);
+    `admit` begins the joiners and appends them."""
+
+    def admit(self: Any, running: Running, specs: list[ImageSpec]) -> None:
+        running.extend(self.begin(specs))
 
     def run(self: Any, specs: list[ImageSpec]) -> BatchOutput:
-        running = self.begin(specs)
-        ids, parts = list(range(len(specs))), []                # the spec behind each running row
-        while len(running):
-            done = running.finished()
-            if not done:
-                self.step(running)
-                continue
-            parts.append(([ids[i] for i in done], self.finish(running, done)))
-            ids = [spec for i, spec in enumerate(ids) if i not in set(done)]
-        order = [spec for done_ids, _ in parts for spec in done_ids]
-        where = {spec: k for k, spec in enumerate(order)}       # spec -> its row in the finished parts
-        pick = [where[i] for i in range(len(specs))]
+        parts, timings = self.to_end(specs, self.finish)
+        pick = _spec_order(parts, len(specs))
         images = np.concatenate([out.images for _, out in parts])[pick]
         on_device = [out.device_images for _, out in parts]
         device = None if any(d is None for d in on_device) else torch.cat(on_device)[pick]
-        timings = dict(running.timings)
         for _, out in parts:
             for stage, secs in out.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + secs
         truncated = [flag for _, out in parts for flag in out.prompt_truncated]
         return BatchOutput(images, [truncated[k] for k in pick], timings, device)
+
+    def to_end(self: Any, specs: list[ImageSpec], finish: Callable[[Running, list[int]], T]
+               ) -> tuple[list[tuple[list[int], T]], dict[str, float]]:
+        """`specs` begun and stepped to their ends; each group of rows that finished together, as (the specs'
+        indices, what `finish` made of them), and the stage timings of the steps."""
+        running = self.begin(specs)
+        ids, parts = list(range(len(specs))), []                # the spec behind each running row
+        while len(running):
+            done = running.finished()
+            if not done:
+                with running.stage("sample"):
+                    self.step(running)
+                continue
+            parts.append(([ids[i] for i in done], finish(running, done)))
+            ids = [spec for i, spec in enumerate(ids) if i not in set(done)]
+        return parts, dict(running.timings)
+
+
+def _spec_order(parts: list[tuple[list[int], Any]], n: int) -> list[int]:
+    """For each spec, its row in the finished groups laid end to end."""
+    where = {spec: k for k, spec in enumerate(spec for ids, _ in parts for spec in ids)}
+    return [where[i] for i in range(n)]
+
+
+def in_spec_order(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
+    """The finished groups' batch-first tensors, as one tensor in spec order."""
+    return torch.cat([t for _, t in parts])[_spec_order(parts, n)]

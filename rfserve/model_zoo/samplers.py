@@ -49,6 +49,11 @@ def grouped_update(x: torch.Tensor, out: torch.Tensor, cfg: list[int], keys: lis
     return new
 
 
+def per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """One float per row as a (B, 1, ..., 1) tensor in `like`'s dtype, to scale its rows."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device).to(like.dtype).view(-1, *[1] * (like.ndim - 1))
+
+
 def guidance_tensor(scales: list[float], device) -> torch.Tensor | float:
     """One scale per row; a plain float when the batch agrees, so kernels take a scalar."""
     if len(set(scales)) == 1:
@@ -69,5 +74,4 @@ def straight_ahead(x_prev: torch.Tensor, x: torch.Tensor, rows: list[int], ahead
     """The clean latent of `rows` where the flow is straight: each row's last step (from x_prev to x) continued
     `ahead` times its own length, the progress it has left over the progress of that step. For InstaFlow that is
     x̂₁ = x_t + (1 − t)·v."""
-    scale = torch.tensor(ahead, dtype=torch.float32, device=x.device).view(-1, *[1] * (x.ndim - 1))   # (n, 1, ...)
-    return (x[rows] + (x[rows] - x_prev[rows]) * scale).to(x.dtype)
+    return x[rows] + (x[rows] - x_prev[rows]) * per_row(ahead, x)

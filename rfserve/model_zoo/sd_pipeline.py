@@ -1,19 +1,21 @@
-"""The three stages every SD-UNet flow pipeline shares: encode text → sample → decode.
-Subclasses write out only their sampling loop."""
+"""The stages every SD-UNet flow pipeline shares, step by step: `begin` encodes text, draws noise and encodes
+edits; `finish` decodes; a subclass writes out where each row starts (`start`) and its sampling step (`step`)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer
 from rfserve.model_zoo.edits import EditLatents, composite, edit_latents
 from rfserve.model_zoo.fast_path import CompiledCalls, sd_fast_path
-from rfserve.model_zoo.samplers import guidance_tensor
+from rfserve.model_zoo.running import Running, Stepped, in_spec_order
+from rfserve.model_zoo.samplers import straight_ahead
 from rfserve.model_zoo.sd_components import SDComponents, to_uint8
 from rfserve.model_zoo.seeding import initial_noise
 from rfserve.model_zoo.text_cache import TextEncoderCache
 
 
-class SDFlowPipeline:
+class SDFlowPipeline(Stepped):
     family = ""
     init_noise_sigma = 1.0
 
@@ -26,45 +28,61 @@ class SDFlowPipeline:
         side = self.parts.unet.config.sample_size * self.parts.vae_scale_factor
         return side, side
 
-    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int, guidance: torch.Tensor | float | None,
-               edit: EditLatents | None = None) -> torch.Tensor:
-        """The flow from noise `x` (or, for an edit, from part-way along it) to latents."""
+    def start(self, specs: list[ImageSpec], noise: torch.Tensor, edit: EditLatents | None
+              ) -> tuple[torch.Tensor, list[int], dict]:
+        """Where each row's flow starts from its noise (an edit: part-way along it), how many steps it takes,
+        and the family's own per-row schedule (entries of `Running.rows`)."""
         raise NotImplementedError
 
-    def preview(self, latents: torch.Tensor, edit: EditLatents | None, rows: list[int]):
-        """The picture a clean-latent estimate of `rows` shows: decoded (the tiny VAE when one is given),
-        composited for a masked edit, as uint8 (len(rows), H, W, 3)."""
-        return to_uint8(composite(edit, self.parts.decode(latents), rows))[0]
+    def ahead(self, running: Running) -> list[float]:
+        """Per row, the progress its flow has left over the progress of its last step: how far `preview`
+        continues that step in a straight line."""
+        raise NotImplementedError
 
-    def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):
-        """Float images (B, 3, H, W) in [0, 1] and per-image prompt-truncation flags."""
-        timer = timer or StageTimer()
-        first, p = specs[0], self.parts
+    def begin(self, specs: list[ImageSpec]) -> Running:
+        """Rows x (B, C, h, w), emb and neg (B, L, D): every row's prompt and negative prompt, the latter read
+        only by the rows that use guidance."""
+        timings: dict[str, float] = {}
+        timer, p, first = StageTimer(self.parts.synchronize, timings), self.parts, specs[0]
         with timer.stage("encode"):
             emb, truncated = self.text.encode([s.prompt for s in specs])
-            guidance = None
-            if first.uses_cfg:
-                neg, _ = self.text.encode([s.negative_prompt for s in specs])
-                emb = torch.cat([neg, emb])                      # (2B, L, D), negative first
-                guidance = guidance_tensor([s.guidance for s in specs], p.device)
-        with timer.stage("encode"):
+            neg, _ = self.text.encode([s.negative_prompt for s in specs])
             noise = initial_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
                                   dtype=p.dtype, device=p.device)
             edit = edit_latents(specs, p.vae, noise)
-        with timer.stage("sample"):
-            latents = self.sample(noise * self.init_noise_sigma, emb, first.steps, guidance, edit)
-        with timer.stage("decode"):
-            images = p.decode(latents)
-        return composite(edit, images), truncated
+            x, steps, rows = self.start(specs, noise * self.init_noise_sigma, edit)
+        rows.update(x=x, prev=x, emb=emb, neg=neg)
+        if edit is not None:
+            rows["edit"] = edit
+        return Running(specs, truncated, steps, rows, timings=timings, sync=self.parts.synchronize)
 
-    def run(self, specs: list[ImageSpec]) -> BatchOutput:
-        return self.run_timed(specs, StageTimer(sync=self.parts.synchronize))
+    def preview(self, running: Running, rows: list[int]) -> np.ndarray:
+        """The picture each row's last step points at: that step continued in a straight line to the end,
+        decoded (the tiny VAE when one is given), composited for a masked edit."""
+        ahead = self.ahead(running)
+        clean = straight_ahead(running.rows["prev"], running.rows["x"], rows, [ahead[i] for i in rows])
+        return to_uint8(composite(running.rows.get("edit"), self.parts.decode(clean), rows))[0]
 
-    def run_timed(self, specs: list[ImageSpec], timer: StageTimer) -> BatchOutput:
-        images, truncated = self.images(specs, timer)
+    def decoded(self, running: Running, rows: list[int]) -> torch.Tensor:
+        """`rows` decoded to float images (n, 3, H, W) in [0, 1], composited for a masked edit; they leave."""
+        edit = running.rows.get("edit")
+        images = composite(edit, self.parts.decode(running.rows["x"][rows]), rows)
+        running.leave(rows)
+        return images
+
+    def finish(self, running: Running, rows: list[int]) -> BatchOutput:
+        timer = StageTimer(self.parts.synchronize)
+        truncated = [running.truncated[i] for i in rows]
         with timer.stage("decode"):
-            pixels, on_device = to_uint8(images)
+            pixels, on_device = to_uint8(self.decoded(running, rows))
         return BatchOutput(pixels, truncated, timer.timings, on_device)
+
+    def images(self, specs: list[ImageSpec]) -> tuple[torch.Tensor, list[bool]]:
+        """Float images (B, 3, H, W) in [0, 1] in spec order, before `run` rounds them to bytes, and per-image
+        prompt-truncation flags: for comparisons finer than a byte."""
+        truncated = self.text.encode([s.prompt for s in specs])[1]
+        parts, _ = self.to_end(specs, self.decoded)
+        return in_spec_order(parts, len(specs)), truncated
 
     def kept_prompt(self, prompt: str) -> str:
         """The part of an over-long prompt the text encoder actually reads."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rfserve.model_zoo.base import ImageSpec, step_hook
+from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.edits import vae_latents
 from rfserve.model_zoo.sd_components import to_uint8
 from tests.server.photo import photo_like
@@ -102,22 +102,20 @@ def test_an_edit_is_the_same_alone_and_batched(pipe):
 def test_the_preview_at_the_last_step_is_the_image(pipe, strength):
     """Each family's clean estimate is a real x̂: after the last step there is nothing left to run, so the
     preview taken there decodes to the image itself. Earlier previews are pictures of the same size."""
-    previews, totals = [], set()
-
-    def hook(preview, steps):
-        previews.append(preview([0]))
-        totals.add(steps)
-        return None
-
     one = spec(pipe, 5, strength=strength, image=photo(pipe) if strength < 1 else None)
-    with step_hook(hook):
-        image = pipe.run([one]).images[0]
-    assert len(previews) == (STEPS if strength == 1 else STEPS // 2) and totals == {len(previews)}
+    running, previews = pipe.begin([one]), []
+    while running.stepping():
+        pipe.step(running)
+        previews.append(pipe.preview(running, [0]))
+    assert running.steps == [len(previews)] and len(previews) == (STEPS if strength == 1 else STEPS // 2)
+    image = pipe.finish(running, [0]).images[0]
     assert all(p.shape == (1, *image.shape) and p.dtype == np.uint8 for p in previews)
     assert np.abs(previews[-1][0].astype(int) - image.astype(int)).max() <= 2
 
 
 def test_an_edit_batch_never_mixes_with_text_to_image(pipe):
+    """Edits of any strength run together (each row has its own); with joining off they batch by strength."""
     t2i, edit = spec(pipe, 1), spec(pipe, 1, strength=1.0, image=photo(pipe))
-    assert t2i.batch_key() != edit.batch_key()
+    assert t2i.join_key() != edit.join_key() and t2i.batch_key() != edit.batch_key()
+    assert edit.join_key() == replace(edit, strength=0.5).join_key()
     assert edit.batch_key() != replace(edit, strength=0.5).batch_key()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from rfserve.model_zoo.base import between_steps
+from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.edits import EditLatents, run_steps
-from rfserve.model_zoo.samplers import euler_update, keep_rows, straight_ahead
+from rfserve.model_zoo.running import Running
+from rfserve.model_zoo.samplers import euler_update, grouped_update, per_row, with_uncond
 from rfserve.model_zoo.sd_components import SDComponents
 from rfserve.model_zoo.sd_pipeline import SDFlowPipeline
 
@@ -23,35 +24,45 @@ class InstaFlowPipeline(SDFlowPipeline):
         """`decoder`: `tiny_vae` / `vae_tiling`, as `SDComponents.load` takes them."""
         return cls(SDComponents.load(Path(path), device=device, dtype=dtype, variant=variant, **decoder))
 
+    def start(self, specs: list[ImageSpec], noise: torch.Tensor, edit: EditLatents | None
+              ) -> tuple[torch.Tensor, list[int], dict]:
+        """Progress s runs from 0 (noise) to 1 (data) along x_s = s·data + (1 − s)·noise. A row starts at s₀ = 0,
+        or an edit at 1 − strength from its input's point on that line, and takes its share of the steps, each
+        as long as text-to-image's."""
+        if edit is None:
+            return noise, [s.steps for s in specs], {"start": [0.0] * len(specs)}
+        starts = [1.0 - s.strength for s in specs]
+        x = line_point(edit.data, noise, per_row(starts, noise))
+        return x, [max(1, run_steps(s.steps, s.strength)) for s in specs], {"start": starts}
+
     @torch.inference_mode()
-    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int, guidance: torch.Tensor | float | None,
-               edit: EditLatents | None = None) -> torch.Tensor:
-        """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance. Progress s runs
-        from 0 (noise) to 1 (data) along x_s = s·data + (1 − s)·noise; an edit starts at s = 1 − strength from
-        its input's point on that line and takes its share of the steps, each as long as text-to-image's."""
-        start, n, cfg = 0.0, steps, guidance is not None
-        if edit is not None:
-            start, n = 1.0 - edit.strength, max(1, run_steps(steps, edit.strength))
-            x = line_point(edit.data, x, start)
-        dt = (1.0 - start) / n
-        for i in range(n):
-            s = start + i * (1.0 - start) / n
-            t = (1.0 - s) * 1000.0                       # 1000 = pure noise
-            x_in = x if guidance is None else torch.cat([x, x])
-            t_vec = torch.full((x_in.shape[0],), t, device=x.device)   # float32, as the reference
-            v = self.parts.denoiser(x_in, t_vec, encoder_hidden_states=emb, return_dict=False)[0]
-            x_prev, x = x, euler_update(x, v, dt, guidance)
-            if edit is not None:
-                x = edit.hold(x, lambda data, noise: line_point(data, noise, s + dt))
-            keep = between_steps(lambda rows: self.preview(straight_ahead(x_prev, x, rows, 1.0 - s - dt, dt),
-                                                           edit, rows), n)
-            if keep is not None:
-                x, emb, guidance = keep_rows(keep, x), keep_rows(keep, emb, 1 + cfg), keep_rows(keep, guidance)
-                if edit is not None:
-                    edit.keep(keep)
-        return x
+    def step(self, running: Running) -> None:
+        """x (B, C, h, w); each row at its own progress s = s₀ + i·(1 − s₀)/n, its UNet timestep (1 − s)·1000
+        (1000 = pure noise), its own dt and guidance. Rows with guidance run an unconditional copy first."""
+        r, specs = running.rows, running.specs
+        x, starts, steps = r["x"], r["start"], running.steps
+        s = [s0 + i * (1.0 - s0) / n for s0, i, n in zip(starts, running.done, steps)]
+        dt = [(1.0 - s0) / n for s0, n in zip(starts, steps)]
+        cfg = [i for i, spec in enumerate(specs) if spec.uses_cfg]
+        t = torch.tensor([(1.0 - si) * 1000.0 for si in s], device=x.device)      # float32, as the reference
+        v = self.parts.denoiser(with_uncond(x, cfg), with_uncond(t, cfg),
+                                encoder_hidden_states=with_uncond(r["emb"], cfg, r["neg"]), return_dict=False)[0]
+        x_next = grouped_update(x, v, cfg, dt, [spec.guidance for spec in specs], euler_update)
+        if "edit" in r:
+            reached = per_row([si + h for si, h in zip(s, dt)], x)
+            x_next = r["edit"].hold(x_next, lambda data, noise: line_point(data, noise, reached))
+        r["prev"], r["x"] = x, x_next
+        running.advance()
+
+    def ahead(self, running: Running) -> list[float]:
+        """(1 − s − dt)/dt after a step from s: for InstaFlow x̂₁ = x + (1 − s − dt)·v."""
+        out = []
+        for s0, i, n in zip(running.rows["start"], running.done, running.steps):
+            dt = (1.0 - s0) / n
+            out.append((1.0 - (s0 + (i - 1) * (1.0 - s0) / n) - dt) / dt)
+        return out
 
 
-def line_point(data: torch.Tensor, noise: torch.Tensor, s: float) -> torch.Tensor:
-    """The point at progress s of the straight path from noise (s = 0) to data (s = 1)."""
+def line_point(data: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The point at progress s (per row, (B, 1, 1, 1)) of the straight path from noise (s = 0) to data (s = 1)."""
     return s * data + (1.0 - s) * noise

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-from rfserve.model_zoo.base import between_steps
+from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.edits import EditLatents, run_steps
 from rfserve.model_zoo.loading import CheckpointError, resolve_source
 from rfserve.model_zoo.perflow.delta import is_delta_folder, merge_delta
 from rfserve.model_zoo.perflow.scheduler import PeRFlowScheduler
-from rfserve.model_zoo.samplers import keep_rows, straight_ahead
+from rfserve.model_zoo.running import Running
+from rfserve.model_zoo.samplers import grouped_update, with_uncond
 from rfserve.model_zoo.sd_components import SDComponents, load_unet
 from rfserve.model_zoo.sd_pipeline import SDFlowPipeline
 
@@ -44,30 +45,48 @@ class PeRFlowPipeline(SDFlowPipeline):
         parts = SDComponents.load(base_root, device=device, dtype=dtype, unet=unet, **decoder)
         return cls(parts, prediction_type)
 
+    def start(self, specs: list[ImageSpec], noise: torch.Tensor, edit: EditLatents | None
+              ) -> tuple[torch.Tensor, list[int], dict]:
+        """Each row's own schedule (host ints 1000, 750, ...); an edit runs its last `run_steps` timesteps (none:
+        the input itself), from its input's point on the windows' path."""
+        schedules = [self.scheduler.schedule(s.steps) for s in specs]
+        if edit is None:
+            return noise, [len(ts) for ts in schedules], {"timesteps": schedules}
+        schedules = [ts[len(ts) - run_steps(len(ts), s.strength):] for ts, s in zip(schedules, specs)]
+        x = self.noised(edit.data, noise, [ts[0] if ts else 0 for ts in schedules])
+        return x, [len(ts) for ts in schedules], {"timesteps": schedules}
+
     @torch.inference_mode()
-    def sample(self, x: torch.Tensor, emb: torch.Tensor, steps: int, guidance: torch.Tensor | float | None,
-               edit: EditLatents | None = None) -> torch.Tensor:
-        """x: (B, C, h, w) noise; emb: (B, L, D), or (2B, L, D) negative-first with guidance. An edit runs the
-        last `run_steps` timesteps of the schedule (none: the input itself), from its input's point on the
-        windows' path."""
-        sched, cfg = self.scheduler, guidance is not None
-        sched.set_timesteps(steps)
-        timesteps = sched.timesteps.tolist()                # ints 1000, 750, ... kept on the host
-        if edit is not None:
-            timesteps = timesteps[len(timesteps) - run_steps(len(timesteps), edit.strength):]
-            x = sched.noised(edit.data, x, timesteps[0] if timesteps else 0)
-        for i, t in enumerate(timesteps):
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0
-            x_in = x if guidance is None else torch.cat([x, x])
-            eps = self.parts.denoiser(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
-            x_prev, x = x, sched.fused_step(eps, t, x, guidance)
-            if edit is not None:
-                x = edit.hold(x, lambda data, noise: sched.noised(data, noise, t_next))
-            # Inside a window the path is straight: its line, continued to t = 0, is the preview.
-            keep = between_steps(lambda rows: self.preview(straight_ahead(x_prev, x, rows, t_next, t - t_next),
-                                                           edit, rows), len(timesteps))
-            if keep is not None:
-                x, emb, guidance = keep_rows(keep, x), keep_rows(keep, emb, 1 + cfg), keep_rows(keep, guidance)
-                if edit is not None:
-                    edit.keep(keep)
-        return x
+    def step(self, running: Running) -> None:
+        """The standard SD step: eps for x (B, C, h, w) at each row's own timestep, CFG on eps for the rows that
+        use it (their unconditional copies first), then the window step fused with guidance, per group of rows at
+        the same (t, t_next)."""
+        r, specs = running.rows, running.specs
+        x, cfg = r["x"], [i for i, spec in enumerate(specs) if spec.uses_cfg]
+        here = [_at(ts, i) for ts, i in zip(r["timesteps"], running.done)]          # (t, t_next) per row
+        t = torch.tensor([t for t, _ in here], dtype=torch.int64, device=x.device)
+        eps = self.parts.denoiser(with_uncond(x, cfg), with_uncond(t, cfg),
+                                  encoder_hidden_states=with_uncond(r["emb"], cfg, r["neg"]), return_dict=False)[0]
+        x_next = grouped_update(x, eps, cfg, here, [spec.guidance for spec in specs],
+                                lambda xg, eg, key, g: self.scheduler.fused_step(eg, key[0], key[1], xg, g))
+        if "edit" in r:
+            x_next = r["edit"].hold(x_next, lambda data, noise: self.noised(data, noise, [n for _, n in here]))
+        r["prev"], r["x"] = x, x_next
+        running.advance()
+
+    def ahead(self, running: Running) -> list[float]:
+        """Inside a window the path is straight: the last step from t to t_next, continued to t = 0."""
+        out = []
+        for ts, i in zip(running.rows["timesteps"], running.done):
+            t, t_next = _at(ts, i - 1)
+            out.append(t_next / (t - t_next))
+        return out
+
+    def noised(self, data: torch.Tensor, noise: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+        """Each row's input at its own timestep of the windows' path."""
+        return torch.cat([self.scheduler.noised(data[i:i + 1], noise[i:i + 1], t) for i, t in enumerate(timesteps)])
+
+
+def _at(timesteps: list[int], i: int) -> tuple[int, int]:
+    """Step i of a schedule: from its timestep to the next (0 after the last)."""
+    return timesteps[i], timesteps[i + 1] if i + 1 < len(timesteps) else 0

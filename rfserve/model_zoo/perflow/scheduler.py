@@ -60,14 +60,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """K windows; the first N mod K get one extra step; ×1000 truncated to int64."""
-        k = self.config.num_time_windows
-        n = max(num_inference_steps, k)
-        base, extra = divmod(n, k)
-        points = [np.linspace(s, e, num=base + (1 if i < extra else 0), endpoint=False)
-                  for i, (s, e) in enumerate(zip(self.window_starts, self.window_ends))]
-        timesteps = (np.concatenate(points) * self.config.num_train_timesteps).astype(np.int64)
-        self.num_inference_steps = n
-        self.timesteps = torch.from_numpy(timesteps).to(device or "cpu")
+        timesteps = self.schedule(num_inference_steps)
+        self.num_inference_steps = len(timesteps)
+        self.timesteps = torch.tensor(timesteps, dtype=torch.int64, device=device or "cpu")
 
     def window(self, t: float) -> tuple[float, float]:
         """A point on a boundary belongs to the window that starts there."""
@@ -77,13 +72,21 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                 return start, end
         return self.window_starts[-1], self.window_ends[-1]
 
-    def window_step(self, timestep: int) -> WindowStep:
+    def schedule(self, num_inference_steps: int) -> list[int]:
+        """The timesteps of an N-step run, on the host, without touching this scheduler's own state (`set_timesteps`
+        for diffusers' loops): the serving pipeline keeps one schedule per row."""
+        k = self.config.num_time_windows
+        n = max(num_inference_steps, k)
+        base, extra = divmod(n, k)
+        points = [np.linspace(s, e, num=base + (1 if i < extra else 0), endpoint=False)
+                  for i, (s, e) in enumerate(zip(self.window_starts, self.window_ends))]
+        return (np.concatenate(points) * self.config.num_train_timesteps).astype(np.int64).tolist()
+
+    def window_step(self, timestep: int, t_next: int) -> WindowStep:
+        """The step from `timestep` to `t_next` (0: the end)."""
         n_train = self.config.num_train_timesteps
         t_c = timestep / n_train
         t_s, t_e = self.window(t_c)
-        ts = self.timesteps.tolist()
-        nxt = ts.index(int(timestep)) + 1
-        t_next = ts[nxt] if nxt < len(ts) else 0
         dt = (t_next - timestep) / n_train
         inv_span = 1.0 / (t_e - t_c)
         kind = self.config.prediction_type
@@ -121,11 +124,11 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         at_end = math.sqrt(a_e) * data + math.sqrt(1 - a_e) * noise
         return ((t_c - t_e) * at_start + (t_s - t_c) * at_end) / (t_s - t_e)
 
-    def fused_step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+    def fused_step(self, model_output: torch.Tensor, timestep: int, t_next: int, sample: torch.Tensor,
                    guidance: torch.Tensor | float | None = None) -> torch.Tensor:
-        """CFG (when `model_output` is the (2B, ...) uncond-first output) and the window step
-        in one kernel pass."""
-        c = self.window_step(int(timestep))
+        """CFG (when `model_output` is the (2B, ...) uncond-first output) and the window step from `timestep` to
+        `t_next` in one kernel pass."""
+        c = self.window_step(int(timestep), int(t_next))
         if self.config.prediction_type == "velocity":
             return euler_update(sample, model_output, c.dt, guidance)
         return kernels.perflow_step(sample, model_output, lam=c.lam, eta=c.eta,
@@ -133,7 +136,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              return_dict: bool = True, **_):
-        prev = self.fused_step(model_output, int(timestep), sample)
+        ts = self.timesteps.tolist()
+        nxt = ts.index(int(timestep)) + 1
+        prev = self.fused_step(model_output, int(timestep), ts[nxt] if nxt < len(ts) else 0, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def __len__(self):
