@@ -123,8 +123,9 @@ def serve(args) -> None:
 
     config = ServerConfig(models=args.models or ["rf-shapes"], host=args.host, port=args.port,
                           device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_steps=args.max_steps,
-                          request_timeout_s=args.request_timeout, max_request_timeout_s=args.max_request_timeout,
+                          max_wait_ms=args.max_wait_ms, continuous=args.continuous == "on",
+                          max_queue=args.max_queue, max_steps=args.max_steps, request_timeout_s=args.request_timeout,
+                          max_request_timeout_s=args.max_request_timeout,
                           shutdown_grace_s=args.shutdown_grace, watchdog_s=args.watchdog_timeout,
                           max_body_bytes=args.max_body_bytes,
                           max_input_pixels=args.max_input_pixels, warmup=not args.no_warmup,

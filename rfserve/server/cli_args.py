@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass")
     serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                        help="how long the batcher holds the oldest request for company")
+    serve.add_argument("--continuous", choices=["on", "off"], default="on" if d.continuous else "off",
+                       help="on: queued requests of a model and size join its running batch between denoising "
+                            "steps, each with its own steps, guidance and strength; off: a batch is formed once, "
+                            "of requests that share all of them, and runs to its end")
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model")
     serve.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
     serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")

@@ -15,6 +15,7 @@ class ServerConfig:
     dtype: str = "auto"               # auto | float32 | float16 | bfloat16
     max_batch: int = 8                # images per forward pass
     max_wait_ms: float = 10.0         # how long the batcher holds the oldest job for company
+    continuous: bool = True           # requests join a running batch of their model and size between steps
     max_queue: int = 64               # queued jobs per model before 429
     max_images_per_request: int = 10  # `n`, as in the OpenAI Images API
     max_steps: int | None = None      # caps every model's num_inference_steps (a cost guard)

@@ -2,7 +2,7 @@
 
 Every forward the engine runs (an image batch, a chat prefill or decode step) holds a turn. Turns are
 served first come, first served (a ticket lock), and an image batch gives its turn up between
-denoising steps whenever someone is queued (`pause`, through `model_zoo.base.between_steps`). So while
+denoising steps whenever someone is queued (`pause`, which the worker calls between steps). So while
 chat sequences run, image steps and chat steps alternate: a stream's gap between tokens is about one
 denoising step plus one decode step, never the length of an image batch. With nobody queued, `pause`
 is one check under a lock, and image throughput is what it was.

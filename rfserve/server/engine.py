@@ -67,7 +67,7 @@ class Engine:
         self.plans: dict[str, BucketPlan] = {}
         self.thread_plans: dict[str, ThreadPlan] = {}
         self.batcher = Batcher(names, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                               max_queue=config.max_queue,
+                               max_queue=config.max_queue, joining=config.continuous,
                                on_drop=lambda m, why: self.metrics.dropped.labels(m, why).inc())
         for name in names:
             self.metrics.queue_depth.labels(name).set_function(lambda n=name: self.batcher.depth(n))
@@ -125,7 +125,7 @@ class Engine:
         tuning.freeze()                       # a request never waits on a kernel benchmark (kernels.tuning)
         self.worker = Worker(self.batcher, {n: m.pipeline for n, m in self.models.items()}, self.metrics,
                              turns=self.turns, fault_injection=self.config.fault_injection, plans=self.plans,
-                             threads=self.thread_plans)
+                             threads=self.thread_plans, joining=self.config.continuous)
         self.worker.start()
         self.metrics.ready.set(1)
         self.ready.set()

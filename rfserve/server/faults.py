@@ -30,7 +30,8 @@ def find(text: str) -> Fault | None:
     return kind, None if arg is None else float(arg)
 
 
-def inject(specs: list[ImageSpec]) -> None:
+def inject(specs: list[ImageSpec], batch: int | None = None) -> None:
+    """`specs` begin, in a batch of `batch` rows (default: just them; joiners: with the rows already running)."""
     for spec in specs:
         fault = find(spec.prompt)
         if fault is None:
@@ -38,7 +39,7 @@ def inject(specs: list[ImageSpec]) -> None:
         kind, arg = fault
         if kind == "error":
             raise RuntimeError("injected fault")
-        if kind == "oom" or (kind == "oom-batch" and len(specs) > 1):
+        if kind == "oom" or (kind == "oom-batch" and (batch or len(specs)) > 1):
             raise torch.OutOfMemoryError("injected out-of-memory")
         if kind == "hang":
             time.sleep(arg or 3600)

@@ -5,6 +5,10 @@ round-robin (a flood on one model cannot starve another), takes the oldest job t
 waits up to `max_wait_ms` from that job's arrival for compatible company, and hands the
 worker at most `max_batch` images. A job larger than `max_batch` is served in slices.
 Cancelled or expired jobs are dropped here, before they cost any compute.
+
+Compatible means sharing `ImageSpec.join_key()` when joining is on (the rows of a running batch each have their
+own steps, guidance and strength), else `batch_key()`. While a batch runs, `join` hands the worker more of the
+same model's queued jobs between steps, in order, as long as no other model is waiting.
 """
 from __future__ import annotations
 
@@ -80,10 +84,6 @@ class Job:
     _timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def key(self) -> tuple:
-        return self.specs[0].batch_key()
-
-    @property
     def remaining(self) -> int:
         return len(self.specs) - self.next_image
 
@@ -148,8 +148,9 @@ class Batch:
 
 class Batcher:
     def __init__(self, models: list[str], *, max_batch: int, max_wait_ms: float, max_queue: int,
-                 on_drop: Callable[[str, str], None] = lambda model, reason: None):
+                 on_drop: Callable[[str, str], None] = lambda model, reason: None, joining: bool = True):
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.joining = joining
         self.on_drop = on_drop
         self.max_queue = max_queue
         self._queues: dict[str, deque[Job]] = {m: deque() for m in models}
@@ -258,24 +259,46 @@ class Batcher:
         patience = self.max_wait if self._arrival_gap[model] < self.max_wait else 0.0
         while not self._closed:
             ready_at = head.arrival + patience
-            if self._compatible_images(queue, head.key) >= self.max_batch or time.monotonic() >= ready_at:
+            if self._compatible_images(queue, self.key(head)) >= self.max_batch or time.monotonic() >= ready_at:
                 break
             self._cond.wait(ready_at - time.monotonic())
             self._drop_dead(queue)
             if not queue or queue[0] is not head:
                 return None
-        return self._take(model, head.key)
+        return self._take(model, self.key(head))
+
+    def key(self, job: Job) -> tuple:
+        """What jobs that share a batch share."""
+        spec = job.specs[0]
+        return spec.join_key() if self.joining else spec.batch_key()
 
     def _compatible_images(self, queue: deque[Job], key: tuple) -> int:
-        return sum(j.remaining for j in queue if j.key == key)
+        return sum(j.remaining for j in queue if self.key(j) == key)
 
-    def _take(self, model: str, key: tuple) -> Batch:
-        queue, room, slices = self._queues[model], self.max_batch, []
+    def join(self, model: str, key: tuple, room: int) -> list[Slice]:
+        """Up to `room` more images for a batch of `model` running with join key `key`, taken between its steps:
+        the jobs at the head of the model's queue that share the key, in order, stopping at the first that does
+        not (it goes first once the batch ends). Nothing while another model has jobs waiting: the batch then
+        finishes what it holds, and the round-robin goes on."""
+        with self._cond:
+            queue = self._queues[model]
+            self._drop_dead(queue)
+            if room <= 0 or any(q for m, q in self._queues.items() if m != model):
+                return []
+            head = 0
+            for job in queue:
+                if self.key(job) != key:
+                    break
+                head += job.remaining
+            return self._take(model, key, min(room, head)).slices if head else []
+
+    def _take(self, model: str, key: tuple, room: int | None = None) -> Batch:
+        queue, room, slices = self._queues[model], self.max_batch if room is None else room, []
         now = time.monotonic()
         for job in list(queue):
             if room == 0:
                 break
-            if job.key != key:
+            if self.key(job) != key:
                 continue
             take = min(room, job.remaining)
             slices.append(Slice(job, job.next_image, job.next_image + take))

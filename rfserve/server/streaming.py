@@ -1,5 +1,5 @@
 """Streamed image answers in OpenAI's event format: `partial_images` previews taken from the flow itself
-(`model_zoo.base.between_steps`), then one completed event, over server-sent events.
+(`server.worker`), then one completed event, over server-sent events.
 
 Each event is `event: <type>` and `data: <json>`, the JSON's `type` repeating the event's: the `openai`
 client reads the data, a browser's EventSource the names. A failure after the stream began is an `error`

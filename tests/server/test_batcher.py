@@ -19,7 +19,8 @@ def make(**kw):
 
 
 def test_groups_only_compatible_jobs_up_to_max_batch():
-    b = make()
+    """Without joining, only jobs that would run the same loop share a batch."""
+    b = make(joining=False)
     jobs = [job(size=16), job(size=32), job(size=16, guidance=2.0), job(size=16), job(size=16, n=3)]
     for j in jobs:
         b.submit(j)
@@ -27,6 +28,39 @@ def test_groups_only_compatible_jobs_up_to_max_batch():
     assert [sl.job for sl in first.slices] == [jobs[0], jobs[3], jobs[4]]
     assert first.size == 4 and (first.slices[-1].start, first.slices[-1].stop) == (0, 2)
     assert len({s.batch_key() for s in first.specs}) == 1
+
+
+def test_with_joining_steps_and_guidance_share_a_batch_and_sizes_do_not():
+    b = make()
+    jobs = [job(size=16), job(size=32), job(size=16, guidance=2.0, steps=4), job(size=16, steps=50)]
+    for j in jobs:
+        b.submit(j)
+    first = b.next_batch(timeout=0)
+    assert [sl.job for sl in first.slices] == [jobs[0], jobs[2], jobs[3]]
+    assert len({s.join_key() for s in first.specs}) == 1 and len({s.batch_key() for s in first.specs}) == 3
+
+
+def test_join_takes_the_queue_head_in_order_and_stops_at_the_first_other_size():
+    b = make()
+    key = job().specs[0].join_key()
+    jobs = [job(steps=4), job(n=3, steps=2), job(size=32), job()]
+    for j in jobs:
+        b.submit(j)
+    taken = b.join("a", key, room=2)
+    assert [(sl.job, sl.start, sl.stop) for sl in taken] == [(jobs[0], 0, 1), (jobs[1], 0, 1)]
+    taken = b.join("a", key, room=8)
+    assert [(sl.job, sl.start, sl.stop) for sl in taken] == [(jobs[1], 1, 3)]
+    assert b.join("a", key, room=8) == []                       # the 32x32 job is next: it goes first
+    assert b.next_batch(timeout=0).slices[0].job is jobs[2]
+
+
+def test_join_admits_nothing_while_another_model_waits():
+    b = make()
+    key = job().specs[0].join_key()
+    b.submit(job())
+    b.submit(job(model="b"))
+    assert b.join("a", key, room=4) == []
+    assert b.next_batch(timeout=0).model in {"a", "b"}
 
 
 def test_large_job_is_served_in_slices_in_order():

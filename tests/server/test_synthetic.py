@@ -31,6 +31,21 @@ def test_photographs_at_each_size_varied_by_seed_and_paced():
     assert images[0].std() > 20                                      # a photograph, not a flat fill
 
 
+def test_each_step_takes_the_pace_and_rows_finish_at_their_own_step():
+    """A request takes the steps it asks for; a 1-step row leaves after the first step of a 3-step batch."""
+    pipe = load_model(parse_spec("synthetic?ms_per_image=20&ms_per_batch=0&sizes=64x64"), "cpu", None).pipeline
+    short, long = ImageSpec("", "", 1, 64, 64, 1, 0.0), ImageSpec("", "", 2, 64, 64, 3, 0.0)
+    pipe.run([short])
+    running = pipe.begin([short, long])
+    start = time.perf_counter()
+    pipe.step(running)
+    assert time.perf_counter() - start >= 2 * 0.020 and running.finished() == [0]
+    assert pipe.finish(running, [0]).images.shape == (1, 64, 64, 3) and running.specs == [long]
+    start = time.perf_counter()
+    pipe.step(running)
+    assert 0.020 <= time.perf_counter() - start < 0.040 and running.stepping() == [0]
+
+
 def test_a_folder_of_photographs_and_bad_options(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     model = load_model(parse_spec(f"synthetic={tmp_path}?ms_per_image=0&sizes=32x32"), "cpu", None)
@@ -52,7 +67,7 @@ def test_it_serves_through_the_ordinary_http_path():
             r = client.post("/v1/images/generations", json={"prompt": "anything", "n": 2, "size": "64x64",
                                                              "output_format": "jpeg"})
             assert r.status_code == 200 and r.json()["size"] == "64x64" and len(r.json()["data"]) == 2
-            refused = client.post("/v1/images/generations", json={"prompt": "x", "num_inference_steps": 2})
+            refused = client.post("/v1/images/generations", json={"prompt": "x", "num_inference_steps": 101})
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "num_inference_steps"
     finally:
         engine.shutdown()

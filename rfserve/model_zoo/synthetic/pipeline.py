@@ -1,8 +1,9 @@
 """The paced synthetic model, for benchmarks only.
 
-A batch of n images takes `ms_per_batch + n * ms_per_image` of wall time (default 5.5 ms an image, the H100
-target), spent in `time.sleep`, which releases the GIL as a CUDA synchronise does; the time taken to fetch
-the images counts towards it. Each image is a crop of a real photograph, resized to the requested size and
+Each step of a batch of n images takes `ms_per_batch + n * ms_per_image` of wall time (default 5.5 ms an
+image, the H100 target), spent in `time.sleep`, which releases the GIL as a CUDA synchronise does; a request
+takes as many steps as it asks for (one by default), so the continuous batcher's benchmark can mix short and
+long requests on it. The time taken to fetch the images counts towards the last step. Each image is a crop of a real photograph, resized to the requested size and
 picked by the seed (one of 16 variants per size, prepared once), so it compresses like the output of a real
 model and the host side pays what it would pay for one.
 
@@ -21,6 +22,7 @@ from PIL import Image
 from rfserve.model_zoo.base import BatchOutput, ImageDefaults, ImageSpec, LoadedModel, ModelCard, parse_size
 from rfserve.model_zoo.loading import CheckpointError
 from rfserve.model_zoo.presets import ModelSpec
+from rfserve.model_zoo.running import Running, Stepped
 
 VARIANTS = 16
 DEFAULT_SIZES = "512x512,1024x1024"
@@ -28,7 +30,7 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
-class SyntheticPipeline:
+class SyntheticPipeline(Stepped):
     family = "synthetic"
     photos: list[Image.Image]
     ms_per_image: float = 5.5
@@ -51,12 +53,25 @@ class SyntheticPipeline:
             self._variants[key] = np.asarray(crop.convert("RGB"))
         return self._variants[key]
 
-    def run(self, specs: list[ImageSpec]) -> BatchOutput:
+    def begin(self, specs: list[ImageSpec]) -> Running:
+        return Running(specs, [False] * len(specs), [s.steps for s in specs], {})
+
+    def step(self, running: Running) -> None:
+        """Sleeps out the pace, less what fetching the images of the rows it finishes took."""
         start = time.perf_counter()
-        images = np.stack([self.image(s) for s in specs])                                   # (B, H, W, 3)
-        pace = (self.ms_per_batch + self.ms_per_image * len(specs)) / 1000.0
+        running.advance()
+        for i in running.finished():
+            self.image(running.specs[i])
+        pace = (self.ms_per_batch + self.ms_per_image * len(running)) / 1000.0
         time.sleep(max(0.0, pace - (time.perf_counter() - start)))
-        return BatchOutput(images, [False] * len(specs), {"sample": time.perf_counter() - start})
+
+    def preview(self, running: Running, rows: list[int]) -> np.ndarray:
+        return np.stack([self.image(running.specs[i]) for i in rows])
+
+    def finish(self, running: Running, rows: list[int]) -> BatchOutput:
+        images = np.stack([self.image(running.specs[i]) for i in rows])                     # (n, H, W, 3)
+        running.leave(rows)
+        return BatchOutput(images, [False] * len(rows), {})
 
     def kept_prompt(self, prompt: str) -> str:
         return prompt                                  # prompts are never truncated: they are not read
@@ -105,5 +120,5 @@ def load_synthetic(spec: ModelSpec, root: Path | None, device, dtype) -> LoadedM
             raise CheckpointError(f"--model {spec.name}: sizes must be 8 to 4096 pixels a side (got {size})")
     pipe = SyntheticPipeline(_photos(root), _number(spec, "ms_per_image", 5.5), _number(spec, "ms_per_batch", 0.0))
     card = ModelCard(name=spec.name, family="synthetic", defaults=ImageDefaults(1, 0.0, size=sizes[0]),
-                     sizes=sizes, max_steps=1, supports_negative_prompt=False)
+                     sizes=sizes, supports_negative_prompt=False)
     return LoadedModel(card, pipe)
