@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rfserve.benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
 from rfserve.benchmarks.timing import device_label, save_report
-from rfserve.model_zoo.base import ChatDecoder, ChatParts
+from rfserve.model_zoo.base import ChatDecoder, ChatParts, ImageSpec
 from rfserve.model_zoo.janusflow.config import JanusFlowConfig, preset
 from rfserve.model_zoo.janusflow.decoder import JanusFlowChat
 from rfserve.model_zoo.janusflow.loading import JanusFlowParts
@@ -92,20 +92,26 @@ def reference_t2i(parts: JanusFlowParts, prompt: str, z: torch.Tensor, steps: in
 
 
 def bench_t2i(parts: JanusFlowParts, steps: int, repeats: int, mode: str | None) -> dict:
-    """Ours eagerly, the reference, then (with a compile `mode`) ours again after capturing the flow step."""
+    """Ours eagerly, the reference, then (with a compile `mode`) ours again after capturing the flow step. Ours
+    "sample" is begin (tokens, noise, the prompt prefill) and the steps, as the server runs them; "with VAE" is
+    `run`, which also decodes."""
     pipe = JanusFlowPipeline(parts)
-    z = pipe.noise([0])
-    prefixes, _ = pipe.prefixes([PROMPT])
+    side, _ = pipe.default_size
+    spec = ImageSpec(PROMPT, "", 0, side, side, steps, 2.0)
+    z = pipe.noise([spec.seed])
 
     def sample() -> torch.Tensor:
-        return pipe.sample(prefixes, z, steps, 2.0)
+        running = pipe.begin([spec])
+        while running.stepping():
+            pipe.step(running)
+        return running.rows["z"]
 
     def ours() -> tuple[float, float]:
-        return timed(sample, parts.device, repeats), timed(lambda: pipe.decode(sample()), parts.device, repeats)
+        return timed(sample, parts.device, repeats), timed(lambda: pipe.run([spec]), parts.device, repeats)
 
     (eager, eager_e2e), ref = ours(), timed(lambda: reference_t2i(parts, PROMPT, z, steps, 2.0), parts.device, repeats)
     out: dict = {"steps": steps, "batch": 1, "ours_sample_s": eager, "ours_with_vae_s": eager_e2e,
-                 "reference_sample_s": ref, "speedup": ref / eager, "prompt_tokens": len(prefixes[0]),
+                 "reference_sample_s": ref, "speedup": ref / eager, "prompt_tokens": pipe.prompt_tokens(PROMPT),
                  "capture": None}
     if mode:
         out["capture"] = capture(pipe.fast_path(), sample, mode)
