@@ -1,22 +1,24 @@
-"""Hunyuan-DiT: encode text (BERT + mT5) → sample (scheduler loop over HunyuanDiT2DModel with
-batched CFG) → decode (SDXL VAE). Semantics follow diffusers' HunyuanDiTPipeline; see the
-reference notes §4."""
+"""Hunyuan-DiT: encode text (BERT + mT5) → sample (a scheduler per image over HunyuanDiT2DModel, CFG rows
+beside rows without it) → decode (SDXL VAE), a step at a time (model_zoo.base.Pipeline). Semantics follow
+diffusers' HunyuanDiTPipeline; see the reference notes §4."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rfserve import kernels
-from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer, between_steps
-from rfserve.model_zoo.edits import EditLatents, composite, edit_latents, run_steps
+from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer
+from rfserve.model_zoo.edits import composite, edit_latents
 from rfserve.model_zoo.fast_path import CompiledCalls
 from rfserve.model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from rfserve.model_zoo.hunyuan_dit.geometry import rotary_tables
 from rfserve.model_zoo.hunyuan_dit.guidance import guided_prediction
-from rfserve.model_zoo.hunyuan_dit.schedulers import clean_estimate, make_scheduler, scheduler_name, step_kwargs
+from rfserve.model_zoo.hunyuan_dit.schedulers import clean_estimate, row_schedule, scheduler_name, step_kwargs
 from rfserve.model_zoo.hunyuan_dit.text import TextEmbeddings
-from rfserve.model_zoo.samplers import guidance_tensor, keep_rows
+from rfserve.model_zoo.running import Running, Stepped, in_spec_order
+from rfserve.model_zoo.samplers import guidance_tensor, with_uncond
 from rfserve.model_zoo.sd_components import to_uint8
 from rfserve.model_zoo.seeding import seeded_noise
 from rfserve.model_zoo.text_cache import TextEncoderCache
@@ -26,7 +28,11 @@ CROP_TOP_LEFT = (0, 0)
 STYLE = 0                      # the single learned style of v≤1.1
 
 
-class HunyuanPipeline:
+class HunyuanPipeline(Stepped):
+    """A running batch's rows (`Running.rows`): `x` the latents (B, C, h, w); `x_t` and `pred`, the latents the
+    last step started from and its guided prediction, for previews; `text` and `neg`, the prompts' and negative
+    prompts' `TextEmbeddings`; per row its own `scheduler` (they carry step state), the `timesteps` it runs and
+    its `generator` (DDPM draws variance noise at every step); and `edit`, `EditLatents`, for edits."""
     family = "hunyuan-dit"
 
     def __init__(self, parts: HunyuanComponents, scheduler: str | None = None, guidance_rescale: float = 0.0,
@@ -50,8 +56,8 @@ class HunyuanPipeline:
         return side, side
 
     def conditioning(self, text: TextEmbeddings, width: int, height: int) -> dict:
-        """Transformer inputs besides latents and timestep, for a (possibly 2B) batch. Style and
-        image-size tensors only where the checkpoint was trained with them (v≤1.1)."""
+        """Transformer inputs besides latents and timestep, for a forward's rows (`text`'s, unconditional copies
+        included). Style and image-size tensors only where the checkpoint was trained with them (v≤1.1)."""
         p, dit, n = self.parts, self.parts.transformer, text.bert.shape[0]
         cond = text.transformer_kwargs()
         cond["image_rotary_emb"] = rotary_tables(width, height, dit.inner_dim // dit.num_heads,
@@ -63,76 +69,114 @@ class HunyuanPipeline:
         return cond
 
     @torch.inference_mode()
-    def sample(self, x: torch.Tensor, cond: dict, steps: int, guidance: torch.Tensor | float | None,
-               generators: list[torch.Generator], edit: EditLatents | None = None) -> torch.Tensor:
-        """x: (B, C, h, w) noise; `cond` holds (2B, ...) tensors, unconditional first, with guidance. An edit
-        runs the schedule's last `run_steps` timesteps from the scheduler's `add_noise` of its input, and a
-        mask is held as diffusers' inpainting holds it; at strength 1 it starts from noise, as text-to-image."""
-        scheduler = make_scheduler(self.scheduler, self.parts.scheduler_config)
-        scheduler.set_timesteps(steps, device=x.device)
-        timesteps = scheduler.timesteps
-        extra = step_kwargs(scheduler, generators)
-        learn_sigma = self.parts.transformer.config.learn_sigma
-        if edit is not None and (n := run_steps(len(timesteps), edit.strength)) < len(timesteps):
-            begin = len(timesteps) - n
-            timesteps = timesteps[begin:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(begin)
-            x = scheduler.add_noise(edit.data, x, timesteps[:1].repeat(len(x))) if n else edit.data
-        else:
-            x = x * scheduler.init_noise_sigma
-        for i, t in enumerate(timesteps):
-            x_in = x if guidance is None else torch.cat([x, x])                # (2B, C, h, w)
-            x_in = scheduler.scale_model_input(x_in, t)
-            t_in = t.expand(x_in.shape[0]).to(x.dtype)                          # the reference's t_expand
-            out = self.parts.denoiser(x_in, t_in, **cond, return_dict=False)[0]      # (2B, 2C, h, w) under CFG
-            pred = out.chunk(2, dim=1)[0] if learn_sigma else out              # (2B, C, h, w): variance dropped
-            if guidance is not None:
-                pred = guided_prediction(pred, guidance, self.guidance_rescale)
-            x_t, x = x, scheduler.step(pred, t, x, **extra, return_dict=False)[0]
-            if edit is not None:
-                t_next = timesteps[i + 1:i + 2]
-                x = edit.hold(x, lambda data, noise: scheduler.add_noise(data, noise, t_next.repeat(len(x)))
-                              if len(t_next) else data)
-            keep = between_steps(lambda rows: self.preview(clean_estimate(scheduler, pred[rows], t, x_t[rows]),
-                                                           edit, rows), len(timesteps))
-            if keep is not None:
-                x, guidance = keep_rows(keep, x), keep_rows(keep, guidance)
-                pairs = 1 + (guidance is not None)                                  # (2B, ...) under CFG
-                cond = {k: v if k == "image_rotary_emb" else keep_rows(keep, v, pairs) for k, v in cond.items()}
-                generators = [generators[k] for k in keep]
-                extra = step_kwargs(scheduler, generators)
-                if edit is not None:
-                    edit.keep(keep)
-        return x
-
-    def preview(self, latents: torch.Tensor, edit: EditLatents | None, rows: list[int]):
-        """The picture a clean-latent estimate of `rows` shows, as uint8 (len(rows), H, W, 3)."""
-        return to_uint8(composite(edit, self.parts.decode(latents), rows))[0]
-
-    def images(self, specs: list[ImageSpec], timer: StageTimer | None = None):
-        """Float images (B, 3, H, W) in [0, 1] and per-image prompt-truncation flags."""
-        timer = timer or StageTimer()
+    def begin(self, specs: list[ImageSpec]) -> Running:
+        """Each row's text, noise, edit input and scheduler. A row runs its own schedule: an edit the last
+        `run_steps` timesteps of it, from the scheduler's `add_noise` of its input (as diffusers' img2img); at
+        strength 1 from noise, as text-to-image."""
         first, p = specs[0], self.parts
         if first.width % 16 or first.height % 16:
             raise ValueError(f"width and height must be multiples of 16, got {first.width}x{first.height}")
-        with timer.stage("encode"):
+        timings: dict[str, float] = {}
+        with StageTimer(p.synchronize, timings).stage("encode"):
             text, truncated = self.text.encode([s.prompt for s in specs])
-            guidance = None
-            if first.uses_cfg:
-                neg, _ = self.text.encode([s.negative_prompt for s in specs])
-                text = TextEmbeddings.cat([neg, text])                         # (2B, ...), negative first
-                guidance = guidance_tensor([s.guidance for s in specs], p.device)
-            cond = self.conditioning(text, first.width, first.height)
-        with timer.stage("encode"):
+            # A row without guidance has no unconditional branch (`with_uncond`): its own text stands in, unread.
+            neg = text if not any(s.uses_cfg for s in specs) else \
+                self.text.encode([s.negative_prompt if s.uses_cfg else s.prompt for s in specs])[0]
             noise, generators = seeded_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
                                              dtype=p.dtype, device=p.device)
             edit = edit_latents(specs, p.vae, noise)
-        with timer.stage("sample"):
-            latents = self.sample(noise, cond, first.steps, guidance, generators, edit)
+            schedules = [row_schedule(self.scheduler, p.scheduler_config, s.steps, s.strength, p.device)
+                         for s in specs]
+            starts = []
+            for i, (scheduler, timesteps, part) in enumerate(schedules):
+                if not part:
+                    starts.append(noise[i:i + 1] * scheduler.init_noise_sigma)
+                elif len(timesteps):
+                    starts.append(scheduler.add_noise(edit.data[i:i + 1], noise[i:i + 1], timesteps[:1]))
+                else:
+                    starts.append(edit.data[i:i + 1])                  # strength ~0: the input, through the VAE
+            x = torch.cat(starts)                                          # (B, C, h, w)
+        rows = dict(x=x, x_t=x, pred=torch.zeros_like(x), text=text, neg=neg, generator=generators,
+                    scheduler=[s for s, _, _ in schedules], timesteps=[t for _, t, _ in schedules])
+        if edit is not None:
+            rows["edit"] = edit
+        return Running(list(specs), truncated, [len(t) for _, t, _ in schedules], rows, timings=timings,
+                       sync=p.synchronize)
+
+    @torch.inference_mode()
+    def step(self, running: Running) -> None:
+        """One forward for every row, each at its own timestep with its own text; only rows with guidance
+        (> 1, as the reference's `do_classifier_free_guidance`) get an unconditional branch, guided with their
+        own scale and the pipeline's rescale (per image). Each row then steps with its own scheduler, on its
+        own slice, drawing from its own generator, so it computes what it would alone; a masked edit's kept
+        area is put back to its input at the row's next timestep, as diffusers' inpainting does."""
+        rows, specs, p = running.rows, running.specs, self.parts
+        x, schedulers, generators = rows["x"], rows["scheduler"], rows["generator"]
+        ts = [timesteps[done] for timesteps, done in zip(rows["timesteps"], running.done)]   # each row's t
+        cfg = [i for i, s in enumerate(specs) if s.uses_cfg]
+        x_in = torch.cat([s.scale_model_input(x[i:i + 1], t) for i, (s, t) in enumerate(zip(schedulers, ts))])
+        t_in = torch.stack(ts).to(x.dtype)                                  # (B,): the reference's t_expand
+        cond = self.conditioning(rows["text"].with_uncond(cfg, rows["neg"]), specs[0].width, specs[0].height)
+        out = p.denoiser(with_uncond(x_in, cfg), with_uncond(t_in, cfg), **cond,
+                         return_dict=False)[0]                              # (len(cfg) + B, 2C, h, w)
+        if p.transformer.config.learn_sigma:
+            out = out.chunk(2, dim=1)[0]                                    # (len(cfg) + B, C, h, w)
+        pred = out[len(cfg):].clone()                                       # (B, C, h, w)
+        if cfg:
+            both = torch.cat([out[:len(cfg)], pred[cfg]])                   # (2·len(cfg), ...), uncond first
+            scales = guidance_tensor([specs[i].guidance for i in cfg], x.device)
+            pred[cfg] = guided_prediction(both, scales, self.guidance_rescale)
+        new = torch.cat([s.step(pred[i:i + 1], t, x[i:i + 1], **step_kwargs(s, [generators[i]]),
+                                return_dict=False)[0]
+                         for i, (s, t) in enumerate(zip(schedulers, ts))])  # (B, C, h, w)
+        if "edit" in rows:
+            new = rows["edit"].hold(new, lambda data, noise: torch.cat([
+                self._noised(running, i, data[i:i + 1], noise[i:i + 1]) for i in range(len(running))]))
+        rows.update(x=new, x_t=x, pred=pred)
+        running.advance()
+
+    @staticmethod
+    def _noised(running: Running, i: int, data: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Row i's input where its flow stands after the step it is taking: at its next timestep, or clean after
+        its last."""
+        t_next = running.rows["timesteps"][i][running.done[i] + 1:][:1]
+        return running.rows["scheduler"][i].add_noise(data, noise, t_next) if len(t_next) else data
+
+    @torch.inference_mode()
+    def preview(self, running: Running, rows: list[int]) -> np.ndarray:
+        """Each row's x̂₀, decoded and, for a masked edit, composited."""
+        latents = torch.cat([self._clean(running, i) for i in rows])     # (len(rows), C, h, w)
+        return to_uint8(composite(running.rows.get("edit"), self.parts.decode(latents), rows))[0]
+
+    @staticmethod
+    def _clean(running: Running, i: int) -> torch.Tensor:
+        """Row i's x̂₀ from its last step's prediction, at that step's timestep of its own schedule; before its
+        first step, its starting latent."""
+        r, done = running.rows, running.done[i]
+        if done == 0:
+            return r["x"][i:i + 1]
+        return clean_estimate(r["scheduler"][i], r["pred"][i:i + 1], r["timesteps"][i][done - 1], r["x_t"][i:i + 1])
+
+    @torch.inference_mode()
+    def decoded(self, running: Running, rows: list[int]) -> torch.Tensor:
+        """`rows` decoded to float images (n, 3, H, W) in [0, 1], composited for a masked edit; they leave."""
+        images = composite(running.rows.get("edit"), self.parts.decode(running.rows["x"][rows]), rows)
+        running.leave(rows)
+        return images
+
+    def finish(self, running: Running, rows: list[int]) -> BatchOutput:
+        timer = StageTimer(self.parts.synchronize)
+        truncated = [running.truncated[i] for i in rows]
         with timer.stage("decode"):
-            images = p.decode(latents)
-        return composite(edit, images), truncated
+            pixels, on_device = to_uint8(self.decoded(running, rows))
+        return BatchOutput(pixels, truncated, timer.timings, on_device)
+
+    def images(self, specs: list[ImageSpec]) -> tuple[torch.Tensor, list[bool]]:
+        """Float images (B, 3, H, W) in [0, 1] in spec order, before `run` rounds them to bytes, and per-image
+        prompt-truncation flags: for comparisons finer than a byte."""
+        truncated = self.text.encode([s.prompt for s in specs])[1]
+        parts, _ = self.to_end(specs, self.decoded)
+        return in_spec_order(parts, len(specs)), truncated
 
     def fast_path(self) -> CompiledCalls:
         """The transformer compiled per (batch, size) bucket. The RoPE tables are the same tensors for every
@@ -150,10 +194,3 @@ class HunyuanPipeline:
 
     def _read_ids(self, prompt: str) -> list[int]:
         return self.parts.tokenizer(prompt, truncation=True, max_length=BERT_TOKENS).input_ids
-
-    def run(self, specs: list[ImageSpec]) -> BatchOutput:
-        timer = StageTimer(sync=self.parts.synchronize)
-        images, truncated = self.images(specs, timer)
-        with timer.stage("decode"):
-            pixels, on_device = to_uint8(images)
-        return BatchOutput(pixels, truncated, timer.timings, on_device)

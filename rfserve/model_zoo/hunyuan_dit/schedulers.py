@@ -4,16 +4,19 @@ The default is the checkpoint's own `scheduler/scheduler_config.json`: DDPM with
 for every published Hunyuan-DiT (the reference pipeline's sampler). `?scheduler=ddim` and
 `?scheduler=dpm` (DPMSolverMultistepScheduler, the fast multistep solver; the official repo's
 `dpmms`) are built `from_config` of that same config, so betas, prediction type and timestep
-spacing stay the checkpoint's. A fresh scheduler is made per batch: they carry step state.
+spacing stay the checkpoint's. Each image gets a scheduler of its own (`row_schedule`): they carry step state
+(DPM's multistep history, the step index), and each image runs its own number of steps.
 """
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from rfserve.model_zoo.edits import run_steps
 from rfserve.model_zoo.loading import CheckpointError
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -35,6 +38,20 @@ def scheduler_name(config: dict, requested: str | None) -> str:
 
 def make_scheduler(name: str, config: dict):
     return SCHEDULERS[name].from_config(config)
+
+
+def row_schedule(name: str, config: dict, steps: int, strength: float,
+                 device) -> tuple[Any, torch.Tensor, bool]:
+    """One image's scheduler, set to its `steps`, the timesteps it runs, and whether that is part of the schedule:
+    an edit runs the last `run_steps` of them, the scheduler told where it begins (as diffusers' img2img does);
+    at strength 1 all of them, as text-to-image."""
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    begin = len(timesteps) - run_steps(len(timesteps), strength)
+    if begin and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler, timesteps[begin:], begin > 0
 
 
 def step_kwargs(scheduler, generators: list) -> dict:
