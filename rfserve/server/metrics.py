@@ -22,7 +22,8 @@ class Metrics:
         self.images = Counter("rfserve_images_total", "Images generated.", ["model"], registry=r)
         self.queue_depth = Gauge("rfserve_queue_depth", "Jobs waiting in the model's queue.", ["model"],
                                  registry=r)
-        self.batch_size = Histogram("rfserve_batch_size", "Images per batch run by the worker.", ["model"],
+        self.batch_size = Histogram("rfserve_batch_size",
+                                    "Images per denoising step (one forward) run by the worker.", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.stage_seconds = Histogram("rfserve_stage_seconds", "Time per pipeline stage per batch.",
                                        ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)

@@ -5,6 +5,7 @@ for the attention, so that a kernel dispatch that fell out of the graph shows.""
 import base64
 import io
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from rfserve.benchmarks.bench_compile import RecordedGraph, chat_case, graph_stats, image_case, recorded_graphs
+from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.fast_path import Captured, CompiledCalls
+from rfserve.model_zoo.registry import load_model, parse_spec
 from rfserve.server.app import create_app
 from rfserve.server.config import ServerConfig
 from rfserve.server.engine import Engine
@@ -61,6 +64,32 @@ def _check_graphs(graphs: list[RecordedGraph]) -> None:
 def test_sd_unet_and_decoder(tiny_sd):
     graphs = _compiled_images_match_eager(*image_case(f"instaflow-0.9b={tiny_sd}"), calls_per_bucket=2)
     _check_graphs(graphs)
+
+
+def test_sd_rows_joining_mid_way_run_the_captured_graphs(tiny_sd):
+    """The per-row timesteps are inputs of the graph: a row that joins a running batch at another point of another
+    schedule runs in the captured bucket of the batch's size, with no compile, and makes the image it makes
+    eagerly alone."""
+    pipe = load_model(parse_spec(f"instaflow-0.9b={tiny_sd}"), torch.device("cpu"), torch.float32).pipeline
+    w, h = pipe.default_size
+    first, joiner = (ImageSpec(f"a red circle {s}", "", s, w, h, steps, 2.0) for s, steps in [(1, 4), (2, 2)])
+    eager = pipe.run([joiner]).images
+    fast = pipe.fast_path()
+    with recorded_graphs():
+        fast.prepare("default")
+        for b in BUCKETS:
+            for _ in range(2):
+                pipe.run([replace(first, seed=s) for s in range(b)])
+        fast.finish_capture()
+        stats = graph_stats()
+        running = pipe.begin([first])
+        pipe.step(running)
+        pipe.admit(running, [joiner])                      # at step 2 of 4, a 2-step row joins
+        while not running.finished():
+            pipe.step(running)
+        joined = pipe.finish(running, running.finished()).images
+        assert graph_stats() == stats
+    assert np.abs(joined[0].astype(int) - eager[0].astype(int)).max() <= 1
 
 
 def test_hunyuan_transformer(tmp_path_factory):
