@@ -71,3 +71,22 @@ def plot_host(report: dict, path: Path) -> None:
     _footer(fig, report)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_joining(report: dict, model: dict, path: Path) -> None:
+    """p99 latency of each step class against the load, joining on (solid) and off (dashed), one colour a class."""
+    loads = [100 * lv["load"] for lv in model["levels"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, steps in enumerate(model["mix"]):
+        for mode, style in (("on", "-"), ("off", "--")):
+            ax.plot(loads, [lv[mode]["classes"][str(steps)]["p99_ms"] for lv in model["levels"]], style,
+                    color=f"C{k}", marker="o" if mode == "on" else "x", label=f"{steps} steps, joining {mode}")
+    ax.set_yscale("log")
+    ax.set_xlabel("load, % of capacity (joining off, saturated)")
+    ax.set_ylabel("p99 latency, ms (log)")
+    ax.set_title(f"Continuous image batching · {model['model']}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    _footer(fig, report)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
