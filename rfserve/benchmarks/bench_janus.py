@@ -4,8 +4,8 @@
 Both sample the G image tokens at the official defaults (CFG weight 5, temperature 1) on the same random
 weights and prompts and decode them with the same VQ decoder; the figure is seconds per image (the batch's
 median wall time over its size), at batch 1 and 8. transformers runs its own loop over a StaticCache; ours
-runs `JanusPipeline.sample` over the preallocated buffers of `model_zoo.janusflow.llm`, so the ratio also
-says which cache is faster here. Chat: greedy streams of one prompt, 1 and 8 at once, through our continuous
+runs `JanusPipeline.run` (begin, then one step per image token, as the server steps it) over the preallocated
+buffers of `model_zoo.janusflow.llm`, so the ratio also says which cache is faster here. Chat: greedy streams of one prompt, 1 and 8 at once, through our continuous
 batcher (the slot KV cache) against one batched `generate()` of the same count. Ours runs eagerly, then
 through the compiled fast path as the server serves it (`--compile-mode`; benchmarks.capture): the token
 step captured at every batch, and for decode a fresh decoder whose step is captured at that many streams.
@@ -29,12 +29,12 @@ import transformers
 from rfserve.benchmarks.bench_janusflow import QUESTION, decode_table, ours_decode, sync
 from rfserve.benchmarks.capture import add_mode_flag, capture, resolve_mode, summary
 from rfserve.benchmarks.timing import call_ms, device_label, save_report
+from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.janus.chat import JanusChat
 from rfserve.model_zoo.janus.config import ARCHS, GENERATION_DEFAULTS
 from rfserve.model_zoo.janus.loading import JanusParts
 from rfserve.model_zoo.janus.pipeline import JanusPipeline
 from rfserve.model_zoo.janus.random_checkpoint import build_processor, random_model
-from rfserve.model_zoo.seeding import generators
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "a blue square next to a green circle",
            "the quick brown fox jumps over the lazy dog", "write a short poem about the sea",
@@ -50,8 +50,8 @@ def random_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> Janu
 
 
 def ours(pipe: JanusPipeline, prompts: list[str]) -> None:
-    ids, _ = pipe.prompt_ids(prompts)
-    pipe.decode(pipe.sample(ids, GENERATION_DEFAULTS.cfg_weight, generators(list(range(len(prompts))))))
+    side = pipe.parts.image_side
+    pipe.run([ImageSpec(p, "", seed, side, side, 1, GENERATION_DEFAULTS.cfg_weight) for seed, p in enumerate(prompts)])
 
 
 @torch.inference_mode()
