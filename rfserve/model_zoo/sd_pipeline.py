@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer
-from rfserve.model_zoo.edits import EditLatents, composite, edit_latents
+from rfserve.model_zoo.base import ImageSpec, StageTimer
+from rfserve.model_zoo.edits import EditLatents, edit_latents
 from rfserve.model_zoo.fast_path import CompiledCalls, sd_fast_path
-from rfserve.model_zoo.running import Running, Stepped, in_spec_order
+from rfserve.model_zoo.latent_rows import LatentRows
+from rfserve.model_zoo.running import Running
 from rfserve.model_zoo.samplers import straight_ahead
-from rfserve.model_zoo.sd_components import SDComponents, to_uint8
+from rfserve.model_zoo.sd_components import SDComponents
 from rfserve.model_zoo.seeding import initial_noise
 from rfserve.model_zoo.text_cache import TextEncoderCache
 
 
-class SDFlowPipeline(Stepped):
+class SDFlowPipeline(LatentRows):
     family = ""
     init_noise_sigma = 1.0
 
@@ -61,28 +62,7 @@ class SDFlowPipeline(Stepped):
         decoded (the tiny VAE when one is given), composited for a masked edit."""
         ahead = self.ahead(running)
         clean = straight_ahead(running.rows["prev"], running.rows["x"], rows, [ahead[i] for i in rows])
-        return to_uint8(composite(running.rows.get("edit"), self.parts.decode(clean), rows))[0]
-
-    def decoded(self, running: Running, rows: list[int]) -> torch.Tensor:
-        """`rows` decoded to float images (n, 3, H, W) in [0, 1], composited for a masked edit; they leave."""
-        edit = running.rows.get("edit")
-        images = composite(edit, self.parts.decode(running.rows["x"][rows]), rows)
-        running.leave(rows)
-        return images
-
-    def finish(self, running: Running, rows: list[int]) -> BatchOutput:
-        timer = StageTimer(self.parts.synchronize)
-        truncated = [running.truncated[i] for i in rows]
-        with timer.stage("decode"):
-            pixels, on_device = to_uint8(self.decoded(running, rows))
-        return BatchOutput(pixels, truncated, timer.timings, on_device)
-
-    def images(self, specs: list[ImageSpec]) -> tuple[torch.Tensor, list[bool]]:
-        """Float images (B, 3, H, W) in [0, 1] in spec order, before `run` rounds them to bytes, and per-image
-        prompt-truncation flags: for comparisons finer than a byte."""
-        truncated = self.text.encode([s.prompt for s in specs])[1]
-        parts, _ = self.to_end(specs, self.decoded)
-        return in_spec_order(parts, len(specs)), truncated
+        return self.shown(running, clean, rows)
 
     def kept_prompt(self, prompt: str) -> str:
         """The part of an over-long prompt the text encoder actually reads."""

@@ -110,7 +110,8 @@ def test_a_streaming_row_gets_its_previews_and_changes_no_image(family):
     streamed = [engine.submit(preset, specs[1], partial_images=3, on_partial=lambda i, img: previews.append((i, img))),
                 engine.submit(preset, specs[2])]
     images = [j.future.result(120).images[0] for j in streamed]
-    assert engine.metrics.batch_size.labels(preset)._sum.get() == 2          # one batch held both
+    steps = engine.metrics.batch_size.labels(preset)
+    assert (steps._sum.get(), sum(b.get() for b in steps._buckets)) == (2 * STEPS, STEPS)   # both, every step
     assert [i for i, _ in previews] == [0, 1, 2]
     assert all(img.shape == images[0].shape and img.dtype == np.uint8 for _, img in previews)
     plain = [engine.submit(preset, specs[s]) for s in (1, 2)]

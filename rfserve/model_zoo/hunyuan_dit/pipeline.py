@@ -9,17 +9,17 @@ import numpy as np
 import torch
 
 from rfserve import kernels
-from rfserve.model_zoo.base import BatchOutput, ImageSpec, StageTimer
-from rfserve.model_zoo.edits import composite, edit_latents
+from rfserve.model_zoo.base import ImageSpec, StageTimer
+from rfserve.model_zoo.edits import edit_latents
 from rfserve.model_zoo.fast_path import CompiledCalls
 from rfserve.model_zoo.hunyuan_dit.components import BERT_TOKENS, HunyuanComponents
 from rfserve.model_zoo.hunyuan_dit.geometry import rotary_tables
 from rfserve.model_zoo.hunyuan_dit.guidance import guided_prediction
 from rfserve.model_zoo.hunyuan_dit.schedulers import clean_estimate, row_schedule, scheduler_name, step_kwargs
 from rfserve.model_zoo.hunyuan_dit.text import TextEmbeddings
-from rfserve.model_zoo.running import Running, Stepped, in_spec_order
+from rfserve.model_zoo.latent_rows import LatentRows
+from rfserve.model_zoo.running import Running
 from rfserve.model_zoo.samplers import guidance_tensor, with_uncond
-from rfserve.model_zoo.sd_components import to_uint8
 from rfserve.model_zoo.seeding import seeded_noise
 from rfserve.model_zoo.text_cache import TextEncoderCache
 
@@ -28,7 +28,7 @@ CROP_TOP_LEFT = (0, 0)
 STYLE = 0                      # the single learned style of v≤1.1
 
 
-class HunyuanPipeline(Stepped):
+class HunyuanPipeline(LatentRows):
     """A running batch's rows (`Running.rows`): `x` the latents (B, C, h, w); `x_t` and `pred`, the latents the
     last step started from and its guided prediction, for previews; `text` and `neg`, the prompts' and negative
     prompts' `TextEmbeddings`; per row its own `scheduler` (they carry step state), the `timesteps` it runs and
@@ -146,7 +146,7 @@ class HunyuanPipeline(Stepped):
     def preview(self, running: Running, rows: list[int]) -> np.ndarray:
         """Each row's x̂₀, decoded and, for a masked edit, composited."""
         latents = torch.cat([self._clean(running, i) for i in rows])     # (len(rows), C, h, w)
-        return to_uint8(composite(running.rows.get("edit"), self.parts.decode(latents), rows))[0]
+        return self.shown(running, latents, rows)
 
     @staticmethod
     def _clean(running: Running, i: int) -> torch.Tensor:
@@ -156,27 +156,6 @@ class HunyuanPipeline(Stepped):
         if done == 0:
             return r["x"][i:i + 1]
         return clean_estimate(r["scheduler"][i], r["pred"][i:i + 1], r["timesteps"][i][done - 1], r["x_t"][i:i + 1])
-
-    @torch.inference_mode()
-    def decoded(self, running: Running, rows: list[int]) -> torch.Tensor:
-        """`rows` decoded to float images (n, 3, H, W) in [0, 1], composited for a masked edit; they leave."""
-        images = composite(running.rows.get("edit"), self.parts.decode(running.rows["x"][rows]), rows)
-        running.leave(rows)
-        return images
-
-    def finish(self, running: Running, rows: list[int]) -> BatchOutput:
-        timer = StageTimer(self.parts.synchronize)
-        truncated = [running.truncated[i] for i in rows]
-        with timer.stage("decode"):
-            pixels, on_device = to_uint8(self.decoded(running, rows))
-        return BatchOutput(pixels, truncated, timer.timings, on_device)
-
-    def images(self, specs: list[ImageSpec]) -> tuple[torch.Tensor, list[bool]]:
-        """Float images (B, 3, H, W) in [0, 1] in spec order, before `run` rounds them to bytes, and per-image
-        prompt-truncation flags: for comparisons finer than a byte."""
-        truncated = self.text.encode([s.prompt for s in specs])[1]
-        parts, _ = self.to_end(specs, self.decoded)
-        return in_spec_order(parts, len(specs)), truncated
 
     def fast_path(self) -> CompiledCalls:
         """The transformer compiled per (batch, size) bucket. The RoPE tables are the same tensors for every
