@@ -17,8 +17,8 @@ Definitions, all from time.monotonic in this process:
 
 Models: the paced synthetic model (each step of a batch of n rows sleeps `--ms-per-batch` + n × `--ms-per-image`,
 batching-friendly as a GPU is), and with `--arch tiny` (`--tiny`) or `--arch sd15` a random-weight InstaFlow at
-that architecture (its default size and guidance), or any `--model SPEC`; these take `--model-mix` and
-`--model-requests`.
+that architecture, with `--hunyuan tiny|v1.2` a random-weight Hunyuan-DiT, or any `--model SPEC`, each at its
+default size and guidance; these take `--model-mix` and `--model-requests`.
 
     python -m rfserve.benchmarks.bench_joining [--tiny] [--quick] [--loads 0.5,0.8,1.0] [--out DIR]
 """
@@ -160,6 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default="64x64", help="the synthetic model's image size")
     ap.add_argument("--arch", choices=["tiny", "sd15"], help="also a random-weight InstaFlow of this architecture")
     ap.add_argument("--tiny", dest="arch", action="store_const", const="tiny", help="--arch tiny")
+    ap.add_argument("--hunyuan", choices=["tiny", "v1.2"], help="also a random-weight Hunyuan-DiT of this preset")
     ap.add_argument("--model", action="append", default=[], metavar="SPEC", help="also this model (repeatable)")
     ap.add_argument("--model-mix", type=ints, default=[1, 4, 25], help="step classes of the models other than "
                     "synthetic")
@@ -183,7 +184,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     device = resolve_device(args.device)
     args.compile = args.compile or ("auto" if device.type == "cuda" else "off")
     args.out = args.out or default_out(device)
-    args.label = device_label(device)
     return args
 
 
@@ -201,11 +201,17 @@ def main(argv: list[str] | None = None) -> dict:
 
             folder = save_random_sd(Path(tmp) / f"instaflow-{args.arch}", args.arch, seed=0)
             runs.append((f"instaflow-2rf={folder}", args.model_mix, args.model_requests))
+        if args.hunyuan:
+            from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
+
+            folder = save_random_hunyuan(Path(tmp) / f"hunyuan-{args.hunyuan}", args.hunyuan, seed=0)
+            runs.append((f"hunyuan-dit-v1.2={folder}", args.model_mix, args.model_requests))
         runs += [(spec, args.model_mix, args.model_requests) for spec in args.model]
         models = [bench_model(spec, mix, n, args) for spec, mix, n in runs]
-    env = {**environment(), "device": args.label}
-    config = {k: getattr(args, k) for k in ("loads", "max_batch", "max_wait_ms", "saturate", "seed", "compile")}
-    report = {"env": env, "config": {**config, "arch": args.arch, "quick": args.quick}, "models": models}
+    env = {**environment(), "device": device_label(resolve_device(args.device))}   # the threads the engines set
+    config = {k: getattr(args, k) for k in ("loads", "max_batch", "max_wait_ms", "saturate", "seed", "compile",
+                                            "arch", "hunyuan", "quick")}
+    report = {"env": env, "config": config, "models": models}
     save_report(args.out, "bench_joining", report, markdown)
     for m in models:
         plot_joining(report, m, args.out / f"joining_{m['model']}.png")
