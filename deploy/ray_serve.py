@@ -39,6 +39,7 @@ class RaySettings:
     max_queued_requests: int = 256     # Ray's queue; beyond it Ray answers 503
     max_batch: int = 8
     max_wait_ms: float = 10.0
+    continuous: bool = True            # requests join a running batch between denoising steps
     max_queue: int = 64                # the engine's per-model queue; beyond it 429
     device: str = "auto"
     dtype: str = "auto"
@@ -55,7 +56,8 @@ class RaySettings:
 
     def engine_config(self) -> ServerConfig:
         return ServerConfig(models=self.models, device=self.device, dtype=self.dtype, max_batch=self.max_batch,
-                            max_wait_ms=self.max_wait_ms, max_queue=self.max_queue, warmup=self.warmup,
+                            max_wait_ms=self.max_wait_ms, continuous=self.continuous, max_queue=self.max_queue,
+                            warmup=self.warmup,
                             chat=ChatConfig.resolve({}, []))
 
 

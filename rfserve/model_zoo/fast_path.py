@@ -98,12 +98,18 @@ class Captured:
     capturing: bool = True
     shapes: set[tuple] = field(default_factory=set)            # the `call_key`s captured
     examples: dict[tuple, Example] | None = None                # recording while not None
+    pads: bool = False                                          # rows are independent: see `padded`
 
     def __call__(self, *args, **kwargs):
         key = call_key(args, kwargs)
         if key in self.shapes:
             torch.compiler.cudagraph_mark_step_begin()   # earlier graph outputs are consumed by now
             return self.fast(*args, **kwargs)
+        if self.pads and not self.capturing and (rows := self.padded(key)) is not None:
+            n = _rows(args, kwargs)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = self.fast(*(_pad(a, n, rows) for a in args), **{k: _pad(v, n, rows) for k, v in kwargs.items()})
+            return _cut(out, n, rows)
         if self.capturing:
             out = self._compile(args, kwargs)
             self.shapes.add(key)
@@ -112,6 +118,22 @@ class Captured:
         if examples is not None and key not in examples:
             examples[key] = Example.of(args, kwargs)
         return self.eager(*args, **kwargs)
+
+    def padded(self, key: tuple) -> int | None:
+        """For a call whose rows are independent (a denoiser's batch): the fewest rows of a captured call that this
+        one fits by padding its batch-first tensors (the top-level ones as long as its first tensor), or None. A
+        continuous batch's forward has any number of rows (rows without guidance bring no unconditional copy),
+        and running it in the next captured bucket keeps it on the graph, as padding whole batches did."""
+        if len(key) < 2 or not key[1]:
+            return None
+        n, fits = key[1][0], []
+        for captured in self.shapes:
+            if len(captured) != len(key) or captured[0] != key[0] or captured[1][0] <= n:
+                continue
+            m = captured[1][0]
+            if all(c == ((m, *s[1:]) if s[:1] == (n,) else s) for c, s in zip(captured[1:], key[1:])):
+                fits.append(m)
+        return min(fits, default=None)
 
     def _compile(self, args: tuple, kwargs: dict):
         """Compile for these arguments' shapes; the caller then adds them to `shapes`.
@@ -137,6 +159,27 @@ class Captured:
         return [key for key, _ in examples]
 
 
+def _rows(args: tuple, kwargs: dict) -> int:
+    """The call's batch: its first tensor's length."""
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).shape[0]
+
+
+def _pad(arg, n: int, rows: int):
+    """A batch-first tensor argument of n rows padded to `rows` by repeating its last row; any other as it is."""
+    if isinstance(arg, torch.Tensor) and arg.ndim and arg.shape[0] == n:
+        return torch.cat([arg, arg[-1:].expand(rows - n, *arg.shape[1:])])
+    return arg
+
+
+def _cut(out, n: int, rows: int):
+    """The first n rows of a padded call's batch-first outputs, inside tuples and lists."""
+    if isinstance(out, torch.Tensor):
+        return out[:n] if out.ndim and out.shape[0] == rows else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cut(o, n, rows) for o in out)
+    return out
+
+
 @dataclass
 class CompiledCalls:
     """A family's `FastPath` (model_zoo.base) over its hot calls, each an `(owner, attribute)`.
@@ -149,6 +192,7 @@ class CompiledCalls:
     calls: list[tuple[object, str]]
     setup: Callable[[], None] | None = None
     background: bool = False
+    pads: bool = False                  # each call's rows are independent: a call between buckets pads to one
 
     def prepare(self, compile_mode: str | None, *, record: bool = False) -> None:
         """Compile the hot calls with `compile_mode` (None: only `setup`). With `record`, nothing compiles on a
@@ -166,7 +210,7 @@ class CompiledCalls:
         for owner, name in self.calls:
             eager = getattr(owner, name)
             fast = torch.compile(eager, mode=compile_mode, fullgraph=True, dynamic=False)
-            setattr(owner, name, Captured(eager, fast, capturing=not record))
+            setattr(owner, name, Captured(eager, fast, capturing=not record, pads=self.pads))
 
     def record_calls(self, run: Callable[[], object]) -> None:
         """Run `run` with every hot call recording its arguments per `call_key`: the calls to compile later."""
@@ -209,4 +253,4 @@ def sd_fast_path(parts) -> CompiledCalls:
             module.to(memory_format=torch.channels_last)
         kernels.install_attention(parts.unet)
         kernels.install_attention(parts.vae, required=False)    # rf-shapes' VAE and the tiny VAEs have none
-    return CompiledCalls([(parts, "denoiser"), (parts, "vae_decode")], setup, background=True)
+    return CompiledCalls([(parts, "denoiser"), (parts, "vae_decode")], setup, background=True, pads=True)

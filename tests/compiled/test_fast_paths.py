@@ -69,11 +69,13 @@ def test_sd_unet_and_decoder(tiny_sd):
 def test_sd_rows_joining_mid_way_run_the_captured_graphs(tiny_sd):
     """The per-row timesteps are inputs of the graph: a row that joins a running batch at another point of another
     schedule runs in the captured bucket of the batch's size, with no compile, and makes the image it makes
-    eagerly alone."""
+    eagerly alone. A row without guidance beside guided ones makes a forward of 3 rows, between the captured 2
+    and 4: it runs in the graph for 4, padded."""
     pipe = load_model(parse_spec(f"instaflow-0.9b={tiny_sd}"), torch.device("cpu"), torch.float32).pipeline
     w, h = pipe.default_size
-    first, joiner = (ImageSpec(f"a red circle {s}", "", s, w, h, steps, 2.0) for s, steps in [(1, 4), (2, 2)])
-    eager = pipe.run([joiner]).images
+    first, joiner, plain = (ImageSpec(f"a red circle {s}", "", s, w, h, steps, g)
+                            for s, steps, g in [(1, 4, 2.0), (2, 2, 2.0), (3, 2, 0.0)])
+    eager = {spec.seed: pipe.run([spec]).images[0] for spec in (joiner, plain)}
     fast = pipe.fast_path()
     with recorded_graphs():
         fast.prepare("default")
@@ -82,14 +84,28 @@ def test_sd_rows_joining_mid_way_run_the_captured_graphs(tiny_sd):
                 pipe.run([replace(first, seed=s) for s in range(b)])
         fast.finish_capture()
         stats = graph_stats()
-        running = pipe.begin([first])
-        pipe.step(running)
-        pipe.admit(running, [joiner])                      # at step 2 of 4, a 2-step row joins
-        while not running.finished():
+        calls = pipe.parts.denoiser
+        fast_calls = []
+        calls.fast = _counting(calls.fast, fast_calls)
+        made = {}
+        for other in (joiner, plain):
+            running = pipe.begin([first])
             pipe.step(running)
-        joined = pipe.finish(running, running.finished()).images
+            pipe.admit(running, [other])                     # at step 2 of 4, a 2-step row joins
+            while not running.finished():
+                pipe.step(running)
+            made[other.seed] = pipe.finish(running, running.finished()).images[0]
         assert graph_stats() == stats
-    assert np.abs(joined[0].astype(int) - eager[0].astype(int)).max() <= 1
+        assert fast_calls == [2, 4, 4, 2, 4, 4]              # forward rows: the 3-row steps ran padded to 4
+    for seed, image in made.items():
+        assert np.abs(image.astype(int) - eager[seed].astype(int)).max() <= 1
+
+
+def _counting(call, seen: list[int]):
+    def counted(x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return call(x, *args, **kwargs)
+    return counted
 
 
 def test_hunyuan_transformer(tmp_path_factory):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rfserve.server.cli_args import build_parser
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed: pip install -e '.[deploy-check]'")
 
 CHART = Path(__file__).parents[2] / "deploy/helm/rfserve"
@@ -84,3 +86,5 @@ def test_models_configmap_becomes_model_flags(tmp_path):
     assert args[:5] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
     assert args[-6:] == ["--max-steps", "8", "--model", "instaflow-0.9b",
                          "--model", "perflow-sd15=hansyan/perflow-sd15-dreamshaper?variant=v0-1&base=/data/hf/sd15"]
+    parsed = build_parser().parse_args(args)                    # every flag the chart writes is one serve takes
+    assert (parsed.max_batch, parsed.continuous, parsed.max_steps) == (8, "on", 8)

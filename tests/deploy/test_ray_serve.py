@@ -71,3 +71,5 @@ def test_settings_take_arguments_over_environment():
                                   "RFSERVE_GPUS_PER_REPLICA": "0.5"})
     assert (s.max_replicas, s.warmup, s.gpus_per_replica) == (4, False, 0.5)
     assert s.models == ["a", "b=/m?variant=fp16"] and s.engine_config().models == s.models
+    assert s.engine_config().continuous
+    assert not RaySettings.from_sources({"continuous": "false"}, {}).engine_config().continuous

@@ -161,7 +161,7 @@ class HunyuanPipeline(LatentRows):
         """The transformer compiled per (batch, size) bucket. The RoPE tables are the same tensors for every
         call at a size (`rotary_tables` is cached), and the conditioning has fixed shapes per bucket (77 BERT
         and 256 mT5 tokens), so one graph serves each bucket."""
-        return CompiledCalls([(self.parts, "denoiser")])
+        return CompiledCalls([(self.parts, "denoiser")], pads=True)
 
     def kept_prompt(self, prompt: str) -> str:
         """What the shorter encoder (BERT, 77 tokens) reads of an over-long prompt."""
