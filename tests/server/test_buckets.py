@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rfserve.model_zoo.base import BatchOutput, ImageSpec
+from rfserve.model_zoo.running import Running, Stepped
 from rfserve.server.app import create_app
 from rfserve.server.buckets import BucketPlan
 from rfserve.server.config import ServerConfig
@@ -25,16 +26,23 @@ def test_bucket_for_and_measured_padding():
     assert plan.run_size(9) == 9 and BucketPlan().run_size(5) == 5
 
 
-class RecordingPipeline:
+class RecordingPipeline(Stepped):
     """Each image's pixels carry its seed, so misrouted or padded rows are visible."""
 
     def __init__(self):
         self.sizes = []
 
-    def run(self, specs):
+    def begin(self, specs):
         self.sizes.append(len(specs))
-        images = np.stack([np.full((2, 2, 3), s.seed, dtype=np.uint8) for s in specs])
-        return BatchOutput(images, [False] * len(specs), {"sample": 0.0})
+        return Running(specs, [False] * len(specs), [s.steps for s in specs], {})
+
+    def step(self, running):
+        running.advance()
+
+    def finish(self, running, rows):
+        images = np.stack([np.full((2, 2, 3), running.specs[i].seed, dtype=np.uint8) for i in rows])
+        running.leave(rows)
+        return BatchOutput(images, [False] * len(rows), {"sample": 0.0})
 
 
 def test_padding_rows_are_never_returned():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rfserve.model_zoo.base import BatchOutput, ImageSpec
+from rfserve.model_zoo.running import Running, Stepped
 from rfserve.server.config import ServerConfig
 from rfserve.server.engine import Engine
 from rfserve.server.metrics import Metrics
@@ -81,13 +82,22 @@ def test_a_compute_bound_model_runs_wide_everywhere_unmeasured():
     assert plan.threads_for(1) == 4 and not calls
 
 
-class ThreadRecordingPipeline:
+class ThreadRecordingPipeline(Stepped):
+    """Records the rows and the thread count of every step."""
+
     def __init__(self):
         self.threads = []
 
-    def run(self, specs):
-        self.threads.append((len(specs), torch.get_num_threads()))
-        return BatchOutput(np.zeros((len(specs), 2, 2, 3), np.uint8), [False] * len(specs), {})
+    def begin(self, specs):
+        return Running(specs, [False] * len(specs), [s.steps for s in specs], {})
+
+    def step(self, running):
+        self.threads.append((len(running), torch.get_num_threads()))
+        running.advance()
+
+    def finish(self, running, rows):
+        running.leave(rows)
+        return BatchOutput(np.zeros((len(rows), 2, 2, 3), np.uint8), [False] * len(rows), {})
 
 
 def test_worker_sets_threads_per_batch(restore_threads):
