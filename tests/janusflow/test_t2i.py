@@ -280,7 +280,7 @@ def test_kv_pool_keeps_rows_in_order_and_zeroes_each_batch(janus_pipe):
         kv = pool.batch(3, 8)
         for t in (*kv.keys, *kv.values):
             t.copy_(torch.arange(3.0)[:, None, None, None].expand_as(t))      # row r holds r
-        kept = pool.keep(kv, [2, 0])
+        kept = pool.lay_out(kv, [2, 0], 2, 8)
         assert kept.keys[0].data_ptr() == kv.keys[0].data_ptr()
         assert [float(t[r].unique()) for t in (kept.keys[1], kept.values[0]) for r in (0, 1)] == [2, 0, 2, 0]
         kept.keys[0].fill_(float("nan"))                                     # a bad batch's cache

@@ -289,19 +289,12 @@ class PromptKV:
 
     @torch.inference_mode()
     def _laid_out(self, kept: list[int], zeroed: int, width: int) -> KVBuffers | None:
-        """The pool's front as len(kept) + `zeroed` rows of `width` columns: this cache's rows `kept` (their
-        leading `width` columns, or all they have), then zeroed rows. None for no rows. In inference mode, as
-        the pool was made: `Running.keep` calls it from anywhere."""
+        """The pool's front as len(kept) + `zeroed` rows of `width` columns: this cache's rows `kept`, then zeroed
+        rows (`KVPool.lay_out`). None for no rows. In inference mode, as the pool was made: `Running.keep` calls
+        it from anywhere."""
         if not kept and not zeroed:
             return None
-        moved = []
-        if kept:
-            assert self.kv is not None
-            moved = [t[kept, :, :width] for t in (*self.kv.keys, *self.kv.values)]   # copies first: the new views
-        out = self.pool.batch(len(kept) + zeroed, width)                            # overlap them (zeroed)
-        for dst, src in zip((*out.keys, *out.values), moved):
-            dst[:len(kept), :, :src.shape[2]] = src
-        return out
+        return self.pool.lay_out(self.kv, kept, len(kept) + zeroed, width)
 
     @cached_property
     def index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -103,13 +103,17 @@ class KVPool:
         """Hold the memory of a batch of `rows` sequences of `length` columns from now on."""
         self._views(rows, length)
 
-    def keep(self, kv: KVBuffers, rows: list[int]) -> KVBuffers:
-        """The batch `kv` (this pool's) cut to `rows`, in that order, moved to the front of the pool: a batch
-        that lost requests between steps."""
-        kept = [t[rows] for t in (*kv.keys, *kv.values)]             # copies first: the new views overlap them
-        out = self._views(len(rows), kv.keys[0].shape[2])
-        for dst, src in zip((*out.keys, *out.values), kept):
-            dst.copy_(src)
+    def lay_out(self, kv: KVBuffers | None, kept: list[int], rows: int, length: int,
+                columns: int | None = None) -> KVBuffers:
+        """A batch of `rows` sequences of `length` columns at the front of the pool whose first rows are the rows
+        `kept` of `kv` (this pool's running batch), in that order, with their leading `columns` (default: all they
+        have, up to `length`); the rest zeroed. A running batch whose rows left, joined, or now need another
+        width."""
+        take = length if columns is None else min(length, columns)
+        moved = [t[kept, :, :take] for t in (*kv.keys, *kv.values)] if kept and kv is not None else []    # copies
+        out = self.batch(rows, length)                                # first: the new views overlap them (zeroed)
+        for dst, src in zip((*out.keys, *out.values), moved):
+            dst[:len(kept), :, :src.shape[2]] = src
         return out
 
     def _views(self, rows: int, length: int) -> KVBuffers:

@@ -223,12 +223,9 @@ class JanusFlowPipeline(Stepped):
             return self._holder
         P, G, dev = _padded(max(map(len, prompts.prefixes))), self.parts.num_gen_tokens, self.parts.device
         old = state.prompts.kv_rows(keep)
-        kept = [t[old, :, :min(P, state.width)] for t in (*state.kv.keys, *state.kv.values)] if old else []  # copies
         owner, uncond, lengths, visible = _rows(prompts, P, dev)
         R = len(owner)
-        kv = self.kv_pool.batch(R, P + 1 + G)                                     # zeroed
-        for dst, src in zip((*kv.keys, *kv.values), kept):
-            dst[:len(old), :, :src.shape[2]] = src
+        kv = self.kv_pool.lay_out(state.kv, old, R, P + 1 + G, columns=min(P, state.width))   # prefixes only
         if joining.prefixes:
             self._prefill(joining, kv.rows(R, len(old)), P)
         gen_causal = torch.ones(1 + G, 1 + G, dtype=torch.bool, device=dev).tril()
