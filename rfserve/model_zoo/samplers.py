@@ -3,11 +3,19 @@ update (which the fused kernels of `kernels/` make one pass over memory) applied
 point of their schedules, and the straight-line preview."""
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 
 from rfserve import kernels
+
+if TYPE_CHECKING:
+    from rfserve.model_zoo.base import ImageSpec
+
+
+def guided_rows(specs: Sequence[ImageSpec]) -> list[int]:
+    """The rows that use guidance (`ImageSpec.uses_cfg`): those a forward gives an unconditional copy."""
+    return [i for i, spec in enumerate(specs) if spec.uses_cfg]
 
 
 def with_uncond(t: torch.Tensor, cfg: list[int], uncond: torch.Tensor | None = None) -> torch.Tensor:

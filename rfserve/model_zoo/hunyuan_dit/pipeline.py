@@ -19,7 +19,7 @@ from rfserve.model_zoo.hunyuan_dit.schedulers import clean_estimate, row_schedul
 from rfserve.model_zoo.hunyuan_dit.text import TextEmbeddings
 from rfserve.model_zoo.latent_rows import LatentRows
 from rfserve.model_zoo.running import Running
-from rfserve.model_zoo.samplers import guidance_tensor, with_uncond
+from rfserve.model_zoo.samplers import guidance_tensor, guided_rows, with_uncond
 from rfserve.model_zoo.seeding import seeded_noise
 from rfserve.model_zoo.text_cache import TextEncoderCache
 
@@ -113,7 +113,7 @@ class HunyuanPipeline(LatentRows):
         rows, specs, p = running.rows, running.specs, self.parts
         x, schedulers, generators = rows["x"], rows["scheduler"], rows["generator"]
         ts = [timesteps[done] for timesteps, done in zip(rows["timesteps"], running.done)]   # each row's t
-        cfg = [i for i, s in enumerate(specs) if s.uses_cfg]
+        cfg = guided_rows(specs)
         x_in = torch.cat([s.scale_model_input(x[i:i + 1], t) for i, (s, t) in enumerate(zip(schedulers, ts))])
         t_in = torch.stack(ts).to(x.dtype)                                  # (B,): the reference's t_expand
         cond = self.conditioning(rows["text"].with_uncond(cfg, rows["neg"]), specs[0].width, specs[0].height)

@@ -10,7 +10,7 @@ import torch
 from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.edits import EditLatents, run_steps
 from rfserve.model_zoo.running import Running
-from rfserve.model_zoo.samplers import euler_update, grouped_update, per_row, with_uncond
+from rfserve.model_zoo.samplers import euler_update, grouped_update, guided_rows, per_row, with_uncond
 from rfserve.model_zoo.sd_components import SDComponents
 from rfserve.model_zoo.sd_pipeline import SDFlowPipeline
 
@@ -43,7 +43,7 @@ class InstaFlowPipeline(SDFlowPipeline):
         x, starts, steps = r["x"], r["start"], running.steps
         s = [s0 + i * (1.0 - s0) / n for s0, i, n in zip(starts, running.done, steps)]
         dt = [(1.0 - s0) / n for s0, n in zip(starts, steps)]
-        cfg = [i for i, spec in enumerate(specs) if spec.uses_cfg]
+        cfg = guided_rows(specs)
         t = torch.tensor([(1.0 - si) * 1000.0 for si in s], device=x.device)      # float32, as the reference
         v = self.parts.denoiser(with_uncond(x, cfg), with_uncond(t, cfg),
                                 encoder_hidden_states=with_uncond(r["emb"], cfg, r["neg"]), return_dict=False)[0]

@@ -46,6 +46,7 @@ from rfserve.model_zoo.janus.loading import JanusParts, load_parts
 from rfserve.model_zoo.janus.sampling import guided_scores, next_tokens
 from rfserve.model_zoo.janusflow.llm import T2I_PREFIX_TOKENS, KVBuffers, KVPool, LlamaBody, run_layers
 from rfserve.model_zoo.running import Running, Stepped
+from rfserve.model_zoo.samplers import guided_rows
 from rfserve.model_zoo.seeding import generators
 
 
@@ -182,8 +183,7 @@ class JanusPipeline(Stepped):
         dev, G = self.parts.device, self.parts.num_image_tokens
         with running.stage("encode"):
             prompts, truncated = self.prompt_ids([s.prompt for s in specs])
-            guided = [i for i, s in enumerate(specs) if s.uses_cfg]
-            ids, lengths = self.prompt_batch(prompts, guided)                                   # (K', P), (K',)
+            ids, lengths = self.prompt_batch(prompts, guided_rows(specs))                       # (K', P), (K',)
         with running.stage("sample"):
             fresh = PromptKV.fresh(self.kv_pool, [s.uses_cfg for s in specs], [padded(len(i)) + G for i in prompts])
             guidance = torch.tensor([s.guidance for s in specs], dtype=torch.float32, device=dev)

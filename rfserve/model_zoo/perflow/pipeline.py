@@ -12,7 +12,7 @@ from rfserve.model_zoo.loading import CheckpointError, resolve_source
 from rfserve.model_zoo.perflow.delta import is_delta_folder, merge_delta
 from rfserve.model_zoo.perflow.scheduler import PeRFlowScheduler
 from rfserve.model_zoo.running import Running
-from rfserve.model_zoo.samplers import grouped_update, with_uncond
+from rfserve.model_zoo.samplers import grouped_update, guided_rows, with_uncond
 from rfserve.model_zoo.sd_components import SDComponents, load_unet
 from rfserve.model_zoo.sd_pipeline import SDFlowPipeline
 
@@ -62,7 +62,7 @@ class PeRFlowPipeline(SDFlowPipeline):
         use it (their unconditional copies first), then the window step fused with guidance, per group of rows at
         the same (t, t_next)."""
         r, specs = running.rows, running.specs
-        x, cfg = r["x"], [i for i, spec in enumerate(specs) if spec.uses_cfg]
+        x, cfg = r["x"], guided_rows(specs)
         here = [_at(ts, i) for ts, i in zip(r["timesteps"], running.done)]          # (t, t_next) per row
         t = torch.tensor([t for t, _ in here], dtype=torch.int64, device=x.device)
         eps = self.parts.denoiser(with_uncond(x, cfg), with_uncond(t, cfg),
