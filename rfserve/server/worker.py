@@ -103,7 +103,7 @@ class Worker:
     def _serve(self, model: str, rows: list[Row], joining: bool) -> None:
         """Run `rows` to their ends, admitting queued requests between steps when `joining`; every row's
         request gets its answer here (its image, or an error)."""
-        pipe, start, answered = self.pipelines[model], time.perf_counter(), [0]
+        pipe, start, answered = self.pipelines[model], time.perf_counter(), 0
         later: list[Row] = []                     # joiners whose admission ran out of memory: served after
         try:
             with self.turns.turn():
@@ -111,7 +111,7 @@ class Worker:
                     faults.inject([r.spec for r in rows if r.index is not None])
                 running = pipe.begin([r.spec for r in rows])
                 while True:
-                    answered[0] += self._finish(model, pipe, running, rows)
+                    answered += self._finish(model, pipe, running, rows)
                     if joining and len(running) and not later:
                         self._admit(model, pipe, running, rows, later)
                     if not len(running):
@@ -131,8 +131,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 — any pipeline failure fails only this batch
             log.exception("a batch of %d on %s failed", len(rows), model)
             _fail(rows, _error(exc))
-        if answered[0]:
-            self.batcher.observe(model, (time.perf_counter() - start) / answered[0])
+        if answered:
+            self.batcher.observe(model, (time.perf_counter() - start) / answered)
         if later:
             self._serve(model, later, joining=False)
 
@@ -157,7 +157,7 @@ class Worker:
         if not done:
             return 0
         leaving = [rows[i] for i in done]
-        rows[:] = [r for i, r in enumerate(rows) if i not in set(done)]
+        rows[:] = _without(rows, done)
         try:
             out = pipe.finish(running, done)
             qualities = {k: q for k, r in enumerate(leaving) if r.index is not None and (q := r.job.device_jpeg)}
@@ -168,6 +168,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 — a failed decode fails its own rows, the batch goes on
             log.exception("decoding %d images on %s failed", len(leaving), model)
             _fail(leaving, _error(exc))
+            if len(running) > len(rows):                        # they failed before leaving: the rest go on alone
+                running.leave(done)
             return 0
         for k, row in enumerate(leaving):
             timings = {stage: secs - row.since.get(stage, 0.0) for stage, secs in running.timings.items()}
@@ -235,13 +237,19 @@ class Worker:
                 job.fail(DeadlineExceeded())
         if gone:
             running.leave(gone)
-            rows[:] = [r for i, r in enumerate(rows) if i not in set(gone)]
+            rows[:] = _without(rows, gone)
 
     def _pad(self, model: str, rows: list[Row]) -> list[Row]:
         """Padding rows up to the bucket, when the plan says padding is faster."""
         plan = self.plans.get(model)
         size = plan.run_size(len(rows)) if plan else len(rows)
         return rows + [Row(rows[-1].job, None) for _ in range(size - len(rows))]
+
+
+def _without(rows: list[Row], gone: list[int]) -> list[Row]:
+    """`rows` but those at the indices `gone`, in order: what stays of a batch as `Running.leave` keeps it."""
+    out = set(gone)
+    return [r for i, r in enumerate(rows) if i not in out]
 
 
 def _error(exc: BaseException) -> PipelineError:

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 import rfserve.model_zoo.instaflow.pipeline as instaflow
+from rfserve.model_zoo.base import BatchOutput, ImageSpec
+from rfserve.model_zoo.running import Running, Stepped
 from rfserve.server.config import ServerConfig
 from rfserve.server.engine import Engine
-from rfserve.server.worker import OutOfMemory, PipelineError
+from rfserve.server.metrics import Metrics
+from rfserve.server.scheduler import Batcher, Job
+from rfserve.server.worker import OutOfMemory, PipelineError, Worker
 
 PACED = "synthetic?ms_per_image=10&ms_per_batch=0&sizes=64x64"
 
@@ -132,3 +136,34 @@ def test_a_streaming_joiner_gets_its_previews_at_its_own_steps(engine, monkeypat
                                    partial_images=3, on_partial=on_partial)
     jobs[0].future.result(120)
     assert previews == [0, 1, 2]
+
+
+class DecodeFails(Stepped):
+    """Rows whose seed is 13 fail to decode, before they leave the batch; the others decode to their seed."""
+
+    def begin(self, specs):
+        return Running(specs, [False] * len(specs), [s.steps for s in specs], {})
+
+    def step(self, running):
+        running.advance()
+
+    def finish(self, running, rows):
+        if any(running.specs[i].seed == 13 for i in rows):
+            raise RuntimeError("decode failed")
+        images = np.stack([np.full((2, 2, 3), running.specs[i].seed, np.uint8) for i in rows])
+        running.leave(rows)
+        return BatchOutput(images, [False] * len(rows), {})
+
+
+def test_a_failed_decode_fails_its_rows_and_the_others_go_on_as_they_were():
+    """The failed rows leave the running batch too, so every later row is still answered as its own request."""
+    batcher = Batcher(["m"], max_batch=8, max_wait_ms=0, max_queue=10)
+    worker = Worker(batcher, {"m": DecodeFails()}, Metrics())
+    jobs = [Job("m", [ImageSpec("p", "", seed, 8, 8, steps, 0.0)], time.monotonic() + 60)
+            for seed, steps in [(13, 1), (21, 3), (22, 2)]]
+    for job in jobs:
+        batcher.submit(job)
+    worker.run_batch(batcher.next_batch(timeout=0))
+    with pytest.raises(PipelineError, match="decode failed"):
+        jobs[0].future.result(0)
+    assert [int(j.future.result(0).images[0][0, 0, 0]) for j in jobs[1:]] == [21, 22]
