@@ -3,8 +3,9 @@
 Compiled graphs are static-shape (`dynamic=False`; with "reduce-overhead" also CUDA graphs), so after warm-up
 only the captured shapes take the compiled path and every other shape runs eagerly: a request never triggers a
 compile. A hot call whose rows are independent (a denoiser's batch) runs a batch between two captured ones padded
-to the larger, so the any-size forwards of continuous batching stay on the graphs (`Captured.padded`). A graph also guards on the process's intra-op thread count, which the CPU worker sets per batch
-(server.threads), so a shape is captured together with the count it will run under. The inductor cache lives in a persistent folder, so the second start compiles from cache. On CUDA the
+to the larger, so the any-size forwards of continuous batching stay on the graphs (`Captured.padded`). A graph
+also guards on the process's intra-op thread count, which the CPU worker sets per batch (server.threads), so a
+shape is captured together with the count it will run under. The inductor cache lives in a persistent folder, so the second start compiles from cache. On CUDA the
 capture runs before ready; on the CPU, where a cold compile takes minutes, it runs after ready beside the
 worker for the families that declare it safe (`CompiledCalls.background`).
 

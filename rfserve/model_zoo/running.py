@@ -130,7 +130,8 @@ class Stepped:
                     self.step(running)
                 continue
             parts.append(([ids[i] for i in done], finish(running, done)))
-            ids = [spec for i, spec in enumerate(ids) if i not in set(done)]
+            left = set(done)
+            ids = [spec for i, spec in enumerate(ids) if i not in left]
         return parts, dict(running.timings)
 
 

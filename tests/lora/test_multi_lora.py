@@ -169,18 +169,19 @@ def test_clear_errors_name_the_file(base, made, tmp_path):
     save_file({"model.layer.weight": torch.zeros(2, 2)}, str(bad))
     with pytest.raises(ValueError, match=r"bad.safetensors: unknown LoRA layout"):
         load_lora(bad)
-    resnet = tmp_path / "resnet"
-    StableDiffusionLoraLoaderMixin.save_lora_weights(resnet, unet_lora_layers={
-        "down_blocks.0.resnets.0.time_emb_proj.lora_A.weight": torch.ones(2, 128),
-        "down_blocks.0.resnets.0.time_emb_proj.lora_B.weight": torch.ones(32, 2)})
+    resnet = one_layer(tmp_path / "resnet", "down_blocks.0.resnets.0.time_emb_proj", 128, 32)
     with pytest.raises(ValueError, match=r"resnet.*time_emb_proj is not a layer this pool serves"):
         pool.register("r", load_lora(resnet))
-    missing = tmp_path / "missing"
-    StableDiffusionLoraLoaderMixin.save_lora_weights(missing, unet_lora_layers={
-        "mid_block.attentions.7.to_q.lora_A.weight": torch.ones(2, 64),
-        "mid_block.attentions.7.to_q.lora_B.weight": torch.ones(64, 2)})
+    missing = one_layer(tmp_path / "missing", "mid_block.attentions.7.to_q", 64, 64)
     with pytest.raises(ValueError, match=r"missing.*has no module"):
         pool.register("m", load_lora(missing))
+
+
+def one_layer(folder, layer: str, n_in: int, n_out: int):
+    """A diffusers LoRA file of rank 2 on the UNet's `layer` alone."""
+    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers={
+        f"{layer}.lora_A.weight": torch.ones(2, n_in), f"{layer}.lora_B.weight": torch.ones(n_out, 2)})
+    return folder
 
 
 @pytest.mark.slow
