@@ -3,9 +3,9 @@
 Each step of a batch of n images takes `ms_per_batch + n * ms_per_image` of wall time (default 5.5 ms an
 image, the H100 target), spent in `time.sleep`, which releases the GIL as a CUDA synchronise does; a request
 takes as many steps as it asks for (one by default), so the continuous batcher's benchmark can mix short and
-long requests on it. The time taken to fetch the images counts towards the last step. Each image is a crop of a real photograph, resized to the requested size and
-picked by the seed (one of 16 variants per size, prepared once), so it compresses like the output of a real
-model and the host side pays what it would pay for one.
+long requests on it. The time taken to fetch the images counts towards the last step. Each image is a crop of
+a real photograph, resized to the requested size and picked by the seed (one of 16 variants per size, prepared
+once), so it compresses like the output of a real model and the host side pays what it would pay for one.
 
 SPEC: `synthetic[=FOLDER][?ms_per_image=N&ms_per_batch=M&sizes=WxH,...]`. FOLDER holds the photographs
 (.jpg, .jpeg, .png); without it, matplotlib's sample photograph (the `bench` extra) is used.
