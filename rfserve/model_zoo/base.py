@@ -76,6 +76,8 @@ class ImageSpec:
     strength: float = 1.0
     image: np.ndarray | None = field(default=None, compare=False, repr=False)   # (H, W, 3) uint8
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)    # (H, W) float32, 1 = change
+    # LoRA adapters this row uses, (name, scale) each, combined as diffusers' `set_adapters` does (issue #34).
+    lora: tuple[tuple[str, float], ...] = ()
 
     @property
     def uses_cfg(self) -> bool:
@@ -83,12 +85,13 @@ class ImageSpec:
 
     def join_key(self) -> tuple:
         """What rows of one running batch share: the latent's shape, and whether they edit (an edit's rows carry
-        their input's latents). Step counts, guidance, strengths and masks are per row."""
+        their input's latents). Step counts, guidance, strengths, masks and LoRA adapters are per row."""
         return (self.width, self.height, self.image is not None)
 
     def batch_key(self) -> tuple:
-        """The whole-batch grouping of `--continuous off`: specs that would run the same loop."""
-        return (*self.join_key(), self.steps, self.uses_cfg, self.strength)
+        """The whole-batch grouping of `--continuous off`: specs that would run the same loop (and the same
+        adapters, so that a whole batch never mixes them)."""
+        return (*self.join_key(), self.steps, self.uses_cfg, self.strength, self.lora)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class InstaFlowPipeline(SDFlowPipeline):
         dt = [(1.0 - s0) / n for s0, n in zip(starts, steps)]
         cfg = guided_rows(specs)
         t = torch.tensor([(1.0 - si) * 1000.0 for si in s], device=x.device)      # float32, as the reference
+        self.bind_lora(running, cfg)
         v = self.parts.denoiser(with_uncond(x, cfg), with_uncond(t, cfg),
                                 encoder_hidden_states=with_uncond(r["emb"], cfg, r["neg"]), return_dict=False)[0]
         x_next = grouped_update(x, v, cfg, dt, [spec.guidance for spec in specs], euler_update)

@@ -65,6 +65,7 @@ class PeRFlowPipeline(SDFlowPipeline):
         x, cfg = r["x"], guided_rows(specs)
         here = [_at(ts, i) for ts, i in zip(r["timesteps"], running.done)]          # (t, t_next) per row
         t = torch.tensor([t for t, _ in here], dtype=torch.int64, device=x.device)
+        self.bind_lora(running, cfg)
         eps = self.parts.denoiser(with_uncond(x, cfg), with_uncond(t, cfg),
                                   encoder_hidden_states=with_uncond(r["emb"], cfg, r["neg"]), return_dict=False)[0]
         x_next = grouped_update(x, eps, cfg, here, [spec.guidance for spec in specs],
