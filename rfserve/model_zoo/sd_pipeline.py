@@ -1,5 +1,9 @@
 """The stages every SD-UNet flow pipeline shares, step by step: `begin` encodes text, draws noise and encodes
-edits; `finish` decodes; a subclass writes out where each row starts (`start`) and its sampling step (`step`)."""
+edits; `finish` decodes; a subclass writes out where each row starts (`start`) and its sampling step (`step`).
+
+With `enable_lora`, each row runs its own `ImageSpec.lora` adapters (issue #34, `lora.rows`): its prompts encoded
+with their text-encoder layers, its UNet adapters pinned from `begin` until it leaves the running batch and bound
+before every forward (`bind_lora`, which a subclass's `step` calls just before the denoiser)."""
 from __future__ import annotations
 
 import numpy as np

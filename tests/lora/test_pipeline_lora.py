@@ -155,3 +155,18 @@ def test_adapters_split_whole_batches_but_not_running_ones():
     assert spec.join_key() == other.join_key()
     assert spec.batch_key() != other.batch_key() != replace(other, lora=(("a", 0.5),)).batch_key()
     assert hash(other) != hash(spec)
+
+
+def test_an_adapter_registered_again_under_its_name_is_not_served_from_the_text_cache(tiny_sd, made):
+    pipe = _load("instaflow", tiny_sd)
+    pipe.enable_lora(PoolConfig(slots=2, max_rank=4, max_rows=4))
+    pipe.register_lora("x", load_lora(made["a"].diffusers_dir))
+    w, h = pipe.default_size
+    spec = ImageSpec("a red square on blue", "", 1, w, h, 3, 1.0, lora=(("x", 1.0),))
+    before = pipe.encode_prompts([spec.prompt], [spec])[0]
+    pipe.unregister_lora("x")
+    pipe.register_lora("x", load_lora(made["b"].diffusers_dir))
+    after = pipe.encode_prompts([spec.prompt], [spec])[0]
+    assert (after - before).abs().max() > 1e-3
+    want = reference("instaflow", tiny_sd, made, (("b", 1.0),)).encode_prompts([spec.prompt], [replace(spec, lora=())])
+    torch.testing.assert_close(after, want[0], atol=ATOL, rtol=0)
