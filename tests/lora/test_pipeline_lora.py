@@ -170,3 +170,20 @@ def test_an_adapter_registered_again_under_its_name_is_not_served_from_the_text_
     assert (after - before).abs().max() > 1e-3
     want = reference("instaflow", tiny_sd, made, (("b", 1.0),)).encode_prompts([spec.prompt], [replace(spec, lora=())])
     torch.testing.assert_close(after, want[0], atol=ATOL, rtol=0)
+
+
+def test_the_fast_paths_setup_keeps_each_rows_adapters(tiny_sd, made):
+    """The fast path's setup (channels_last, our attention processors calling the wrapped to_q/to_k/to_v) on a
+    pipeline with a pool: rows still equal the reference given the same setup."""
+    pipe = _load("instaflow", tiny_sd)
+    pipe.enable_lora(PoolConfig(slots=2, max_rank=4, max_rows=8))
+    for name in ("a", "b"):
+        pipe.register_lora(name, load_lora(made[name].diffusers_dir))
+    pipe.fast_path().prepare(None)
+    batch = [s for s in specs(pipe) if "c" not in dict(s.lora)]
+    mixed, _ = pipe.images(batch)
+    for i, spec in enumerate(batch):
+        ref = reference("instaflow", tiny_sd, made, spec.lora) if spec.lora else _load("instaflow", tiny_sd)
+        ref.fast_path().prepare(None)
+        want = ref.images([replace(spec, lora=())])[0]
+        torch.testing.assert_close(mixed[i:i + 1], want, atol=ATOL, rtol=0, msg=f"row {i} {spec.lora}")
