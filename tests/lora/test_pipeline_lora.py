@@ -136,6 +136,23 @@ def test_a_row_that_leaves_unpins_its_adapters_and_they_can_be_unloaded(pipes, m
         pooled.register_lora("a", load_lora(made["a"].kohya_file))
 
 
+def test_a_batch_dropped_without_its_rows_leaving_unpins_them(pipes):
+    import gc
+
+    _, _, pooled = pipes
+    w, h = pooled.default_size
+    spec = ImageSpec("x", "", 1, w, h, 3, 1.0, lora=(("b", 1.0),))
+    pins = pooled.adapters.denoiser._pins
+    running = pooled.begin([spec])
+    pooled.admit(running, [spec])
+    pooled.step(running)
+    b = pooled.adapters.denoiser.resident()["b"]
+    assert pins[b] == 2
+    del running
+    gc.collect()
+    assert pins[b] == 0
+
+
 def test_text_cache_keys_the_adapter_choice(pipes):
     _, base, pooled = pipes
     w, h = pooled.default_size

@@ -25,7 +25,9 @@ Choice = tuple[tuple[str, float], ...]
 
 class LoraRows:
     """A `running.RowState`: each row's adapter choice and the denoiser slots it pinned; a row that leaves
-    (`Running.keep`/`leave` drop it) unpins them, so an adapter stays resident exactly while a row uses it."""
+    (`Running.keep`/`leave` drop it) unpins them, so an adapter stays resident exactly while a row uses it. `take`
+    and `join` hand the kept rows' pins on to the state they return; a state dropped with rows still in it (a batch
+    abandoned on an error) unpins them when it is collected."""
 
     def __init__(self, pool: AdapterPool, choices: list[Choice], slots: list[list[int]]):
         self.pool, self.choices, self.slots = pool, choices, slots
@@ -33,15 +35,35 @@ class LoraRows:
     def __len__(self) -> int:
         return len(self.choices)
 
+    def _handed_on(self) -> None:
+        self.slots = []
+
     def take(self, rows: list[int]) -> "LoraRows":
         kept = set(rows)
         for i, slots in enumerate(self.slots):
             if i not in kept:
                 self.pool.unpin(slots)
-        return LoraRows(self.pool, [self.choices[i] for i in rows], [self.slots[i] for i in rows])
+        out = LoraRows(self.pool, [self.choices[i] for i in rows], [self.slots[i] for i in rows])
+        self._handed_on()
+        return out
 
     def join(self, other: "LoraRows") -> "LoraRows":
-        return LoraRows(self.pool, self.choices + other.choices, self.slots + other.slots)
+        out = LoraRows(self.pool, self.choices + other.choices, self.slots + other.slots)
+        self._handed_on()
+        other._handed_on()
+        return out
+
+    def release(self) -> None:
+        """Unpin every row's slots (the rows are gone)."""
+        for slots in self.slots:
+            self.pool.unpin(slots)
+        self._handed_on()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 — at interpreter exit the pool may already be gone
+            pass
 
 
 class PipelineAdapters:
