@@ -89,9 +89,9 @@ class ImageSpec:
         return (self.width, self.height, self.image is not None)
 
     def batch_key(self) -> tuple:
-        """The whole-batch grouping of `--continuous off`: specs that would run the same loop (and the same
-        adapters, so that a whole batch never mixes them)."""
-        return (*self.join_key(), self.steps, self.uses_cfg, self.strength, self.lora)
+        """The whole-batch grouping of `--continuous off`: specs that would run the same loop. LoRA adapters are
+        per row in both modes: rows with different adapters share one forward."""
+        return (*self.join_key(), self.steps, self.uses_cfg, self.strength)
 
 
 @dataclass
