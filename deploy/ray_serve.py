@@ -19,7 +19,7 @@ from ray import serve
 
 from rfserve.server.app import create_app
 from rfserve.server.chat.config import ChatConfig
-from rfserve.server.config import ServerConfig
+from rfserve.server.config import LoraConfig, ServerConfig
 from rfserve.server.engine import Engine
 
 REPLICA_HEADER = "x-rfserve-replica"
@@ -40,6 +40,9 @@ class RaySettings:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     continuous: bool = True            # requests join a running batch between denoising steps
+    loras: list[str] = field(default_factory=list)   # comma-separated NAME=PATH_OR_HUB_ID[?model=MODEL]
+    enable_lora: bool = False          # serve adapters even with none at start (POST /v1/loras)
+    max_loras: int = 8                 # adapters resident on the device per model
     max_queue: int = 64                # the engine's per-model queue; beyond it 429
     device: str = "auto"
     dtype: str = "auto"
@@ -57,8 +60,8 @@ class RaySettings:
     def engine_config(self) -> ServerConfig:
         return ServerConfig(models=self.models, device=self.device, dtype=self.dtype, max_batch=self.max_batch,
                             max_wait_ms=self.max_wait_ms, continuous=self.continuous, max_queue=self.max_queue,
-                            warmup=self.warmup,
-                            chat=ChatConfig.resolve({}, []))
+                            warmup=self.warmup, chat=ChatConfig.resolve({}, []),
+                            lora=LoraConfig(enabled=self.enable_lora, adapters=self.loras, slots=self.max_loras))
 
 
 def _parse(raw: str, kind: type):

@@ -14,6 +14,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from rfserve.model_zoo.lora.files import LoraFile
+    from rfserve.model_zoo.lora.pool import PoolConfig
     from rfserve.model_zoo.paged_kv import BlockAllocator, PromptChunk
     from rfserve.model_zoo.running import Running
 
@@ -163,6 +165,20 @@ class Pipeline(Protocol):
     def fast_path(self) -> FastPath | None:
         """The compiled path to capture during warm-up, or None where the family has none yet."""
         ...
+
+
+@runtime_checkable
+class ServesLora(Protocol):
+    """A pipeline whose rows run their own LoRA adapters (`ImageSpec.lora`, issue #34): the engine enables it at
+    load, before warm-up and the fast path, and registers adapters by name."""
+
+    def enable_lora(self, config: "PoolConfig") -> None: ...
+
+    def register_lora(self, name: str, lora: "LoraFile") -> None: ...
+
+    def unregister_lora(self, name: str) -> None: ...
+
+    def lora_names(self) -> list[str]: ...
 
 
 @runtime_checkable

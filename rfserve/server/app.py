@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator
 
 from fastapi import FastAPI, Request
@@ -28,8 +29,10 @@ from rfserve.server.image_store import ImageStore
 from rfserve.server.limits import BodyLimitMiddleware
 from rfserve.server.playground import playground_router
 from rfserve.server.ranges import range_error
-from rfserve.server.schemas import (Health, ImageData, ImageGenerationRequest, ImageOptions, ImagesResponse, ModelList,
-                                    ModelObject, Readiness)
+from rfserve.server.adapters import Adapter
+from rfserve.server.schemas import (Health, ImageData, ImageGenerationRequest, ImageOptions, ImagesResponse,
+                                    LoraDeleted, LoraList, LoraLoadRequest, LoraObject, ModelList, ModelObject,
+                                    Readiness)
 from rfserve.server.security import APIKeyMiddleware
 from rfserve.server.specs import image_specs
 from rfserve.server.vocabulary import prompt_warnings, vocabulary_object
@@ -71,7 +74,7 @@ def create_app(engine: Engine) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=config.api_keys, protect_metrics=config.protect_metrics)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["authorization", "content-type"])
     app.exception_handler(RequestValidationError)(validation_handler)
     app.exception_handler(APIError)(api_error_handler)
@@ -129,6 +132,8 @@ def create_app(engine: Engine) -> FastAPI:
                 raise APIError(Code.INVALID_VALUE, f"timeout: {why} (seconds)", param="timeout")
         if body.stream and body.n > 1:
             raise APIError(Code.INVALID_VALUE, "n must be 1 when streaming: the events carry no image index", param="n")
+        lora = engine.adapters.choice(name, body.lora)
+        specs = [replace(s, lora=lora) for s in specs]
         if config.log_prompts:
             log.info("request model=%s seed=%d prompt=%r", name, specs[0].seed, specs[0].prompt)
         size = f"{specs[0].width}x{specs[0].height}"
@@ -186,7 +191,31 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return ModelList(data=[_model_object(m.card, chats=m.chat is not None) for m in engine.models.values()])
+        served = engine.adapters.pipelines
+        return ModelList(data=[_model_object(m.card, chats=m.chat is not None,
+                                             loras=[a.name for a in engine.adapters.listing(name)]
+                                             if name in served else None)
+                               for name, m in engine.models.items()])
+
+    @app.get("/v1/loras", response_model=LoraList)
+    async def list_loras():
+        """The LoRA adapters loaded, for every model (requests name them in `lora`)."""
+        return LoraList(data=[_lora_object(a) for a in engine.adapters.listing()])
+
+    @app.post("/v1/loras", response_model=LoraObject, responses=documented(400, 404, 409, 503))
+    async def load_lora(body: LoraLoadRequest):
+        """Load a LoRA adapter (a .safetensors file, a folder holding one, or a hub id) for a model; requests
+        may name it once this answers. Key-protected like every /v1 route when the server has keys."""
+        jobs.check_admitting(engine)
+        model = engine.adapters.model_for(body.model, engine.cards)
+        adapter = await asyncio.to_thread(engine.adapters.load, body.name, body.path, model, trusted=False)
+        return _lora_object(adapter)
+
+    @app.delete("/v1/loras/{name}", response_model=LoraDeleted, responses=documented(404))
+    async def unload_lora(name: str):
+        """New requests are refused the adapter at once; it leaves the device once no request uses it."""
+        adapter = await asyncio.to_thread(engine.adapters.remove, name)
+        return LoraDeleted(id=adapter.name)
 
     @app.get("/health", response_model=Health, response_model_exclude_none=True,
              responses={503: {"model": Health, "description": "the worker stopped, or a batch is stuck"}})
@@ -228,9 +257,14 @@ def images_json(response: ImagesResponse, b64: list[bytes], revised_prompt: str 
     return b"".join(parts)
 
 
-def _model_object(card: ModelCard, chats: bool) -> ModelObject:
+def _model_object(card: ModelCard, chats: bool, loras: list[str] | None) -> ModelObject:
     d = card.defaults
     return ModelObject(id=card.name, created=STARTED, family=card.family, sizes=list(card.sizes),
                        default_size=d.size, default_steps=d.steps, default_guidance_scale=d.guidance,
                        max_steps=card.max_steps, edits=card.supports_edits, chat=chats,
-                       vocabulary=vocabulary_object(card))
+                       vocabulary=vocabulary_object(card), loras=loras)
+
+
+def _lora_object(adapter: Adapter) -> LoraObject:
+    return LoraObject(id=adapter.name, model=adapter.model, source=adapter.source, rank=adapter.rank,
+                      components=adapter.components, created=adapter.created)

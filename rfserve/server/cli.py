@@ -17,7 +17,7 @@ from rfserve.model_zoo.loading import CheckpointError
 from rfserve import __version__
 from rfserve.server.chat.config import INT_SETTINGS, ChatConfig
 from rfserve.server.cli_args import build_parser
-from rfserve.server.config import ServerConfig
+from rfserve.server.config import LoraConfig, ServerConfig
 
 if TYPE_CHECKING:
     from rfserve.server.sources import LoadError
@@ -134,7 +134,7 @@ def serve(args) -> None:
                           cors_origins=args.cors_origin, compile=args.compile, compile_mode=args.compile_mode,
                           batch_buckets=_buckets(args.batch_buckets), cpu_threads=args.cpu_threads,
                           gpu_memory_utilization=utilization, device_memory=device_memory,
-                          chat=_chat_config(args))
+                          chat=_chat_config(args), lora=_lora_config(args))
     engine = Engine(config, sources=sources)
     uv_config = uvicorn_config(create_app(engine), config, args.log_level)
     server = DrainingServer(uv_config, engine, grace_s=config.shutdown_grace_s)
@@ -200,6 +200,29 @@ def _chat_config(args) -> ChatConfig:
         return ChatConfig.resolve(flags, args.chat_image_host)
     except ValueError as err:
         _fail(str(err))
+
+
+def _lora_config(args) -> LoraConfig:
+    """The LoRA flags, refused in one line before any model loads."""
+    from rfserve.server.adapters import parse_lora
+
+    for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank),
+                        ("--max-loras-per-request", args.max_loras_per_request)):
+        if value < 1:
+            _fail(f"{flag}: must be at least 1, got {value}")
+    if args.max_loras_per_request > args.max_loras:
+        _fail(f"--max-loras-per-request ({args.max_loras_per_request}) cannot exceed --max-loras "
+              f"({args.max_loras}): one request's adapters must fit on the device together")
+    names = []
+    for text in args.lora:
+        try:
+            names.append(parse_lora(text).name)
+        except ValueError as err:
+            _fail(str(err))
+    if len(set(names)) != len(names):
+        _fail(f"--lora: an adapter name is given twice: {names}")
+    return LoraConfig(enabled=args.enable_lora, adapters=args.lora, slots=args.max_loras,
+                      max_rank=args.max_lora_rank, per_request=args.max_loras_per_request)
 
 
 def _buckets(text: str) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from rfserve import __version__
 from rfserve.model_zoo.presets import PRESETS
 from rfserve.server.chat.config import INT_SETTINGS, ChatConfig
-from rfserve.server.config import ServerConfig
+from rfserve.server.config import LoraConfig, ServerConfig
 
 CHAT_PRESETS = [name for name, preset in PRESETS.items() if preset.chats]
 
@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--chat-image-host", action="append", default=[], metavar="HOST",
                       help="a host whose http(s) image URLs may be fetched; repeatable ($RFSERVE_CHAT_IMAGE_HOSTS; "
                            "default: none, remote image URLs are refused)")
+    lora, dl = serve.add_argument_group("LoRA", "per-request adapters for the SD-UNet families and Hunyuan-DiT; "
+                                                "rows with different adapters share a batch"), LoraConfig()
+    lora.add_argument("--lora", action="append", default=[], metavar="NAME=PATH_OR_HUB_ID[?model=MODEL]",
+                      help="an adapter requests may name in `lora`: a diffusers/peft or kohya .safetensors file, "
+                           "a folder holding one, or a hub id; repeatable; implies --enable-lora (default: the "
+                           "first model that takes LoRA)")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve adapters even with none at start (POST /v1/loras loads them)")
+    lora.add_argument("--max-loras", type=int, default=dl.slots, metavar="N",
+                      help="adapters resident on the device per model, swapped in from host memory (LRU)")
+    lora.add_argument("--max-lora-rank", type=int, default=dl.max_rank, metavar="R",
+                      help="the largest adapter rank served; every slot holds this rank")
+    lora.add_argument("--max-loras-per-request", type=int, default=dl.per_request, metavar="K",
+                      help="adapters one request may combine")
     serve.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                        help="the share of the device's memory the server plans with, in (0, 1]")
     serve.add_argument("--device-memory", default=None, metavar="BYTES",

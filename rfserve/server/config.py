@@ -2,8 +2,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rfserve.server.chat.config import ChatConfig
+
+if TYPE_CHECKING:
+    from rfserve.model_zoo.lora.pool import PoolConfig
+
+
+@dataclass
+class LoraConfig:
+    """Per-request LoRA adapters (server.adapters): off unless enabled or adapters are named at start."""
+    enabled: bool = False
+    adapters: list[str] = field(default_factory=list)   # NAME=PATH_OR_HUB_ID[?model=MODEL], loaded at start
+    slots: int = 8                    # adapters resident on the device per model, swapped LRU from the host
+    max_rank: int = 64                # the largest rank served; lower ranks are zero-padded to it
+    per_request: int = 2              # adapters one request may combine
+
+    @property
+    def on(self) -> bool:
+        return self.enabled or bool(self.adapters)
+
+    def pool(self, max_batch: int) -> PoolConfig:
+        """Each LoRA-serving model's slots, for the largest forward a batch runs (every row guided: an
+        unconditional copy each)."""
+        from rfserve.model_zoo.lora.pool import PoolConfig
+
+        return PoolConfig(slots=self.slots, max_rank=self.max_rank, max_rows=2 * max_batch, per_row=self.per_request)
 
 
 @dataclass
@@ -43,3 +68,4 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.9   # the share of device memory the memory plan budgets, as vLLM's flag
     device_memory: int | None = None  # bytes the plan may use instead of the device's total (None: the total)
     chat: ChatConfig = field(default_factory=ChatConfig)   # the CLI and Ray Serve resolve flags and environment
+    lora: LoraConfig = field(default_factory=LoraConfig)

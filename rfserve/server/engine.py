@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from rfserve.kernels import dispatch, tuning
 from rfserve.model_zoo.base import (ChatParts, FastPath, ImageSpec, LoadedModel, ModelCard, Pipeline, ReservesMemory,
-                                    parse_size)
+                                    ServesLora, parse_size)
 from rfserve.model_zoo.registry import load_model, resolve_dtype
+from rfserve.server.adapters import Adapters, parse_lora
 from rfserve.server.buckets import BucketPlan
 from rfserve.server.chat.batcher import ContinuousBatcher, TokenMetrics
 from rfserve.server.config import ServerConfig
@@ -82,6 +83,7 @@ class Engine:
         self.kv_blocks: dict[str, int] = {}   # each chat model's KV pool, in blocks (sized at the end of load)
         self._chat_lock = threading.Lock()
         self.turns = DeviceTurns()            # one forward at a time on the device: image steps and chat turns
+        self.adapters = Adapters(self.turns, config.model_root, config.lora.per_request)
         self.later: list[tuple[str, FastPath]] = []     # fast paths captured after ready (the CPU's default)
         self.captured_later = threading.Event()         # set once they are, or have failed
         self._capture_thread: threading.Thread | None = None
@@ -101,6 +103,9 @@ class Engine:
                 model = load_model(spec, self.device, self.dtype, self.sources.get(spec.name))
                 if isinstance(model.pipeline, ReservesMemory):
                     model.pipeline.reserve_memory(self.config.max_batch)
+                if self.config.lora.on and isinstance(model.pipeline, ServesLora):
+                    model.pipeline.enable_lora(self.config.lora.pool(self.config.max_batch))
+                    self.adapters.serve(spec.name, model.pipeline)
             except Exception as err:
                 raise LoadError(spec, "loading", err) from err
             if self.config.max_steps:
@@ -109,6 +114,7 @@ class Engine:
                 model.card = replace(model.card, max_steps=cap, defaults=replace(d, steps=min(d.steps, cap)))
             self.models[spec.name] = model
             log.info("loaded %s from %s in %.1fs", spec.name, spec.source, time.perf_counter() - start)
+        self._load_adapters()
         tuning.thaw()
         if self.config.warmup:
             for spec in self.specs:
@@ -134,6 +140,16 @@ class Engine:
             self._capture_thread.start()
         else:
             self.captured_later.set()
+
+    def _load_adapters(self) -> None:
+        """`--lora`'s adapters, before warm-up; one that cannot load stops the start, naming it."""
+        for source in map(parse_lora, self.config.lora.adapters):
+            try:
+                self.adapters.load(source.name, source.source, self.adapters.model_for(source.model, self.cards),
+                                   trusted=True)
+            except Exception as err:
+                spec = next((s for s in self.specs if s.name == source.model), self.specs[0])
+                raise LoadError(spec, f"loading the LoRA adapter {source.name!r}", err) from err
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -294,14 +310,16 @@ class Engine:
         deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
         job = Job(model=model, specs=specs, deadline=deadline, device_jpeg=device_jpeg,
                   partial_images=partial_images, on_partial=on_partial)
+        adapters = self.adapters.hold(specs)
         with self._inflight_lock:
             self._inflight.add(job)
-        job.future.add_done_callback(lambda _: self._forget(job))
         try:
             self.batcher.submit(job)
         except Exception:
             self._forget(job)
+            self.adapters.release(adapters)
             raise
+        job.future.add_done_callback(lambda _: (self._forget(job), self.adapters.release(adapters)))
         return job
 
     def _forget(self, job: Job) -> None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           499: "invalid_request_error", 503: "service_unavailable", 504: "timeout", 500: "server_error",
           507: "server_error"}
 # A client told to come back later is told when: loading models, draining and full queues all say.
@@ -51,9 +51,11 @@ class Code(StrEnum):
     INVALID_API_KEY = "invalid_api_key", 401, "the API key is missing or wrong"
     MODEL_NOT_FOUND = "model_not_found", 404, "no such model is served"
     IMAGE_NOT_FOUND = "image_not_found", 404, "a `url` result that is unknown or has expired"
+    LORA_NOT_FOUND = "lora_not_found", 404, "no LoRA adapter of that name is loaded (DELETE /v1/loras/NAME)"
     NOT_FOUND = "not_found", 404, "no such route or file"
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, ("the route exists but not for this method; `Allow` lists "
                                                      "the methods it takes")
+    LORA_EXISTS = "lora_exists", 409, "a LoRA adapter of that name is loaded, loading or unloading already"
     BODY_TOO_LARGE = "body_too_large", 413, "the body is larger than `--max-body-bytes`"
     QUEUE_FULL = "queue_full", 429, ("the model's queue is full, or the work queued ahead would keep the request "
                                      "past its deadline; `Retry-After` says when to retry")
@@ -72,6 +74,7 @@ WHY = {
     400: "A field is invalid; `error.param` names it.",
     401: "Missing or invalid API key.",
     404: "No such model or resource.",
+    409: "The resource exists already.",
     413: "The body is larger than the server's `--max-body-bytes`.",
     429: "The model's queue is full, or the work queued ahead would keep the request past its deadline.",
     499: "The client closed the connection first (recorded in metrics and logs; never received).",

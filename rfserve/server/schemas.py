@@ -1,10 +1,11 @@
 """Request and response bodies of the OpenAI Images API, with our extensions."""
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from rfserve.model_zoo.seeding import MAX_SEED
 from rfserve.server.ranges import Range
@@ -22,6 +23,36 @@ def whole_numbers(*fields: str):
     def whole(cls, value):
         return int(value) if isinstance(value, float) and value.is_integer() else value
     return field_validator(*fields, mode="before")(whole)
+
+
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"     # server.adapters.NAME
+
+
+class LoraChoice(BaseModel):
+    """One adapter of a request's `lora`, at its scale (diffusers' `set_adapters` weight)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(max_length=64)
+    scale: Annotated[float, Range(-4.0, 4.0)] = 1.0
+
+
+def _lora_list(value):
+    """A bare name means that adapter at scale 1. A multipart edit's fields are text, so there the list comes as
+    JSON text (a name never starts with '[')."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("not a name, and not a JSON list of {name, scale} objects") from None
+        return [{"name": value}]
+    return value
+
+
+LoraField = Annotated[list[LoraChoice], BeforeValidator(_lora_list), WithJsonSchema({
+    "anyOf": [{"type": "string", "pattern": LORA_NAME},
+              {"type": "array", "items": LoraChoice.model_json_schema(), "minItems": 1}],
+    "description": "LoRA adapters loaded on the server (GET /v1/loras): a name, or a list of {name, scale}; "
+                   "several combine as diffusers' set_adapters does. Rows with different adapters share a batch."})]
 
 
 class ImageOptions(BaseModel):
@@ -57,6 +88,7 @@ class ImageOptions(BaseModel):
     guidance_scale: Annotated[float, Range(0.0, later=True)] | None = None     # the model's limit: server/specs.py
     timeout: Annotated[float, Range(0.0, above=True, later=True)] | None = Field(
         None, description="seconds; capped by the server")
+    lora: LoraField | None = None
 
     @field_validator("background", mode="before")
     @classmethod
@@ -140,9 +172,45 @@ class ModelObject(BaseModel):
         "the words the model knows; null for a model that takes free text"))
 
 
+    loras: list[str] | None = Field(None, description=(
+        "the LoRA adapters loaded for this model (GET /v1/loras); null where the model serves none"))
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class LoraLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(json_schema_extra={"pattern": LORA_NAME}, description="what requests call it by")
+    path: str = Field(min_length=1, max_length=4096, description=(
+        "a .safetensors file (diffusers/peft or kohya/A1111 keys), a folder holding one, or a hub id; under "
+        "--model-root when the server has one"))
+    model: str | None = Field(None, description="the model it is for; the first served model that takes LoRA "
+                                                "when left out")
+
+
+class LoraObject(BaseModel):
+    id: str
+    object: Literal["lora"] = "lora"
+    model: str
+    source: str
+    rank: int
+    components: list[str] = Field(description="unet, text_encoder and/or transformer: the parts it changes")
+    created: int
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraObject]
+
+
+class LoraDeleted(BaseModel):
+    id: str
+    object: Literal["lora"] = "lora"
+    deleted: Literal[True] = Field(True, description=(
+        "new requests are refused it at once; it leaves the device after the last request that uses it"))
 
 
 class Health(BaseModel):

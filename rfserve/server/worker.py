@@ -9,7 +9,9 @@ strength) and runs to its end.
 
 An exception fails only the requests of its own batch (a joiner whose admission fails, only itself). An
 out-of-memory error re-runs the rows still running from their start in halves, without joining, down to single
-images; only a request whose image cannot fit alone fails (507). Either way the thread keeps serving.
+images; only a request whose image cannot fit alone fails (507). Either way the thread keeps serving. LoRA
+adapters (issue #34) are per row: a batch whose rows need more adapters than the device slots splits the same
+way, and a joiner whose adapters find no free slot waits for the batch to end, as one out of memory does.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rfserve.model_zoo.base import ImageSpec, Pipeline
+from rfserve.model_zoo.lora.pool import PoolFull
 from rfserve.model_zoo.running import Running
 from rfserve.server import faults
 from rfserve.server.buckets import BucketPlan
@@ -128,6 +131,8 @@ class Worker:
         except torch.OutOfMemoryError:
             _release_memory()
             self._split(model, [r for r in rows if r.index is not None])
+        except PoolFull:
+            self._split(model, [r for r in rows if r.index is not None], "its LoRA adapters outnumber the slots")
         except Exception as exc:  # noqa: BLE001 — any pipeline failure fails only this batch
             log.exception("a batch of %d on %s failed", len(rows), model)
             _fail(rows, _error(exc))
@@ -136,18 +141,19 @@ class Worker:
         if later:
             self._serve(model, later, joining=False)
 
-    def _split(self, model: str, rows: list[Row]) -> None:
+    def _split(self, model: str, rows: list[Row], why: str = "out of memory") -> None:
         """The rows still running re-run from their start in halves, without joining (each image depends only
-        on its own spec, so a re-run makes the same image)."""
+        on its own spec, so a re-run makes the same image). A batch whose rows use more LoRA adapters than the
+        device slots hold splits the same way; one row never does (`--max-loras-per-request` ≤ `--max-loras`)."""
         if len(rows) <= 1:
             log.warning("one image on %s does not fit in memory", model)
             _fail(rows, OutOfMemory("out of memory: this image does not fit on the device even alone; "
                                     "try a smaller size or fewer steps"))
             return
         half = len(rows) // 2
-        self.metrics.oom_splits.labels(model).inc()
-        log.warning("out of memory on a batch of %d on %s; retrying as %d + %d", len(rows), model, half,
-                    len(rows) - half)
+        if why == "out of memory":
+            self.metrics.oom_splits.labels(model).inc()
+        log.warning("%s on a batch of %d on %s; retrying as %d + %d", why, len(rows), model, half, len(rows) - half)
         self._serve(model, rows[:half], joining=False)
         self._serve(model, rows[half:], joining=False)
 
@@ -197,7 +203,7 @@ class Worker:
             if self.fault_injection:
                 faults.inject([r.spec for r in joiners], batch=len(running) + len(joiners))
             pipe.admit(running, [r.spec for r in joiners])
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, PoolFull):          # no memory, or no free LoRA slot: after this batch
             _release_memory()
             later.extend(joiners)
             return

@@ -48,16 +48,20 @@ class LoraFile:
     rank: int
 
 
-def load_lora(source: str | Path) -> LoraFile:
+def load_lora(source: str | Path, *, safetensors_only: bool = False) -> LoraFile:
     """Read a LoRA file, a folder holding one (`pytorch_lora_weights.safetensors` or the single .safetensors
     there) or a hub id, in fp32 whatever the file's dtype (the pool folds each scale into B before casting to
-    the model's); a ValueError naming `source` for a layout this cannot serve."""
+    the model's); a ValueError naming `source` for a layout this cannot serve. `safetensors_only` refuses
+    pickled (.bin) weights, which can run code when read: the API's run-time loads set it."""
     name = str(source)
     path = Path(source)
     where, weight_name = (path.parent, path.name) if path.is_file() else (name, None)
+    if safetensors_only and weight_name is not None and not weight_name.endswith(".safetensors"):
+        raise ValueError(f"{name}: only .safetensors LoRA files are read here (pickled weights can run code)")
     try:
         state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            where, weight_name=weight_name, return_lora_metadata=True)
+            where, weight_name=weight_name, return_lora_metadata=True,
+            use_safetensors=True if safetensors_only else None)
     except Exception as err:  # noqa: BLE001 — a missing file, the hub's network errors, a converter's KeyError
         raise ValueError(f"{name}: cannot read a LoRA from it: {type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}") from err
