@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from rfserve.model_zoo.base import ImageSpec, StageTimer
 from rfserve.model_zoo.edits import EditLatents, edit_latents
 from rfserve.model_zoo.fast_path import CompiledCalls, sd_fast_path
 from rfserve.model_zoo.latent_rows import LatentRows
-from rfserve.model_zoo.lora.files import LoraFile
-from rfserve.model_zoo.lora.pool import PoolConfig
-from rfserve.model_zoo.lora.rows import PipelineAdapters
+from rfserve.model_zoo.lora.pipeline import LoraPipeline
 from rfserve.model_zoo.running import Running
 from rfserve.model_zoo.samplers import straight_ahead
 from rfserve.model_zoo.sd_components import SDComponents
@@ -23,42 +22,21 @@ from rfserve.model_zoo.seeding import initial_noise
 from rfserve.model_zoo.text_cache import TextEncoderCache
 
 
-class SDFlowPipeline(LatentRows):
+class SDFlowPipeline(LoraPipeline, LatentRows):
     family = ""
     init_noise_sigma = 1.0
 
     def __init__(self, parts: SDComponents):
         self.parts = parts
-        self.adapters: PipelineAdapters | None = None
         self.text = TextEncoderCache(self._encode_plain)
+
+    def lora_modules(self) -> tuple[str, nn.Module, nn.Module | None]:
+        return "unet", self.parts.unet, self.parts.text_encoder
 
     def _encode_plain(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
         if self.adapters is None:
             return self.parts.encode_text(prompts)
         return self.adapters.encoder(self.parts.encode_text)(prompts)
-
-    def enable_lora(self, config: PoolConfig, text_config: PoolConfig | None = None) -> None:
-        """Per-row LoRA adapters (issue #34): the UNet's and the text encoder's target layers wrapped in place,
-        with `config.slots` device slots each (the text encoder's per `text_config`, else `config` with its
-        targets). Call once the model is on its device and before the fast path is prepared."""
-        if self.adapters is not None:
-            raise RuntimeError("LoRA is already enabled on this pipeline")
-        self.adapters = PipelineAdapters(self.parts.unet, self.parts.text_encoder, config, text_config)
-
-    def register_lora(self, name: str, lora: LoraFile) -> None:
-        self._lora().register(name, lora)
-
-    def unregister_lora(self, name: str) -> None:
-        """A RuntimeError while a running row uses the adapter."""
-        self._lora().unregister(name)
-
-    def lora_names(self) -> list[str]:
-        return [] if self.adapters is None else self.adapters.names()
-
-    def _lora(self) -> PipelineAdapters:
-        if self.adapters is None:
-            raise RuntimeError("LoRA is not enabled on this pipeline (enable_lora)")
-        return self.adapters
 
     def encode_prompts(self, prompts: list[str], specs: list[ImageSpec]) -> tuple[torch.Tensor, list[bool]]:
         """Each row's prompt encoded with the text-encoder layers of its own adapters bound (cached per prompt
@@ -80,11 +58,6 @@ class SDFlowPipeline(LatentRows):
         where = {row: k for k, row in enumerate(order)}
         pick = [where[i] for i in range(len(specs))]
         return torch.cat(embs)[pick], [flags[k] for k in pick]
-
-    def bind_lora(self, running: Running, cfg: list[int]) -> None:
-        """Before the UNet's forward (laid out by `with_uncond` with these `cfg` rows): each row's adapters."""
-        if self.adapters is not None:
-            self.adapters.bind(running.rows["lora"], cfg)
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -108,10 +81,7 @@ class SDFlowPipeline(LatentRows):
         timings: dict[str, float] = {}
         timer, p, first = StageTimer(self.parts.synchronize, timings), self.parts, specs[0]
         with timer.stage("encode"):
-            if any(s.lora for s in specs) and self.adapters is None:
-                raise ValueError("a row asks for LoRA adapters, but LoRA is not enabled on this pipeline")
-            if self.adapters is not None:
-                self.adapters.check([tuple(s.lora) for s in specs])
+            self.check_lora(specs)
             emb, truncated = self.encode_prompts([s.prompt for s in specs], specs)
             neg, _ = self.encode_prompts([s.negative_prompt for s in specs], specs)
             noise = initial_noise([s.seed for s in specs], p.latent_shape(first.width, first.height),
@@ -119,8 +89,7 @@ class SDFlowPipeline(LatentRows):
             edit = edit_latents(specs, p.vae, noise)
             x, steps, rows = self.start(specs, noise * self.init_noise_sigma, edit)
         rows.update(x=x, prev=x, emb=emb, neg=neg)
-        if self.adapters is not None:        # pinned last, so that nothing above can fail with the pins taken
-            rows["lora"] = self.adapters.pinned([tuple(s.lora) for s in specs])
+        self.pin_lora(specs, rows)
         if edit is not None:
             rows["edit"] = edit
         return Running(specs, truncated, steps, rows, timings=timings, sync=self.parts.synchronize)
