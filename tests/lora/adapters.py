@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import SanaLoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
@@ -76,3 +77,43 @@ def make(spec: Spec, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, fo
     save_file({k.replace("lora_te1_", "lora_te_text_model_"): v.contiguous() for k, v in kohya.items()},
               str(a1111_file))
     return Made(diffusers_dir, mixed_dir, kohya_file, a1111_file, unet.eval(), te.eval() if te is not None else None)
+
+
+# Hunyuan-DiT's transformer, for which diffusers has no LoRA loader: adapters injected by peft and saved under
+# "transformer." with the writer of diffusers' transformer families (Sana's), with their metadata.
+TRANSFORMER_SPECS = {
+    "x": LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v", "ff.net.2"]),
+    "y": LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                    target_modules=["to_k", "to_out.0", "ff.net.0.proj"]),
+}
+
+
+@dataclass
+class MadeTransformer:
+    """A transformer adapter's folder, and its config and peft state dict (to inject it into a reference)."""
+
+    folder: Path
+    config: LoraConfig
+    state: dict
+
+
+def make_transformer(name: str, config: LoraConfig, transformer: torch.nn.Module, folder: Path,
+                     seed: int) -> MadeTransformer:
+    torch.manual_seed(seed)
+    model = inject_adapter_in_model(config, copy.deepcopy(transformer), adapter_name=name)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    SanaLoraLoaderMixin.save_lora_weights(folder / name, state, transformer_lora_adapter_metadata=config.to_dict())
+    return MadeTransformer(folder / name, config, state)
+
+
+def with_adapters(model: torch.nn.Module, made: dict[str, MadeTransformer],
+                  choice: tuple[tuple[str, float], ...]) -> torch.nn.Module:
+    """A copy of `model` with the adapters of `choice` injected by peft and weighted by their scales, as diffusers'
+    `set_adapters(names, scales)` weights adapters it loaded."""
+    model = copy.deepcopy(model)
+    for name, _ in choice:
+        inject_adapter_in_model(made[name].config, model, adapter_name=name)
+        loaded = set_peft_model_state_dict(model, made[name].state, adapter_name=name)
+        assert not loaded.unexpected_keys, loaded.unexpected_keys
+    set_weights_and_activate_adapters(model, [n for n, _ in choice], [s for _, s in choice])
+    return model.eval()

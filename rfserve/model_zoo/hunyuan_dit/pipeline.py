@@ -1,12 +1,18 @@
 """Hunyuan-DiT: encode text (BERT + mT5) → sample (a scheduler per image over HunyuanDiT2DModel, CFG rows
 beside rows without it) → decode (SDXL VAE), a step at a time (model_zoo.base.Pipeline). Semantics follow
-diffusers' HunyuanDiTPipeline; see the reference notes §4."""
+diffusers' HunyuanDiTPipeline; see the reference notes §4.
+
+With `enable_lora`, each row runs its own `ImageSpec.lora` adapters (issue #34, `lora.pipeline`) in the
+transformer: pinned from `begin` until the row leaves, bound before every forward. The text encoders take none:
+diffusers has no LoRA loader for any Hunyuan-DiT component, and `lora.files` reads its files' "transformer."
+layers, so a file with text-encoder layers is refused at registration."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from rfserve import kernels
 from rfserve.model_zoo.base import ImageSpec, StageTimer
@@ -18,6 +24,7 @@ from rfserve.model_zoo.hunyuan_dit.guidance import guided_prediction
 from rfserve.model_zoo.hunyuan_dit.schedulers import clean_estimate, row_schedule, scheduler_name, step_kwargs
 from rfserve.model_zoo.hunyuan_dit.text import TextEmbeddings
 from rfserve.model_zoo.latent_rows import LatentRows
+from rfserve.model_zoo.lora.pipeline import LoraPipeline
 from rfserve.model_zoo.running import Running
 from rfserve.model_zoo.samplers import guidance_tensor, guided_rows, with_uncond
 from rfserve.model_zoo.seeding import seeded_noise
@@ -28,11 +35,12 @@ CROP_TOP_LEFT = (0, 0)
 STYLE = 0                      # the single learned style of v≤1.1
 
 
-class HunyuanPipeline(LatentRows):
+class HunyuanPipeline(LoraPipeline, LatentRows):
     """A running batch's rows (`Running.rows`): `x` the latents (B, C, h, w); `x_t` and `pred`, the latents the
     last step started from and its guided prediction, for previews; `text` and `neg`, the prompts' and negative
     prompts' `TextEmbeddings`; per row its own `scheduler` (they carry step state), the `timesteps` it runs and
-    its `generator` (DDPM draws variance noise at every step); and `edit`, `EditLatents`, for edits."""
+    its `generator` (DDPM draws variance noise at every step); `edit`, `EditLatents`, for edits; and `lora`, the
+    rows' pinned adapters, once LoRA is enabled."""
     family = "hunyuan-dit"
 
     def __init__(self, parts: HunyuanComponents, scheduler: str | None = None, guidance_rescale: float = 0.0,
@@ -49,6 +57,9 @@ class HunyuanPipeline(LatentRows):
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, variant: str | None = None,
                         **kwargs) -> "HunyuanPipeline":
         return cls(HunyuanComponents.load(Path(path), device=device, dtype=dtype, variant=variant), **kwargs)
+
+    def lora_modules(self) -> tuple[str, nn.Module, nn.Module | None]:
+        return "transformer", self.parts.transformer, None
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -78,6 +89,7 @@ class HunyuanPipeline(LatentRows):
             raise ValueError(f"width and height must be multiples of 16, got {first.width}x{first.height}")
         timings: dict[str, float] = {}
         with StageTimer(p.synchronize, timings).stage("encode"):
+            self.check_lora(specs)
             text, truncated = self.text.encode([s.prompt for s in specs])
             # A row without guidance has no unconditional branch (`with_uncond`): its own text stands in, unread.
             neg = text if not any(s.uses_cfg for s in specs) else \
@@ -100,6 +112,7 @@ class HunyuanPipeline(LatentRows):
                     scheduler=[s for s, _, _ in schedules], timesteps=[t for _, t, _ in schedules])
         if edit is not None:
             rows["edit"] = edit
+        self.pin_lora(specs, rows)
         return Running(list(specs), truncated, [len(t) for _, t, _ in schedules], rows, timings=timings,
                        sync=p.synchronize)
 
@@ -117,6 +130,7 @@ class HunyuanPipeline(LatentRows):
         x_in = torch.cat([s.scale_model_input(x[i:i + 1], t) for i, (s, t) in enumerate(zip(schedulers, ts))])
         t_in = torch.stack(ts).to(x.dtype)                                  # (B,): the reference's t_expand
         cond = self.conditioning(rows["text"].with_uncond(cfg, rows["neg"]), specs[0].width, specs[0].height)
+        self.bind_lora(running, cfg)
         out = p.denoiser(with_uncond(x_in, cfg), with_uncond(t_in, cfg), **cond,
                          return_dict=False)[0]                              # (len(cfg) + B, 2C, h, w)
         if p.transformer.config.learn_sigma:
