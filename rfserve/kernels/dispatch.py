@@ -33,6 +33,9 @@ WARMUP, REPEAT = 3, 10
 # 512 (SD's VAE) every tile asks 257-641 KB of shared memory or spills (python -m
 # rfserve.benchmarks.compile_kernels). SDPA serves them.
 MAX_ATTENTION_HEAD_DIM = 256
+# The LoRA shrink keeps a (BLOCK_M, K_PAD·R_PAD) fp32 accumulator, its row's adapters side by side
+# (`kernels.triton_lora`); sized for 4 adapters of rank 64. Wider bindings take the twin.
+MAX_LORA_COLUMNS = 256
 # (atol, rtol) of a kernel against its twin; fp16 and bf16 round p before the PV product, as FlashAttention does.
 TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -80,10 +83,12 @@ def resolve(backend: str) -> str:
     return env
 
 
-def triton_unsupported(op: str, head_dim: int | None = None) -> str:
+def triton_unsupported(op: str, head_dim: int | None = None, *, lora_columns: int | None = None) -> str:
     """Why `op` must not run in Triton at this shape, or "" where it may: the rule the compile check found."""
     if op == "attention" and head_dim is not None and head_dim > MAX_ATTENTION_HEAD_DIM:
         return f"head dim {head_dim} > {MAX_ATTENTION_HEAD_DIM}: no kernel configuration fits (SDPA serves it)"
+    if op == "lora" and lora_columns is not None and lora_columns > MAX_LORA_COLUMNS:
+        return f"{lora_columns} padded adapter columns > {MAX_LORA_COLUMNS}: the shrink's tile would not fit"
     return ""
 
 
