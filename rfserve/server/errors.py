@@ -186,11 +186,21 @@ _STARLETTE_CODES = {400: Code.INVALID_BODY, 404: Code.NOT_FOUND, 405: Code.METHO
 
 
 async def http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's errors in the OpenAI shape; a 405 keeps the `Allow` header Starlette puts on it and says it."""
-    code = _STARLETTE_CODES[exc.status_code]
+    """Starlette's errors in the OpenAI shape; a 405's `Allow` names every method of its path, and says it."""
+    code, headers = _STARLETTE_CODES[exc.status_code], exc.headers
     message = str(exc.detail)
     if code is Code.NOT_FOUND:
         message = f"{request.url.path} not found"
     elif code is Code.METHOD_NOT_ALLOWED:
-        message = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {})['Allow']}"
-    return error_response(code, message, headers=exc.headers)
+        headers = {**(exc.headers or {}), "Allow": _allowed(request, (exc.headers or {}).get("Allow", ""))}
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+    return error_response(code, message, headers=headers)
+
+
+def _allowed(request: Request, first: str) -> str:
+    """Every method of the routes at this path: Starlette names only the first route's, and a path may have a
+    route per method (GET and POST /v1/loras)."""
+    path = request.url.path
+    methods = {m for r in request.app.routes if getattr(r, "methods", None) and r.path_regex.match(path)
+               for m in r.methods}
+    return ", ".join(sorted(methods)) if methods else first
