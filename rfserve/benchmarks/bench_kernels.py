@@ -1,4 +1,5 @@
-"""Kernel microbenchmarks: our attention against SDPA's backends, the velocity kernels against a copy.
+"""Kernel microbenchmarks: our attention against SDPA's backends, the velocity kernels against a copy, the
+per-row LoRA kernels against their torch twin.
 
 On CUDA: the served shapes, CUDA events, median after warm-up; TFLOP/s, the ratio to the best SDPA
 backend, % of a bf16 matmul peak measured in the same run, and what the dispatcher picked.
@@ -45,6 +46,13 @@ CPU_ATTENTION = [
 GPU_VELOCITY = [("SD1.5 512² bs16", (16, 4, 64, 64)), ("Hunyuan-DiT 1024² bs1", (1, 4, 128, 128)),
                 ("SDXL 1024² bs8", (8, 4, 128, 128))]
 CPU_VELOCITY = [("tiny bs2", (2, 4, 16, 16))]
+# (name, rows, tokens (0: an (R, in) input), in, out, adapters per row): SD1.5 UNet adapter layers at 512², rows
+# as a guided batch of 16 runs them, rank 64 (the pool's max_rank).
+GPU_LORA = [("SD1.5 level 0 to_q", 32, 4096, 320, 320, 2), ("SD1.5 level 0 to_k (CLIP)", 32, 77, 768, 320, 2),
+            ("SD1.5 level 2 ff.net.0.proj", 32, 256, 1280, 10240, 2), ("SD1.5 mid to_out K4", 32, 64, 1280, 1280, 4),
+            ("no-token linear", 64, 0, 1280, 1280, 1)]
+CPU_LORA = [("tiny to_q", 2, 40, 48, 48, 2)]
+LORA_RANK, LORA_SLOTS = 64, 8
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -124,6 +132,30 @@ def bench_velocity(shapes, device, dtype, ms):
     return rows
 
 
+def bench_lora(shapes, device, dtype, ms):
+    """Both backends of `lora_delta` on a binding that mixes adapters and the zero slot, and the base layer's
+    matmul for scale: the update is worth fusing only while it stays small next to the layer it rides on."""
+    from rfserve.kernels.lora import lora_delta, lora_delta_torch
+
+    rows_out = []
+    for name, rows, tokens, n_in, n_out, k in shapes:
+        x = torch.randn(rows, *([tokens] if tokens else []), n_in, device=device, dtype=dtype)
+        a = torch.randn(LORA_SLOTS + 1, LORA_RANK, n_in, device=device, dtype=dtype) / n_in ** 0.5
+        b = torch.randn(LORA_SLOTS + 1, n_out, LORA_RANK, device=device, dtype=dtype) / LORA_RANK ** 0.5
+        a[0], b[0] = 0, 0
+        slots = torch.randint(0, LORA_SLOTS + 1, (rows, k), device=device)
+        scales = torch.rand(rows, k, device=device)
+        weight = torch.randn(n_out, n_in, device=device, dtype=dtype)
+        times = {
+            "ours (triton)": ms(lambda: lora_delta(x, a, b, slots, scales, backend="triton")),
+            "torch twin": ms(lambda: lora_delta_torch(x, a, b, slots, scales)),
+            "base layer": ms(lambda: F.linear(x, weight)),
+        }
+        rows_out.append(dict(name=name, shape=[rows, tokens, n_in, n_out, LORA_RANK, k], ms=times,
+                             speedup=times["torch twin"] / times["ours (triton)"]))
+    return rows_out
+
+
 def environment(device) -> dict:
     try:
         import triton
@@ -157,6 +189,12 @@ def markdown(report) -> str:
         g = r["gbps"]
         lines.append(f"| {r['name']} {tuple(r['shape'])} | {_fmt(g['ours (triton)'], 2)} | "
                      f"{_fmt(g['torch twin'], 2)} | {_fmt(g['copy'], 2)} | {_fmt(r['pct_of_copy'], 1)} |")
+    lines += ["", "| LoRA (R, L, in, out, rank, K) | ours ms | twin ms | base layer ms | twin / ours |",
+              "|---|---|---|---|---|"]
+    for r in report["lora"]:
+        t = r["ms"]
+        cells = [_fmt(t[label], 3) for label in ("ours (triton)", "torch twin", "base layer")]
+        lines.append(f"| {r['name']} {tuple(r['shape'])} | " + " | ".join(cells) + f" | {_fmt(r['speedup'], 2)}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +222,7 @@ def main(argv=None):
         environment=environment(device), dtype=str(dtype).removeprefix("torch."), peak_tflops=peak,
         attention=bench_attention(GPU_ATTENTION if use_cuda else CPU_ATTENTION, device, dtype, ms, peak),
         velocity=bench_velocity(GPU_VELOCITY if use_cuda else CPU_VELOCITY, device, dtype, ms),
+        lora=bench_lora(GPU_LORA if use_cuda else CPU_LORA, device, dtype, ms),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_kernels.json").write_text(json.dumps(report, indent=2))
