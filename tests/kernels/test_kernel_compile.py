@@ -1,5 +1,5 @@
 """The compile check, run as CI runs it: every served launch, bf16 and fp16, sm_90 and sm_80, once per binary
-the GPU would build (256 compiles, about 8 minutes cold on 2 cores), in a process without TRITON_INTERPRET,
+the GPU would build (424 compiles, about 7 minutes cold on 2 cores), in a process without TRITON_INTERPRET,
 since the interpreter's `triton.jit` functions cannot be compiled. `--subset` (`representative`) is the quick
 check while working on a kernel.
 """
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from rfserve.benchmarks.compile_kernels import VELOCITY_OPS, representative
+from rfserve.benchmarks.compile_kernels import LORA_OPS, VELOCITY_OPS, lora_served, representative
 from rfserve.benchmarks.served_launches import served_launches
 
 
@@ -20,12 +20,14 @@ def _compiler_env():
 
 
 def test_the_subset_covers_every_kernel_and_both_worst_head_dims():
-    subset = representative(served_launches(buckets=(1,)))
+    subset = representative(served_launches(buckets=(1,)) + lora_served())
     assert {s.op for s in subset} == {"attention", "cfg_euler", "janus_cfg_euler", "perflow", "decode_attention",
-                                      "decode_combine"}
+                                      "decode_combine", *LORA_OPS}
     assert sorted(s.shape.split()[2] for s in subset if s.op == "attention") == ["D160", "D88"]
     assert {s.shape.split("guidance ")[-1] for s in subset if s.op in VELOCITY_OPS} == {"none", "float", "rows"}
     assert {s.shape for s in subset if s.op.startswith("decode")} == {"B1 H32 Hkv32 D128 ctx16384 page16"}
+    lora = {s.shape for s in subset if s.op in LORA_OPS}
+    assert {shape.split()[-1] for shape in lora} == {"K1", "K4", "nchw"}  # widest binding, NCHW view, no tokens
 
 
 @pytest.mark.aot
@@ -45,6 +47,10 @@ def test_served_launches_compile_and_fit_sm90_and_sm80():
     assert len(per_row) == 3 * 4 and all(line.startswith("ok") for line in per_row), "\n".join(per_row)
     decode = [line for line in lines if " decode_" in line]
     assert len(decode) >= (7 + 1) * 4 and all(line.startswith("ok") for line in decode), "\n".join(decode)
+    # LoRA: per dtype and target, 6 shrink binaries (K_PAD 1/2/4, contiguous or NCHW x) of 5 configurations and
+    # 2 expand binaries (a binding one column wide, or wider) of 6; every one fits, none spills.
+    lora = [line for line in lines if " lora_" in line]
+    assert len(lora) == (6 * 5 + 2 * 6) * 4 and all(line.startswith("ok") for line in lora), "\n".join(lora)
 
 
 DEMO = '''
