@@ -36,6 +36,12 @@ def in_out(layer: nn.Module) -> tuple[int, int]:
     raise ValueError(f"a LoRA layer must be nn.Linear or a plain 1x1 nn.Conv2d, got {layer}")
 
 
+def stack_shapes(in_features: int, out_features: int, slots: int, max_rank: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a layer's A stack (slots + 1, max_rank, in) and B stack (slots + 1, out, max_rank), the zero
+    slot included: what `MultiLoRA` allocates, and what the memory plan counts (`pool.slot_bytes`)."""
+    return (slots + 1, max_rank, in_features), (slots + 1, out_features, max_rank)
+
+
 class MultiLoRA(nn.Module):
     """base(x) + the rows' low-rank updates. Slot 0 stays zero: the "no adapter" slot."""
 
@@ -44,10 +50,10 @@ class MultiLoRA(nn.Module):
         self.in_features, self.out_features = in_out(base)
         self.base = base
         self.binding = binding
-        weight = base.weight
+        a, b = stack_shapes(self.in_features, self.out_features, slots, max_rank)
         # Not persistent: the model's own state dict (and its checkpoint) stay those of the base model.
-        self.register_buffer("lora_a", weight.new_zeros(slots + 1, max_rank, self.in_features), persistent=False)
-        self.register_buffer("lora_b", weight.new_zeros(slots + 1, self.out_features, max_rank), persistent=False)
+        self.register_buffer("lora_a", base.weight.new_zeros(a), persistent=False)
+        self.register_buffer("lora_b", base.weight.new_zeros(b), persistent=False)
 
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write one adapter's A (r, in) and B (out, r) into `slot`, zero-padded to the max rank (zero rows of A

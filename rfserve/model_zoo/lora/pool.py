@@ -10,9 +10,13 @@ Per step the pipeline calls, for the forward's rows (laid out by `samplers.with_
     slots, scales = pool.rows(choices)                      # per request row: [(name, scale), ...]
     pool.bind(with_uncond(slots, cfg), with_uncond(scales, cfg))
 and pins a request's slots (`pin`/`unpin`) from its first step to its last, so no other batch evicts them.
+
+What the slots cost is fixed at setup, so the memory plan counts it from the model's shapes alone (`slot_bytes`,
+from the same shapes the pool allocates) for the binding's rows that `lora_rows` gives.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from rfserve.model_zoo.lora.files import LoraFile
-from rfserve.model_zoo.lora.layers import MultiLoRA, RowBinding, in_out
+from rfserve.model_zoo.lora.layers import MultiLoRA, RowBinding, in_out, stack_shapes
 
 # The layers diffusers' and kohya's SD LoRAs train, by module-path suffix.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -37,7 +41,7 @@ class PoolFull(RuntimeError):
 class PoolConfig:
     slots: int = 8                    # device slots for adapters, besides the zero slot
     max_rank: int = 64                # every slot's rank; lower-rank adapters are zero-padded
-    max_rows: int = 64                # the most rows one forward may have
+    max_rows: int = 64                # the most rows one forward may have: `lora_rows`
     per_row: int = 2                  # K: adapters one row may combine
     targets: tuple[str, ...] = UNET_TARGETS
 
@@ -47,11 +51,8 @@ class AdapterPool:
 
     def __init__(self, model: nn.Module, component: str, config: PoolConfig):
         self.component, self.config = component, config
-        weight = next(model.parameters())
-        self.binding = RowBinding(
-            torch.zeros(config.max_rows, config.per_row, dtype=torch.long, device=weight.device),
-            torch.zeros(config.max_rows, config.per_row, dtype=torch.float32, device=weight.device))
-        self._shapes = {name: in_out(m) for name, m in model.named_modules() if _targeted(name, config.targets)}
+        self.binding = _binding(config, next(model.parameters()).device)
+        self._shapes = {name: in_out(m) for name, m in _targets(model, config.targets).items()}
         self._model_modules = {name for name, _ in model.named_modules()}
         self.layers: dict[str, MultiLoRA] = {}
         for name in self._shapes:
@@ -172,5 +173,30 @@ class AdapterPool:
         self.binding.scales[:rows].copy_(scales, non_blocking=True)
 
 
-def _targeted(name: str, targets: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith(f".{t}") for t in targets)
+def lora_rows(max_batch: int, cfg: bool, buckets: Sequence[int] = ()) -> int:
+    """The rows a pool's binding must hold (`PoolConfig.max_rows`): those of the largest denoiser forward. A batch
+    of at most `max_batch` images gives each guided row an unconditional copy (`cfg`: whether any row may use
+    guidance), and the fast path runs a forward between two captured ones padded to the larger (`Captured.padded`),
+    so the largest captured batch bucket counts too (the engine captures none above `max_batch`)."""
+    return (2 if cfg else 1) * max((max_batch, *buckets))
+
+
+def slot_bytes(model: nn.Module, config: PoolConfig) -> int:
+    """The bytes an `AdapterPool` with `config` allocates on `model`'s device, from its shapes alone (a model built
+    on the meta device will do): each targeted layer's A and B stacks at its weight's dtype,
+    (slots + 1)·max_rank·(in + out) elements, and the rows' binding, which its layers share."""
+    stacks = sum(math.prod(shape) * layer.weight.element_size() for layer in _targets(model, config.targets).values()
+                 for shape in stack_shapes(*in_out(layer), config.slots, config.max_rank))
+    binding = _binding(config, torch.device("meta"))
+    return stacks + binding.slots.nbytes + binding.scales.nbytes
+
+
+def _binding(config: PoolConfig, device: torch.device) -> RowBinding:
+    return RowBinding(torch.zeros(config.max_rows, config.per_row, dtype=torch.long, device=device),
+                      torch.zeros(config.max_rows, config.per_row, dtype=torch.float32, device=device))
+
+
+def _targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The layers a pool wraps: those whose module path ends in one of `targets`."""
+    return {name: m for name, m in model.named_modules()
+            if any(name == t or name.endswith(f".{t}") for t in targets)}
