@@ -87,6 +87,12 @@ async function errorOf(resp) {
   }
 }
 
+// Empty stays empty (the server's default applies); anything else goes as typed, so a bad value
+// reaches the server and its message shows next to the field.
+export function numberOf(text) {
+  return text.trim() === "" ? undefined : Number(text);
+}
+
 // Shows an ApiError next to the field its `param` names. A path such as
 // "messages.0.content.1.image_url.url" goes to the innermost part that has a slot ("image_url"),
 // and anything unmatched to the form-wide slot (data-error-for="").

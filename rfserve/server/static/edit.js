@@ -9,17 +9,17 @@ export function setupEdit(models) {
   const form = document.getElementById("edit-form");
   const { image, strength } = form.elements;
   const mask = maskPainter(document.getElementById("edit-mask"), document.getElementById("edit-source"));
-  setupForm(form, models);
+  const loras = setupForm(form, models);
   strength.addEventListener("input", () => (document.getElementById("edit-strength-value").value = strength.value));
   image.addEventListener("change", () => mask.load(image.files[0]));
   document.getElementById("edit-clear").addEventListener("click", () => mask.clear());
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    edit(form, mask);
+    edit(form, mask, loras);
   });
 }
 
-async function edit(form, mask) {
+async function edit(form, mask, loras) {
   const f = form.elements;
   const streaming = f.stream.checked;
   const button = document.getElementById("edit-submit");
@@ -31,6 +31,8 @@ async function edit(form, mask) {
   for (const name of FIELDS) {
     if (name === "prompt" || f[name].value.trim() !== "") data.append(name, f[name].value);
   }
+  const lora = loras.choice();
+  if (lora) data.append("lora", JSON.stringify(lora)); // multipart fields are text: the list goes as JSON
   const seedText = seedToSend(f);
   if (seedText !== null) data.append("seed", seedText);
   data.append("response_format", "b64_json");

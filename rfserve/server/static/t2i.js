@@ -1,6 +1,7 @@
 // The text-to-image panel: a form over POST /v1/images/generations and a gallery of results. The form
 // helpers, the result cards and the reading of an image stream are shared with the edit panel.
-import { api, ApiError, clearErrors, events, showError } from "./api.js";
+import { api, ApiError, clearErrors, events, numberOf, showError } from "./api.js";
+import { loraPicker } from "./lora.js";
 
 const STAGES = ["queue", "encode", "sample", "decode", "total"];
 const MEDIA = { png: "image/png", jpeg: "image/jpeg", webp: "image/webp" };
@@ -9,29 +10,40 @@ export const PARTIALS = 2; // previews asked for when streaming
 export function setupT2I(models) {
   const form = document.getElementById("t2i-form");
   const { n, stream } = form.elements;
-  setupForm(form, models);
+  const loras = setupForm(form, models);
   stream.addEventListener("change", () => {
     n.disabled = stream.checked; // a stream carries one image
     if (stream.checked) n.value = "1";
   });
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    generate(form);
+    generate(form, loras);
   });
 }
 
-// What both image forms have: a model picker with the model's defaults, and a seed field that the
-// "Random" switch locks.
+// What both image forms have: a model picker with the model's defaults and LoRA adapters, and a seed field
+// that the "Random" switch locks. Returns the form's LoRA picker.
 export function setupForm(form, models) {
   const { model: picker, random, seed } = form.elements;
   const byId = new Map(models.map((m) => [m.id, m]));
+  const loras = loraPicker(form);
+  // the adapters listed at page load show at once, so a request sent before the fresh list arrives
+  // cannot carry the previous model's
+  const choose = (model) => {
+    applyDefaults(form, model);
+    loras.show(model);
+  };
   picker.replaceChildren(...models.map((m) => new Option(`${m.id} (${m.family})`, m.id)));
-  picker.addEventListener("change", () => applyDefaults(form, byId.get(picker.value)));
-  applyDefaults(form, models[0]);
+  picker.addEventListener("change", () => {
+    choose(byId.get(picker.value));
+    loras.reload();
+  });
+  choose(models[0]);
   random.addEventListener("change", () => {
     seed.disabled = random.checked;
     if (!random.checked) seed.focus();
   });
+  return loras;
 }
 
 // A model's sizes and defaults; max_steps becomes the spinbutton's max (the server still decides).
@@ -64,7 +76,7 @@ function showVocabulary(prompt, model) {
     `shapes ${list(vocab.shapes)} (plural with s); backgrounds ${list(vocab.backgrounds)}.`;
 }
 
-async function generate(form) {
+async function generate(form, loras) {
   const f = form.elements;
   const streaming = f.stream.checked;
   const button = document.getElementById("t2i-submit");
@@ -76,6 +88,7 @@ async function generate(form) {
     n: streaming ? 1 : numberOf(f.n.value),
     num_inference_steps: numberOf(f.num_inference_steps.value),
     guidance_scale: numberOf(f.guidance_scale.value),
+    lora: loras.choice(),
   };
   if (f.negative_prompt.value) body.negative_prompt = f.negative_prompt.value;
   if (streaming) Object.assign(body, { stream: true, partial_images: PARTIALS });
@@ -92,12 +105,6 @@ async function generate(form) {
   } finally {
     button.disabled = false;
   }
-}
-
-// Empty stays empty (the server's default applies); anything else goes as typed, so a bad value
-// reaches the server and its message shows next to the field.
-function numberOf(text) {
-  return text.trim() === "" ? undefined : Number(text);
 }
 
 // Seeds go up to 2^63 - 1, past JavaScript's exact integers, so digits are spliced in verbatim.
