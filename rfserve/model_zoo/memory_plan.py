@@ -3,6 +3,8 @@
 Each model is built on the meta device from its published configuration (or from the config files of a local
 checkpoint folder, `NAME=PATH`), so nothing is downloaded and nothing is allocated. The plan, per model:
 - weights: every parameter and buffer at the serving dtype;
+- LoRA slots (with `lora`, for the families that serve adapters): what the adapter pools allocate at setup,
+  counted from the same shapes (`lora.pool.slot_bytes`) and held from load on, as the weights are;
 - activation: the largest peak of one stage's forward at `max_batch` (text encode, one denoising forward,
   decode), measured on meta by `meta_peak`, not estimated;
 - chat KV: what is left of the budget after every model's weights and one activation reserve, in blocks of
@@ -13,7 +15,7 @@ Budget: device memory × utilization (vLLM's `gpu_memory_utilization`). One forw
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, cast
 
@@ -30,6 +32,8 @@ from rfserve.model_zoo.janusflow.config import JanusFlowConfig, preset as janusf
 from rfserve.model_zoo.janusflow.llm import T2I_PREFIX_TOKENS, KVPool, LlamaBody, run_layers
 from rfserve.model_zoo.janusflow.loading import build_model as build_janusflow
 from rfserve.model_zoo.loading import read_json
+from rfserve.model_zoo.lora.pool import (TEXT_ENCODER_TARGETS, TRANSFORMER_TARGETS, UNET_TARGETS, PoolConfig,
+                                         lora_rows, slot_bytes)
 from rfserve.model_zoo.memory_units import GiB, parse_bytes
 from rfserve.model_zoo.meta_peak import peak_bytes
 from rfserve.model_zoo.paged_kv import PAGE, llm_bytes_per_token
@@ -54,6 +58,7 @@ class Footprint:
     kv_bytes_per_token: int = 0       # chat models only
     context: int = 0                  # tokens one chat sequence may reach
     held_bytes: int = 0               # what a stage keeps between batches: the text-to-image KV pool (KVPool.reserve)
+    adapters: list[tuple[nn.Module, tuple[str, ...]]] = field(default_factory=list)   # LoRA pools: component, targets
 
     def weights_bytes(self) -> int:
         tensors = {id(t): t for m in self.modules for t in (*m.parameters(), *m.buffers())}   # tied once
@@ -61,6 +66,14 @@ class Footprint:
 
     def activation_bytes(self) -> dict[str, int]:
         return {name: peak_bytes(stage) for name, stage in self.stages.items()}
+
+    def lora_bytes(self, config: PoolConfig | None, rows: int) -> int:
+        """The slots of `config` (its slots, max rank and adapters per row) on every component the family's pools
+        wrap, each with its family's targets, bound for forwards of `rows` rows; 0 without `config`."""
+        if config is None:
+            return 0
+        return sum(slot_bytes(module, replace(config, targets=targets, max_rows=rows))
+                   for module, targets in self.adapters)
 
 
 @dataclass
@@ -74,6 +87,7 @@ class ModelPlan:
     kv_tokens: int = 0
     stages: dict[str, int] = field(default_factory=dict)     # each stage's peak; activation is their max
     held_bytes: int = 0               # the part of the activation held from load on (Footprint.held_bytes)
+    lora_bytes: int = 0               # the LoRA pools' slots, held from load on (Footprint.lora_bytes)
 
     @property
     def chats(self) -> bool:
@@ -85,14 +99,14 @@ class ModelPlan:
 
     @property
     def total_bytes(self) -> int:
-        """What this model needs alone: its weights, its own activation peak and its KV."""
-        return self.weights_bytes + self.activation_bytes + self.kv_bytes
+        """What this model needs alone: its weights, its LoRA slots, its own activation peak and its KV."""
+        return self.weights_bytes + self.lora_bytes + self.activation_bytes + self.kv_bytes
 
     def to_json(self) -> dict:
         return {"name": self.name, "family": self.family, "weights_bytes": self.weights_bytes,
                 "activation_bytes": self.activation_bytes, "kv_bytes": self.kv_bytes, "kv_tokens": self.kv_tokens,
                 "kv_bytes_per_token": self.kv_bytes_per_token, "held_bytes": self.held_bytes,
-                "total_bytes": self.total_bytes}
+                "lora_bytes": self.lora_bytes, "total_bytes": self.total_bytes}
 
 
 @dataclass
@@ -111,6 +125,11 @@ class MemoryPlan:
         return sum(m.held_bytes for m in self.models)
 
     @property
+    def fixed_bytes(self) -> int:
+        """What is held from load on, whatever runs: weights, LoRA slots, text-to-image KV pools."""
+        return sum(m.weights_bytes + m.lora_bytes for m in self.models) + self.held_bytes
+
+    @property
     def reserve_bytes(self) -> int:
         """One activation reserve: the largest transient peak of any model, as only one forward runs at a time.
         What a model holds from load on (its text-to-image KV pool) is counted apart, once per model."""
@@ -126,16 +145,17 @@ class MemoryPlan:
                 "models": [m.to_json() for m in self.models]}
 
     def table(self) -> str:
-        rows = [("model", "family", "weights", "activation", "kv", "kv tokens", "total")]
-        rows += [(m.name, m.family, _gib(m.weights_bytes), _gib(m.activation_bytes), _gib(m.kv_bytes),
-                  f"{m.kv_tokens:,}" if m.chats else "-", _gib(m.total_bytes)) for m in self.models]
+        rows = [("model", "family", "weights", "lora", "activation", "kv", "kv tokens", "total")]
+        rows += [(m.name, m.family, _gib(m.weights_bytes), _gib(m.lora_bytes), _gib(m.activation_bytes),
+                  _gib(m.kv_bytes), f"{m.kv_tokens:,}" if m.chats else "-", _gib(m.total_bytes)) for m in self.models]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]
-        used = sum(m.weights_bytes + m.kv_bytes for m in self.models) + self.held_bytes + self.reserve_bytes
+        used = self.fixed_bytes + sum(m.kv_bytes for m in self.models) + self.reserve_bytes
         lines += ["", f"budget {_gib(self.budget_bytes)} GiB = {_gib(self.device_memory)} GiB × {self.utilization:g}; "
-                      f"planned {_gib(used)} GiB (weights + KV + text-to-image KV pools of {_gib(self.held_bytes)} "
-                      f"GiB + one activation reserve of {_gib(self.reserve_bytes)} GiB); sizes in GiB"]
+                      f"planned {_gib(used)} GiB (weights + LoRA slots + KV + text-to-image KV pools of "
+                      f"{_gib(self.held_bytes)} GiB + one activation reserve of {_gib(self.reserve_bytes)} GiB); "
+                      f"sizes in GiB"]
         lines.append("fits" if self.fits else f"does not fit: {self.problem}")
         return "\n".join(lines)
 
@@ -145,20 +165,21 @@ def _gib(n: int) -> str:
 
 
 def plan_memory(specs: list[str] | list[ModelSpec], *, device_memory: int, utilization: float = 0.9, max_batch: int = 8,
-                dtype: torch.dtype = torch.bfloat16, max_seqs: int = 32, max_len: int | None = None) -> MemoryPlan:
-    """The plan for serving `specs` together on one device of `device_memory` bytes."""
+                dtype: torch.dtype = torch.bfloat16, max_seqs: int = 32, max_len: int | None = None,
+                lora: PoolConfig | None = None) -> MemoryPlan:
+    """The plan for serving `specs` together on one device of `device_memory` bytes; with `lora`, each model that
+    serves adapters holds that many slots of that rank (see `plan_model`)."""
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {utilization}")
     models = [plan_model(parse_spec(s) if isinstance(s, str) else s, device="meta", dtype=dtype,
-                         max_batch=max_batch) for s in specs]
+                         max_batch=max_batch, lora=lora) for s in specs]
     plan = MemoryPlan(device_memory, utilization, models)
     for m in models:
         m.context = min(m.context, max_len) if max_len else m.context
-    fixed = sum(m.weights_bytes for m in models) + plan.held_bytes
-    free = plan.budget_bytes - fixed - plan.reserve_bytes
+    free = plan.budget_bytes - plan.fixed_bytes - plan.reserve_bytes
     if free < 0:
-        plan.problem = (f"weights and text-to-image KV pools {_gib(fixed)} GiB + activation reserve "
-                        f"{_gib(plan.reserve_bytes)} GiB exceed the budget of {_gib(plan.budget_bytes)} GiB")
+        plan.problem = (f"weights, LoRA slots and text-to-image KV pools {_gib(plan.fixed_bytes)} GiB + activation "
+                        f"reserve {_gib(plan.reserve_bytes)} GiB exceed the budget of {_gib(plan.budget_bytes)} GiB")
         return plan
     share_kv([m for m in models if m.chats], free, max_seqs)
     short = next((m for m in models if m.chats and m.kv_tokens < m.context), None)
@@ -184,13 +205,18 @@ def share_kv(chat: list[ModelPlan], free: int, max_seqs: int) -> None:
         waiting.pop(0)
 
 
-def plan_model(spec: ModelSpec, *, device, dtype: torch.dtype, max_batch: int) -> ModelPlan:
+def plan_model(spec: ModelSpec, *, device, dtype: torch.dtype, max_batch: int,
+               lora: PoolConfig | None = None) -> ModelPlan:
     """One model's weights and the activation of each stage at `max_batch`, built on `device` (meta to plan;
-    the CPU in tests that check the figures against real allocation)."""
+    the CPU in tests that check the figures against real allocation). With `lora`, its LoRA slots: `lora`'s
+    slots, max rank and adapters per row on each component the family wraps, with the family's targets, bound
+    for the largest forward at `max_batch` (`lora_rows`, with CFG where the preset's default guidance uses it,
+    as the denoise stage is measured)."""
     fp = footprint(spec, torch.device(device), dtype, max_batch)
     stages = fp.activation_bytes()
     return ModelPlan(spec.name, spec.preset.family, fp.weights_bytes(), max(stages.values(), default=0),
-                     fp.kv_bytes_per_token, fp.context, stages=stages, held_bytes=fp.held_bytes)
+                     fp.kv_bytes_per_token, fp.context, stages=stages, held_bytes=fp.held_bytes,
+                     lora_bytes=fp.lora_bytes(lora, lora_rows(max_batch, _cfg(spec))))
 
 
 def footprint(spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch: int) -> Footprint:
@@ -237,8 +263,8 @@ def _sd(spec, folder, device, dtype, B) -> Footprint:
     unet, vae = _ready(unet, dtype), _ready(vae, dtype)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     w, h = _largest(unet.config.sample_size * f, spec.preset.size_factors, 8 * f)
-    rows, L, C = 2 * B if _cfg(spec) else B, text_cfg.max_position_embeddings, unet.config.in_channels
-    return Footprint([unet, vae, text], {
+    rows, L, C = lora_rows(B, _cfg(spec)), text_cfg.max_position_embeddings, unet.config.in_channels
+    return Footprint([unet, vae, text], adapters=[(unet, UNET_TARGETS), (text, TEXT_ENCODER_TARGETS)], stages={
         "encode": lambda: text(_zeros(rows, L, device=device))[0],                            # (rows, L, D)
         "denoise": lambda: unet(_zeros(rows, C, h // f, w // f, device=device, dtype=dtype),
                                 _zeros(rows, device=device, dtype=dtype),
@@ -266,7 +292,7 @@ def _hunyuan(spec, folder, device, dtype, B) -> Footprint:
     c, f = dit.config, 2 ** (len(vae.config.block_out_channels) - 1)
     w, h = max(((int(a), int(b)) for a, b in (s.split("x") for s in supported_sizes(c.sample_size))),
                key=lambda wh: wh[0] * wh[1])
-    rows = 2 * B if _cfg(spec) else B
+    rows = lora_rows(B, _cfg(spec))
 
     def denoise():
         cond = dict(encoder_hidden_states=_zeros(rows, c.text_len, c.cross_attention_dim, device=device, dtype=dtype),
@@ -284,7 +310,7 @@ def _hunyuan(spec, folder, device, dtype, B) -> Footprint:
         return (bert(_zeros(rows, c.text_len, device=device))[0],                              # (rows, 77, 1024)
                 t5(_zeros(rows, c.text_len_t5, device=device))[0])                            # (rows, 256, 2048)
 
-    return Footprint([dit, vae, bert, t5], {
+    return Footprint([dit, vae, bert, t5], adapters=[(dit, TRANSFORMER_TARGETS)], stages={
         "encode": encode, "denoise": denoise,
         "decode": lambda: vae.decode(_zeros(B, vae.config.latent_channels, h // f, w // f, device=device,
                                             dtype=dtype), return_dict=False)[0]})

@@ -7,7 +7,7 @@ import sys
 
 KEYS = {"device_memory", "utilization", "budget_bytes", "fits", "problem", "models"}
 MODEL_KEYS = {"name", "family", "weights_bytes", "activation_bytes", "kv_bytes", "kv_tokens", "kv_bytes_per_token",
-              "held_bytes", "total_bytes"}
+              "held_bytes", "lora_bytes", "total_bytes"}
 
 
 def rfserve(*args: str) -> subprocess.CompletedProcess:
