@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rfserve.model_zoo.lora.pool import PoolConfig
 from rfserve.model_zoo.memory_plan import (PAGE, kv_blocks, parse_bytes, plan_memory, plan_model, footprint)
 from rfserve.model_zoo.meta_peak import peak_bytes
 from rfserve.model_zoo.presets import PRESETS
@@ -81,6 +82,41 @@ def test_chat_models_share_kv_equally_and_respect_the_sequence_cap():
     assert plan.budget_bytes - used < PAGE * (small.kv_bytes_per_token + large.kv_bytes_per_token)
     capped = plan_memory(["janusflow-1.3b"], device_memory=80 * GiB, max_seqs=4)
     assert capped.models[0].kv_tokens == 4 * 4096                    # 4 sequences at JanusFlow's full context
+
+
+# Σ (in + out) over the layers the pools wrap, from the published configs. SD1.5: 192 UNet layers (16 transformer
+# blocks × q, k, v, out, 2 ff, proj_in, proj_out), 267.0M parameters at full rank, and 72 CLIP layers, 84.9M.
+# Hunyuan-DiT v1.2: 400 transformer layers (40 blocks × two attentions' q, k, v, out and 2 ff), 1283.2M at full rank.
+SD15_IN_OUT, HUNYUAN_IN_OUT = 423_936 + 165_888, 1_474_560
+
+
+def test_lora_slots_are_planned_per_model(alone):
+    """8 slots of rank 64 (the zero slot makes 9 stacks), 2 adapters a row, 16 rows (batch 8 with CFG): one SD1.5
+    slot is 64 × 589,824 × 2 bytes = 75.5 MB, what a rank-64 SD1.5 LoRA file of these layers weighs in fp16 (a
+    tenth of those layers at full rank); 648 MiB for the pools. Hunyuan-DiT's transformer: 1,620 MiB."""
+    binding = 16 * 2 * (8 + 4)                          # slot ids (int64) and scales (fp32) per pool
+    plan = plan_memory(["instaflow-2rf", "hunyuan-dit-v1.2", "janusflow-1.3b", "synthetic"], device_memory=80 * GiB,
+                       lora=PoolConfig(slots=8, max_rank=64))
+    sd, hunyuan, janusflow, synthetic = plan.models
+    assert sd.lora_bytes == 9 * 64 * SD15_IN_OUT * 2 + 2 * binding            # UNet and text encoder pools
+    assert 0.05 < 64 * SD15_IN_OUT / (267.0e6 + 84.9e6) < 0.15
+    assert hunyuan.lora_bytes == 9 * 64 * HUNYUAN_IN_OUT * 2 + binding        # the transformer's pool only
+    assert janusflow.lora_bytes == synthetic.lora_bytes == 0
+    for model in plan.models:
+        before = alone[model.name].models[0]
+        assert model.total_bytes - before.total_bytes == model.lora_bytes
+        assert model.to_json()["lora_bytes"] == model.lora_bytes
+    assert plan.fixed_bytes == sum(m.weights_bytes + m.lora_bytes for m in plan.models) + plan.held_bytes
+    header, *rows = plan.table().splitlines()[:3]
+    assert header.split()[3] == "lora" and rows[0].split()[3] == f"{sd.lora_bytes / GiB:.2f}"
+
+
+def test_lora_slots_count_against_the_budget():
+    """Hunyuan-DiT fits a 40 GiB GPU alone (6.7 GiB of weights, 18.8 GiB activation reserve, 36 GiB budget); 16
+    slots of rank 256 (11.95 GiB) take it past the budget."""
+    assert plan_memory(["hunyuan-dit-v1.2"], device_memory=40 * GiB).fits
+    plan = plan_memory(["hunyuan-dit-v1.2"], device_memory=40 * GiB, lora=PoolConfig(slots=16, max_rank=256))
+    assert not plan.fits and "LoRA slots" in plan.problem
 
 
 def test_a_plan_that_cannot_fit_says_why():
