@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu/run.sh host       # the host path at GPU pace on the device machine's CPUs, and encoders
 #   bash benchmarks/gpu/run.sh joining    # continuous image batching under Poisson load, joining on against off,
 #                                         # on a random SD1.5-size InstaFlow (issue #33; the CPU has the synthetic)
+#   bash benchmarks/gpu/run.sh lora       # 8 rows with 8 LoRA adapters in one batch against one batch per adapter
+#                                         # (ours and diffusers'), fused weights and no LoRA; SD1.5 size, fp16 (#34)
 #   bash benchmarks/gpu/run.sh dry        # every step above, on this CPU at tiny shapes: CI runs it, so that a
 #                                         # device call never meets a typo, a missing flag or a missing module
 # The model benchmarks time ours eagerly and then compiled, captured as the server captures it (CUDA graphs);
@@ -32,6 +34,7 @@ if [ "$MODE" = dry ]; then
   HOST="--quick --sizes 64 --seconds 1"; ENC="--sizes 64 --seconds 0.2"; HUNYUAN="--steps 2 --repeat 1"; STREAM="--repeat 1"
   SAMPLING="--rows 1,8 --repeat 1"; JANUSFLOW="--concurrency 8"; JANUS="--batches 1 --concurrency 8"
   CHAT="--contexts 512,1024 --new-tokens 8"; JOINING="--quick --arch tiny --loads 0.8"
+  LORA=--dry
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PWD" || exit 1
@@ -39,7 +42,7 @@ else
   DEVICE=cuda; TINY=
   SUITE="--arch sd15 --device cuda --batches 1,16 --concurrency 1,4,16,64 --requests 64 --open-requests 200 --repeats 5"
   HOST="--sizes 512,1024 --seconds 3"; ENC="--sizes 512,1024"; HUNYUAN="--steps 50 --repeat 3"; STREAM="--batch 8 --repeat 5"
-  SAMPLING=; JANUSFLOW=; JANUS=--real; CHAT=; JOINING="--no-synthetic --arch sd15"
+  SAMPLING=; JANUSFLOW=; JANUS=--real; CHAT=; JOINING="--no-synthetic --arch sd15"; LORA=
 fi
 
 core() {
@@ -83,6 +86,10 @@ joining() {
   step "joining" 560 python3 -m rfserve.benchmarks.bench_joining --device "$DEVICE" $JOINING --out "$OUT/joining" \
     > "$OUT/joining.log" 2>&1
 }
+lora() {
+  # shellcheck disable=SC2086
+  step "lora" 560 python3 -m rfserve.benchmarks.bench_lora --device "$DEVICE" $LORA --out "$OUT/lora" > "$OUT/lora.log" 2>&1
+}
 
 case "$MODE" in
   core) core; reports="bench_kernels.md suite.md" ;;
@@ -92,8 +99,9 @@ case "$MODE" in
   chat) chat; reports="bench_chat_context.md" ;;
   host) host; reports="host/host.md" ;;
   joining) joining; reports="joining/bench_joining.md" ;;
-  dry) core; hunyuan; janusflow; janus; chat; host; joining; reports="" ;;
-  *) echo "usage: run.sh core|hunyuan|janusflow|janus|chat|host|joining|dry" >&2; exit 2 ;;
+  lora) lora; reports="lora/bench_lora.md" ;;
+  dry) core; hunyuan; janusflow; janus; chat; host; joining; lora; reports="" ;;
+  *) echo "usage: run.sh core|hunyuan|janusflow|janus|chat|host|joining|lora|dry" >&2; exit 2 ;;
 esac
 for f in $reports; do [ -f "$OUT/$f" ] && { echo "---- $f"; cat "$OUT/$f"; }; done
 if [ "$MODE" = dry ] && [ "$FAILED" -ne 0 ]; then
