@@ -32,8 +32,7 @@ from rfserve.model_zoo.janusflow.config import JanusFlowConfig, preset as janusf
 from rfserve.model_zoo.janusflow.llm import T2I_PREFIX_TOKENS, KVPool, LlamaBody, run_layers
 from rfserve.model_zoo.janusflow.loading import build_model as build_janusflow
 from rfserve.model_zoo.loading import read_json
-from rfserve.model_zoo.lora.pool import (TEXT_ENCODER_TARGETS, TRANSFORMER_TARGETS, UNET_TARGETS, PoolConfig,
-                                         lora_rows, slot_bytes)
+from rfserve.model_zoo.lora.pool import PoolConfig, lora_rows, slot_bytes
 from rfserve.model_zoo.memory_units import GiB, parse_bytes
 from rfserve.model_zoo.meta_peak import peak_bytes
 from rfserve.model_zoo.paged_kv import PAGE, llm_bytes_per_token
@@ -58,7 +57,7 @@ class Footprint:
     kv_bytes_per_token: int = 0       # chat models only
     context: int = 0                  # tokens one chat sequence may reach
     held_bytes: int = 0               # what a stage keeps between batches: the text-to-image KV pool (KVPool.reserve)
-    adapters: list[tuple[nn.Module, tuple[str, ...]]] = field(default_factory=list)   # LoRA pools: component, targets
+    adapters: list[tuple[nn.Module, str]] = field(default_factory=list)   # LoRA pools: module, component name
 
     def weights_bytes(self) -> int:
         tensors = {id(t): t for m in self.modules for t in (*m.parameters(), *m.buffers())}   # tied once
@@ -69,11 +68,11 @@ class Footprint:
 
     def lora_bytes(self, config: PoolConfig | None, rows: int) -> int:
         """The slots of `config` (its slots, max rank and adapters per row) on every component the family's pools
-        wrap, each with its family's targets, bound for forwards of `rows` rows; 0 without `config`."""
+        wrap, each with its component's targets, bound for forwards of `rows` rows; 0 without `config`."""
         if config is None:
             return 0
-        return sum(slot_bytes(module, replace(config, targets=targets, max_rows=rows))
-                   for module, targets in self.adapters)
+        return sum(slot_bytes(module, component, replace(config, max_rows=rows))
+                   for module, component in self.adapters)
 
 
 @dataclass
@@ -264,7 +263,7 @@ def _sd(spec, folder, device, dtype, B) -> Footprint:
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     w, h = _largest(unet.config.sample_size * f, spec.preset.size_factors, 8 * f)
     rows, L, C = lora_rows(B, _cfg(spec)), text_cfg.max_position_embeddings, unet.config.in_channels
-    return Footprint([unet, vae, text], adapters=[(unet, UNET_TARGETS), (text, TEXT_ENCODER_TARGETS)], stages={
+    return Footprint([unet, vae, text], adapters=[(unet, "unet"), (text, "text_encoder")], stages={
         "encode": lambda: text(_zeros(rows, L, device=device))[0],                            # (rows, L, D)
         "denoise": lambda: unet(_zeros(rows, C, h // f, w // f, device=device, dtype=dtype),
                                 _zeros(rows, device=device, dtype=dtype),
@@ -310,7 +309,7 @@ def _hunyuan(spec, folder, device, dtype, B) -> Footprint:
         return (bert(_zeros(rows, c.text_len, device=device))[0],                              # (rows, 77, 1024)
                 t5(_zeros(rows, c.text_len_t5, device=device))[0])                            # (rows, 256, 2048)
 
-    return Footprint([dit, vae, bert, t5], adapters=[(dit, TRANSFORMER_TARGETS)], stages={
+    return Footprint([dit, vae, bert, t5], adapters=[(dit, "transformer")], stages={
         "encode": encode, "denoise": denoise,
         "decode": lambda: vae.decode(_zeros(B, vae.config.latent_channels, h // f, w // f, device=device,
                                             dtype=dtype), return_dict=False)[0]})

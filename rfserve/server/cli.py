@@ -55,7 +55,8 @@ def plan(args) -> None:
     """Print the memory plan; exit 1 with one line on stderr when it does not fit."""
     utilization, device_memory = _memory_flags(args)
     for flag, value in (("--max-batch", args.max_batch), ("--chat-slots", args.chat_slots),
-                        ("--chat-max-len", args.chat_max_len)):
+                        ("--chat-max-len", args.chat_max_len), ("--max-loras", args.max_loras),
+                        ("--max-lora-rank", args.max_lora_rank)):
         if value is not None and value < 1:
             _fail(f"{flag}: must be at least 1, got {value}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # configurations only: never a download
@@ -66,7 +67,9 @@ def plan(args) -> None:
 
     result = plan_memory(args.models or ["rf-shapes"], device_memory=int(device_memory or 0),
                          utilization=utilization, max_batch=args.max_batch, dtype=getattr(torch, args.dtype),
-                         max_seqs=args.chat_slots, max_len=args.chat_max_len)
+                         max_seqs=args.chat_slots, max_len=args.chat_max_len,
+                         lora=None if args.max_loras is None else LoraConfig(
+                             slots=args.max_loras, max_rank=args.max_lora_rank).pool(args.max_batch))
     print(json.dumps(result.to_json()) if args.json else result.table(), flush=True)
     if not result.fits:
         print(f"rfserve: the plan does not fit: {result.problem}", file=sys.stderr)

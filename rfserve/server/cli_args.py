@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sequences decoded together; no chat model holds KV for more at full context")
     plan.add_argument("--chat-max-len", type=int, default=None, metavar="N",
                       help="tokens per sequence (default: the model's context)")
+    plan.add_argument("--max-loras", type=int, default=None, metavar="N",
+                      help="LoRA slots per model that serves adapters, as for serve (default: LoRA off)")
+    plan.add_argument("--max-lora-rank", type=int, default=dl.max_rank, metavar="R", help="as for serve")
     plan.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     sub.add_parser("bench", help="the latency suite (model level and HTTP level); see `rfserve bench -h`",
                    add_help=False)

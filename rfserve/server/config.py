@@ -23,12 +23,13 @@ class LoraConfig:
     def on(self) -> bool:
         return self.enabled or bool(self.adapters)
 
-    def pool(self, max_batch: int) -> PoolConfig:
-        """Each LoRA-serving model's slots, for the largest forward a batch runs (every row guided: an
-        unconditional copy each)."""
-        from rfserve.model_zoo.lora.pool import PoolConfig
+    def pool(self, max_batch: int, buckets: tuple[int, ...] = ()) -> PoolConfig:
+        """Each LoRA-serving model's slots, for the largest forward a batch runs: every row guided (an
+        unconditional copy each), padded up to the largest captured bucket."""
+        from rfserve.model_zoo.lora.pool import PoolConfig, lora_rows
 
-        return PoolConfig(slots=self.slots, max_rank=self.max_rank, max_rows=2 * max_batch, per_row=self.per_request)
+        return PoolConfig(slots=self.slots, max_rank=self.max_rank, per_row=self.per_request,
+                          max_rows=lora_rows(max_batch, cfg=True, buckets=buckets))
 
 
 @dataclass

@@ -104,7 +104,7 @@ class Engine:
                 if isinstance(model.pipeline, ReservesMemory):
                     model.pipeline.reserve_memory(self.config.max_batch)
                 if self.config.lora.on and isinstance(model.pipeline, ServesLora):
-                    model.pipeline.enable_lora(self.config.lora.pool(self.config.max_batch))
+                    model.pipeline.enable_lora(self.config.lora.pool(self.config.max_batch, self.buckets))
                     self.adapters.serve(spec.name, model.pipeline)
             except Exception as err:
                 raise LoadError(spec, "loading", err) from err

@@ -113,7 +113,8 @@ def log_plan(specs: list[ModelSpec], device: torch.device, dtype: torch.dtype, c
     try:
         plan = plan_memory(specs, device_memory=device_total(device, config.device_memory),
                            utilization=config.gpu_memory_utilization, max_batch=config.max_batch, dtype=dtype,
-                           max_seqs=config.chat.slots_on(device.type), max_len=config.chat.max_len)
+                           max_seqs=config.chat.slots_on(device.type), max_len=config.chat.max_len,
+                           lora=config.lora.pool(config.max_batch) if config.lora.on else None)
     except Exception as err:  # noqa: BLE001 — the plan informs; loading and warm-up measure
         log.warning("no memory plan: %s", describe(err))
         return

@@ -14,12 +14,12 @@ from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.hunyuan_dit import HunyuanPipeline
 from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
 from rfserve.model_zoo.lora.files import load_lora
-from rfserve.model_zoo.lora.pool import TRANSFORMER_TARGETS, PoolConfig
+from rfserve.model_zoo.lora.pool import PoolConfig
 from rfserve.model_zoo.running import Running
 from tests.lora.adapters import TRANSFORMER_SPECS, make_transformer, with_adapters
 
 ATOL = 1e-5
-POOL = PoolConfig(slots=2, max_rank=4, max_rows=16, targets=TRANSFORMER_TARGETS)
+POOL = PoolConfig(slots=2, max_rank=4, max_rows=16)     # the transformer's own targets
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ from transformers import CLIPTextModel
 
 from rfserve.kernels.lora import lora_delta
 from rfserve.model_zoo.lora.files import load_lora
-from rfserve.model_zoo.lora.pool import TEXT_ENCODER_TARGETS, AdapterPool, PoolConfig, PoolFull
+from rfserve.model_zoo.lora.pool import AdapterPool, PoolConfig, PoolFull
 from tests.lora.adapters import SPECS, make
 
 ATOL = 1e-5
@@ -101,8 +101,7 @@ def test_kohya_and_diffusers_files_read_the_same(made, other):
 def test_text_encoder_rows_equal_peft(base, made, fmt):
     _, base_te = base
     te = copy.deepcopy(base_te)
-    pool = AdapterPool(te, "text_encoder", PoolConfig(slots=2, max_rank=4, max_rows=4, per_row=1,
-                                                       targets=TEXT_ENCODER_TARGETS))
+    pool = AdapterPool(te, "text_encoder", PoolConfig(slots=2, max_rank=4, max_rows=4, per_row=1))
     for name in ("a", "b", "c"):
         pool.register(name, load_lora(getattr(made[name], fmt)))
     choices = [[("a", 1.0)], [], [("b", 1.0)], [("c", 1.0)]]      # c has no text-encoder layers: the zero slot

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from rfserve.model_zoo.hunyuan_dit.arch import HunyuanArchConfig
 from rfserve.model_zoo.lora.files import load_lora
-from rfserve.model_zoo.lora.pool import TRANSFORMER_TARGETS, AdapterPool, PoolConfig
+from rfserve.model_zoo.lora.pool import AdapterPool, PoolConfig
 
 
 def forward(model, x, t, g):
@@ -37,8 +37,7 @@ def test_transformer_rows_equal_peft(tmp_path):
         SanaLoraLoaderMixin.save_lora_weights(tmp_path / name, get_peft_model_state_dict(refs[name], adapter_name=name),
                                               transformer_lora_adapter_metadata=config.to_dict())
     model = copy.deepcopy(base)
-    pool = AdapterPool(model, "transformer", PoolConfig(slots=2, max_rank=4, max_rows=4, per_row=1,
-                                                        targets=TRANSFORMER_TARGETS))
+    pool = AdapterPool(model, "transformer", PoolConfig(slots=2, max_rank=4, max_rows=4, per_row=1))
     for name in refs:
         pool.register(name, load_lora(tmp_path / name))
     choices = [[("y", 1.0)], [], [("x", 1.0)]]

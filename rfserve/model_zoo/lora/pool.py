@@ -31,6 +31,7 @@ from rfserve.model_zoo.lora.layers import MultiLoRA, RowBinding, in_out, stack_s
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")     # Hunyuan-DiT's blocks
+TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "transformer": TRANSFORMER_TARGETS}
 
 
 class PoolFull(RuntimeError):
@@ -43,7 +44,10 @@ class PoolConfig:
     max_rank: int = 64                # every slot's rank; lower-rank adapters are zero-padded
     max_rows: int = 64                # the most rows one forward may have: `lora_rows`
     per_row: int = 2                  # K: adapters one row may combine
-    targets: tuple[str, ...] = UNET_TARGETS
+    targets: tuple[str, ...] | None = None     # module-path suffixes to wrap; None: the component's `TARGETS`
+
+    def wrapping(self, component: str) -> tuple[str, ...]:
+        return self.targets if self.targets is not None else TARGETS[component]
 
 
 class AdapterPool:
@@ -52,7 +56,7 @@ class AdapterPool:
     def __init__(self, model: nn.Module, component: str, config: PoolConfig):
         self.component, self.config = component, config
         self.binding = _binding(config, next(model.parameters()).device)
-        self._shapes = {name: in_out(m) for name, m in _targets(model, config.targets).items()}
+        self._shapes = {name: in_out(m) for name, m in _targets(model, config.wrapping(component)).items()}
         self._model_modules = {name for name, _ in model.named_modules()}
         self.layers: dict[str, MultiLoRA] = {}
         for name in self._shapes:
@@ -90,7 +94,7 @@ class AdapterPool:
                 return candidate
         if module in self._model_modules or module.removeprefix("text_model.") in self._model_modules:
             raise ValueError(f"{source}: {self.component}.{module} is not a layer this pool serves "
-                             f"(it wraps {', '.join(self.config.targets)})")
+                             f"(it wraps {', '.join(self.config.wrapping(self.component))})")
         raise ValueError(f"{source}: the {self.component} has no module {module!r}")
 
     def unregister(self, name: str) -> None:
@@ -181,11 +185,12 @@ def lora_rows(max_batch: int, cfg: bool, buckets: Sequence[int] = ()) -> int:
     return (2 if cfg else 1) * max((max_batch, *buckets))
 
 
-def slot_bytes(model: nn.Module, config: PoolConfig) -> int:
-    """The bytes an `AdapterPool` with `config` allocates on `model`'s device, from its shapes alone (a model built
-    on the meta device will do): each targeted layer's A and B stacks at its weight's dtype,
+def slot_bytes(model: nn.Module, component: str, config: PoolConfig) -> int:
+    """The bytes an `AdapterPool` with `config` allocates on `model` (the `component`), from its shapes alone (a
+    model built on the meta device will do): each targeted layer's A and B stacks at its weight's dtype,
     (slots + 1)·max_rank·(in + out) elements, and the rows' binding, which its layers share."""
-    stacks = sum(math.prod(shape) * layer.weight.element_size() for layer in _targets(model, config.targets).values()
+    stacks = sum(math.prod(shape) * layer.weight.element_size()
+                 for layer in _targets(model, config.wrapping(component)).values()
                  for shape in stack_shapes(*in_out(layer), config.slots, config.max_rank))
     binding = _binding(config, torch.device("meta"))
     return stacks + binding.slots.nbytes + binding.scales.nbytes

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rfserve.model_zoo.lora.files import LoraFile
-from rfserve.model_zoo.lora.pool import TEXT_ENCODER_TARGETS, AdapterPool, PoolConfig
+from rfserve.model_zoo.lora.pool import AdapterPool, PoolConfig
 from rfserve.model_zoo.samplers import with_uncond
 
 Choice = tuple[tuple[str, float], ...]
@@ -77,8 +77,7 @@ class PipelineAdapters:
         self.denoiser = AdapterPool(denoiser, component, config)
         self.text = None
         if text_encoder is not None:
-            text_config = text_config or replace(config, targets=TEXT_ENCODER_TARGETS)
-            self.text = AdapterPool(text_encoder, "text_encoder", text_config)
+            self.text = AdapterPool(text_encoder, "text_encoder", text_config or replace(config, targets=None))
         self._registration: dict[str, int] = {}        # name -> which registration (a text-cache key part)
         self._touches_text: set[str] = set()
         self._counter = itertools.count()
