@@ -40,3 +40,17 @@ def test_bad_flags_are_refused_in_one_line():
         out = rfserve("plan", *args)
         assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
         assert flag in out.stderr
+
+
+def test_lora_slots_are_planned_only_when_asked_for():
+    """SD1.5's UNet and CLIP pools at rank 64, 8 slots, fp16: 648 MiB (tests/model_zoo/test_memory_plan.py has
+    the exact figure); JanusFlow serves no adapters, so it plans none."""
+    base = ("plan", "--model", "instaflow-0.9b", "--model", "janusflow-1.3b", "--device-memory", "80GiB",
+            "--dtype", "float16", "--json")
+    plain, slots = rfserve(*base), rfserve(*base, "--max-loras", "8", "--max-lora-rank", "64")
+    assert plain.returncode == 0 and slots.returncode == 0, slots.stderr
+    lora = {m["name"]: m["lora_bytes"] for m in json.loads(slots.stdout)["models"]}
+    assert {m["lora_bytes"] for m in json.loads(plain.stdout)["models"]} == {0}
+    assert lora["janusflow-1.3b"] == 0 and 640 * 2**20 < lora["instaflow-0.9b"] < 660 * 2**20
+    out = rfserve(*base, "--max-loras", "0")
+    assert out.returncode != 0 and "--max-loras" in out.stderr
