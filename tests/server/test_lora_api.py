@@ -227,3 +227,34 @@ def test_keys_protect_the_adapter_routes(tiny_sd, made):
             assert ok.status_code == 200
     finally:
         engine.shutdown()
+
+
+def test_hunyuan_dit_serves_its_transformer_adapters(tmp_path):
+    """The engine enables Hunyuan-DiT's pool at its transformer's own targets and `--lora` loads a diffusers/peft
+    transformer file: the served image is what our pipeline makes with that adapter alone."""
+    from diffusers import HunyuanDiT2DModel
+
+    from rfserve.model_zoo.hunyuan_dit import HunyuanPipeline
+    from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
+    from tests.lora.adapters import TRANSFORMER_SPECS, make_transformer
+
+    root = save_random_hunyuan(tmp_path / "hunyuan", "tiny", seed=0)
+    adapter = make_transformer("x", TRANSFORMER_SPECS["x"], HunyuanDiT2DModel.from_pretrained(root / "transformer"),
+                               tmp_path, seed=5).folder
+    name = "hunyuan-dit-v1.2"
+    engine = Engine(ServerConfig(models=[f"{name}={root}"], device="cpu", warmup=False, max_wait_ms=0,
+                                 lora=LoraConfig(adapters=[f"x={adapter}"], slots=2, max_rank=4)))
+    engine.load(progress=False)
+    try:
+        spec = replace(engine.default_spec(engine.cards[name], "a cat", 1), steps=2)
+        plain, with_x = (engine.submit(name, [replace(spec, lora=lora)]).future.result(60).images[0]
+                         for lora in ((), (("x", 0.8),)))
+        pipe = HunyuanPipeline.from_pretrained(root)
+        pipe.enable_lora(PoolConfig(slots=1, max_rank=4, max_rows=2))
+        pipe.register_lora("x", load_lora(adapter))
+        alone_x = Stepped.run(pipe, [replace(spec, lora=(("x", 0.8),))]).images[0]
+        assert np.abs(plain.astype(int) - with_x.astype(int)).max() > 8
+        assert np.abs(with_x.astype(int) - alone_x.astype(int)).max() <= 1
+        assert all(n.startswith("blocks.") for n in engine.models[name].pipeline.adapters.denoiser.layers)
+    finally:
+        engine.shutdown()
