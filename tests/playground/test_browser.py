@@ -1,52 +1,30 @@
 """The playground in a real browser: Debian's headless Chromium driven by Playwright, against a
 server process with an API key. Screenshots go to tmp_path and to artifacts/ (gitignored)."""
 import io
-import json
-import os
 import re
-import shutil
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from rfserve.model_zoo.registry import FAMILY_LOADERS
+from tests.playground.page import (KEY, ROOT, expect, last_form, need_browser, open_page, png, record_forms, save_shot,
+                                   sse_messages)
 from tests.server.serving import ServerProcess
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:          # the dev extra brings it; without it the tests skip (fail in CI)
-    sync_playwright = None
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-KEY = "playground-test-key"
-ROOT = Path(__file__).resolve().parents[2]
 RF_SHAPES = ROOT / "rfserve/model_zoo/rf_shapes/checkpoints/rf-shapes/model_index.json"
-# The flags this machine needs: no sandbox as root, and no background calls to the closed network.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 CHAT = "janusflow" in FAMILY_LOADERS
 MULTI_STEP = "rf-shapes-2rf" if RF_SHAPES.exists() else "instaflow-2rf"   # its previews come between steps
 ONE_STEP = "rf-shapes" if RF_SHAPES.exists() else "instaflow-0.9b"
 STAGES = ("queue", "encode", "sample", "decode", "total")
 
 
-def _need(ok: bool, why: str) -> None:
-    """Skip locally when the browser tooling is missing; in CI it is installed, so fail instead."""
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why} (CI installs it in .ci/run)")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    _need(CHROMIUM.exists(), f"{CHROMIUM} is not installed (apt-get install chromium chromium-driver)")
-    _need(sync_playwright is not None, "playwright is not installed (pip install -e '.[dev]')")
+    need_browser()
     if RF_SHAPES.exists():
         image = [ONE_STEP, MULTI_STEP]
     else:
@@ -64,40 +42,6 @@ def server(request, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(server):
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
-        yield browser
-        browser.close()
-
-
-def open_page(browser, server, width=1280, height=900):
-    """A fresh tab (empty session storage): the page asks for the key, we give it.
-    Returns the page and the list its uncaught script errors go to."""
-    page = browser.new_page(viewport={"width": width, "height": height})
-    page.set_default_timeout(60_000)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{server.url}/")
-    dialog = page.locator("#key-dialog")
-    expect(dialog).to_be_visible()
-    expect(page.locator("#key-reason")).to_contain_text("missing API key")
-    page.get_by_label("Key", exact=True).fill(KEY)
-    page.keyboard.press("Enter")
-    expect(page.locator("body")).to_have_attribute("data-ready", "true")
-    expect(page.locator("#status-text")).to_have_text("ready", timeout=2_500)   # re-polled once the key is in
-    return page, errors
-
-
-def save_shot(page, tmp_path, name):
-    path = tmp_path / name
-    page.screenshot(path=str(path), full_page=True)
-    (ROOT / "artifacts").mkdir(exist_ok=True)
-    shutil.copy(path, ROOT / "artifacts" / name)
-    return path
-
-
 def record_previews(page, gallery):
     """From now on, the label and image of every preview the gallery shows go to window.previews."""
     page.evaluate("""gallery => {
@@ -112,16 +56,6 @@ def record_previews(page, gallery):
     }""", gallery)
 
 
-def sse_messages(body: str) -> list[tuple[str, dict]]:
-    """(event line, parsed data) of each message of an SSE body."""
-    out = []
-    for message in body.replace("\r\n", "\n").split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
-        if "data" in lines:
-            out.append((lines.get("event"), json.loads(lines["data"])))
-    return out
-
-
 def shows_the_servers_seed(form, result, model, completed):
     """With Random on, the seed shown, and put in the Seed field, is the one the stream's completed event
     carries; its timings show as a JSON answer's do (toFixed(1): the nearest tenth, ties up)."""
@@ -131,28 +65,6 @@ def shows_the_servers_seed(form, result, model, completed):
     tenths = {s: Decimal(timings[s]).quantize(Decimal("0.1"), ROUND_HALF_UP) for s in STAGES if s in timings}
     text = " · ".join([model, f"seed {seed}", *(f"{s} {t} ms" for s, t in tenths.items())])
     expect(result.locator(".timings")).to_have_text(text)
-
-
-def record_forms(page):
-    """From now on, each FormData the page sends goes to window.forms, as {name: text or list of bytes}
-    (the browser leaves files out of what it reports of a request body)."""
-    page.evaluate("""() => {
-        window.forms = [];
-        const send = window.fetch;
-        window.fetch = async (url, init) => {
-            if (init?.body instanceof FormData) {
-                const form = {};
-                for (const [name, value] of init.body)
-                    form[name] = typeof value === "string" ? value : [...new Uint8Array(await value.arrayBuffer())];
-                window.forms.push(form);
-            }
-            return send(url, init);
-        };
-    }""")
-
-
-def last_form(page) -> dict[str, str | bytes]:
-    return {k: v if isinstance(v, str) else bytes(v) for k, v in page.evaluate("window.forms.at(-1)").items()}
 
 
 def shown(page, images):
@@ -439,7 +351,7 @@ def test_edit_shows_the_servers_message_next_to_strength(browser, server):
     page, errors = open_page(browser, server)
     form = page.locator("#edit-form")
     form.get_by_label("Image", exact=True).set_input_files(
-        {"name": "one.png", "mimeType": "image/png", "buffer": _png(32, 32)})
+        {"name": "one.png", "mimeType": "image/png", "buffer": png(32, 32)})
     form.get_by_label("Prompt", exact=True).fill("a blue square")
     strength = form.get_by_label("Strength")
     strength.evaluate("el => { el.max = '2'; el.value = '2'; }")       # past what the slider allows
@@ -450,8 +362,3 @@ def test_edit_shows_the_servers_message_next_to_strength(browser, server):
     assert page.locator("#edit-gallery .result").count() == 0
     assert errors == []
 
-
-def _png(width: int, height: int) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (40, 90, 200)).save(out, "PNG")
-    return out.getvalue()

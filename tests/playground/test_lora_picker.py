@@ -13,15 +13,9 @@ from PIL import Image
 
 from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from tests.lora.adapters import SPECS, make
-from tests.playground.test_browser import browser  # noqa: F401 (a fixture; the `server` it needs is this module's)
-from tests.playground.test_browser import (CHROMIUM, KEY, _need, _png, last_form, open_page, record_forms, save_shot,
-                                           sse_messages, sync_playwright)
+from tests.playground.page import (KEY, expect, last_form, need_browser, open_page, png, record_forms, save_shot,
+                                   sse_messages)
 from tests.server.serving import ServerProcess
-
-try:
-    from playwright.sync_api import expect
-except ImportError:          # the server fixture skips (fails in CI) without it
-    expect = None
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +25,13 @@ NONE = "synthetic"           # serves none: its `loras` is null
 
 @pytest.fixture(scope="module")
 def server(tiny_sd, tmp_path_factory):
-    _need(CHROMIUM.exists(), f"{CHROMIUM} is not installed (apt-get install chromium chromium-driver)")
-    _need(sync_playwright is not None, "playwright is not installed (pip install -e '.[dev]')")
+    need_browser()
     folder = tmp_path_factory.mktemp("playground-lora")
     base = InstaFlowPipeline.from_pretrained(tiny_sd)
     adapter = make(SPECS["a"], base.parts.unet, base.parts.text_encoder, folder, seed=21).kohya_file
     photos = folder / "photos"
     photos.mkdir()
-    (photos / "one.png").write_bytes(_png(64, 64))
+    (photos / "one.png").write_bytes(png(64, 64))
     # no warm-up: nothing here is timed, and it would cost the module's budget of CPU seconds
     srv = ServerProcess("--model", f"{ONE}={tiny_sd}", "--model", f"{NONE}={photos}", "--lora", f"a={adapter}?model={ONE}",
                         "--max-lora-rank", "4", "--device", "cpu", "--max-batch", "2", "--no-warmup",
@@ -164,7 +157,7 @@ def test_the_chosen_adapters_go_with_generations_streams_and_edits(browser, serv
 
     edit = page.locator("#edit-form")
     edit.get_by_label("Image", exact=True).set_input_files({"name": "one.png", "mimeType": "image/png",
-                                                            "buffer": _png(32, 32)})
+                                                            "buffer": png(32, 32)})
     edit.get_by_label("Prompt", exact=True).fill("a blue square")
     edit.get_by_label("Steps").fill("2")
     edit.locator("fieldset.loras").get_by_role("checkbox", name="a", exact=True).check()
