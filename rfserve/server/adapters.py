@@ -65,7 +65,8 @@ class Adapters:
     def __init__(self, turns: DeviceTurns, model_root: str | None, per_request: int):
         self.turns, self.model_root, self.per_request = turns, model_root, per_request
         self.pipelines: dict[str, ServesLora] = {}
-        self._adapters: dict[str, Adapter | None] = {}       # None: a load under way holds the name
+        self._adapters: dict[str, Adapter] = {}
+        self._loading: set[str] = set()                      # names a load under way holds
         self._lock = threading.Lock()
 
     def serve(self, model: str, pipeline: ServesLora) -> None:
@@ -77,7 +78,7 @@ class Adapters:
             return self._listed(model)
 
     def _listed(self, model: str | None) -> list[Adapter]:
-        return [a for a in self._adapters.values() if a is not None and not a.leaving and model in (None, a.model)]
+        return [a for a in self._adapters.values() if not a.leaving and model in (None, a.model)]
 
     def model_for(self, model: str | None, served) -> str:
         """The model an adapter is loaded for: the one named, or the first served model that takes adapters."""
@@ -104,10 +105,10 @@ class Adapters:
             raise APIError(Code.INVALID_VALUE, f"name {name!r}: letters, digits, '.', '_' and '-', at most 64, "
                                                f"starting with a letter or digit", param="name")
         with self._lock:
-            if name in self._adapters:
+            if name in self._adapters or name in self._loading:
                 raise APIError(Code.LORA_EXISTS, f"an adapter named {name!r} is loaded already (or is loading or "
                                                  f"unloading); DELETE /v1/loras/{name} first", param="name")
-            self._adapters[name] = None
+            self._loading.add(name)
         try:
             try:
                 lora = load_lora(confine(source, self.model_root), safetensors_only=not trusted)
@@ -120,10 +121,11 @@ class Adapters:
                 raise APIError(Code.INVALID_VALUE, f"path: {err} (model {model})", param="path") from err
         except BaseException:
             with self._lock:
-                del self._adapters[name]
+                self._loading.discard(name)
             raise
         adapter = Adapter(name, model, source, lora.rank, sorted(lora.components), int(time.time()))
         with self._lock:
+            self._loading.discard(name)
             self._adapters[name] = adapter
         log.info("LoRA %r loaded for %s from %s (rank %d, %s)", name, model, source, lora.rank,
                  ", ".join(adapter.components))

@@ -319,7 +319,12 @@ class Engine:
             self._forget(job)
             self.adapters.release(adapters)
             raise
-        job.future.add_done_callback(lambda _: (self._forget(job), self.adapters.release(adapters)))
+
+        def answered(_) -> None:
+            self._forget(job)
+            self.adapters.release(adapters)
+
+        job.future.add_done_callback(answered)
         return job
 
     def _forget(self, job: Job) -> None:
