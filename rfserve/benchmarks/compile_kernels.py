@@ -9,9 +9,6 @@ would specialise it (dtypes, 16-divisibility of pointers and integers, integers 
 Triton's ahead-of-time path for sm_90 and sm_80 with each of its autotune configurations, and read back:
 shared memory from the compiled metadata, registers and local memory from the bundled `cuobjdump -res-usage`.
 
-Besides `served_launches`, the per-row LoRA kernels (`lora_served`) at SD1.5 UNet adapter layers with every
-binding width a request may ask for: they live here until `served_launches` lists them.
-
 A configuration that breaks a limit is reported as pruned: the autotuner drops it with the same rule
 (`triton_autotune.fitting`). The check fails on a compile error, or on a launch that the dispatcher
 would send to Triton with no configuration left. Launches the dispatcher routes to the twin
@@ -40,10 +37,6 @@ from rfserve.kernels.limits import KB, Usage, blocks_per_sm, limits_for, problem
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VELOCITY_OPS = ("cfg_euler", "janus_cfg_euler", "perflow")
 LORA_OPS = ("lora_shrink", "lora_expand")
-# The LoRA pool's widest binding (`server.config.LoraConfig`: max_rank 64, up to 4 adapters per row, 2·max_batch
-# rows) and SD1.5's UNet: (channels, tokens) per level at 512² (64² latents) and its CLIP context.
-LORA_RANK, LORA_ADAPTERS, LORA_ROWS, LORA_SLOTS = 64, (1, 2, 3, 4), 64, 8
-SD_LEVELS, SD_CROSS = ((320, 4096), (640, 1024), (1280, 256), (1280, 64)), (768, 77)
 RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
 
 
@@ -179,47 +172,6 @@ def _row(served: ServedLaunch, launch: Launch, dtype: str, capability: int, conf
     return row
 
 
-def _lora(layer, rows, tokens, n_in, n_out, k, *, nchw=False) -> list[ServedLaunch]:
-    """Both kernels of one adapter layer on x (rows, tokens, n_in), or (rows, n_in) where `tokens` is None;
-    `nchw`: x is a 1x1 conv's (R, H·W, C) view of an NCHW input."""
-    def build(dtype):
-        from rfserve.kernels.triton_lora import lora_launches
-
-        meta = torch.device("meta")
-        if nchw:
-            x = torch.empty(rows, n_in, tokens, device=meta, dtype=dtype).transpose(1, 2)  # (R, L, C) of (R, C, L)
-        else:
-            x = torch.empty(rows, tokens or 1, n_in, device=meta, dtype=dtype)  # (R, 1, in): how (R, in) launches
-        a = torch.empty(LORA_SLOTS + 1, LORA_RANK, n_in, device=meta, dtype=dtype)
-        b = torch.empty(LORA_SLOTS + 1, n_out, LORA_RANK, device=meta, dtype=dtype)
-        slots = torch.empty(LORA_ROWS, k, device=meta, dtype=torch.long)[:rows]     # the binding's first rows
-        scales = torch.empty(LORA_ROWS, k, device=meta)[:rows]
-        return lora_launches(x, a, b, slots, scales)
-
-    shape = f"{layer} R{rows}" + (f" L{tokens}" if tokens else "") + f" in{n_in} out{n_out} r{LORA_RANK} K{k}" \
-        + (" nchw" if nchw else "")
-    return [ServedLaunch("sd15-unet", "lora_shrink", shape, lambda dtype: build(dtype).shrink),
-            ServedLaunch("sd15-unet", "lora_expand", shape, lambda dtype: build(dtype).expand)]
-
-
-def lora_served() -> list[ServedLaunch]:
-    """The UNet's adapter layers at each level (`pool.UNET_TARGETS`): attention projections, cross-attention
-    keys and values from the CLIP context, the GEGLU feed-forward (c -> 8c, 4c -> c), proj_in as a 1x1 conv
-    on NCHW, and a no-token (R, in) linear; each binding width 1-4. Launches differing only in sizes share
-    binaries (`_specialisation`): eight per dtype and target."""
-    out: list[ServedLaunch] = []
-    rows = LORA_ROWS
-    for k in LORA_ADAPTERS:
-        for c, tokens in SD_LEVELS:
-            out += _lora("to_q", rows, tokens, c, c, k)
-            out += _lora("to_k", rows, SD_CROSS[1], SD_CROSS[0], c, k)
-            out += _lora("ff.net.0.proj", rows, tokens, c, 8 * c, k)
-            out += _lora("ff.net.2", rows, tokens, 4 * c, c, k)
-            out += _lora("proj_in", rows, tokens, c, c, k, nchw=True)
-        out += _lora("linear", rows, None, 1280, 1280, k)
-    return out
-
-
 def representative(launches: list[ServedLaunch]) -> list[ServedLaunch]:
     """The quick check while working on a kernel (CI runs the full set): every kernel at the worst attention
     shapes (head dim 160, the largest the kernel serves; 88, which needs the alignment hint), every velocity
@@ -249,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     capabilities = [int(c) for c in args.targets.split(",")]
     dtypes = args.dtypes.split(",")
     start = time.perf_counter()
-    launches = served_launches() + lora_served()
+    launches = served_launches()
     counts = check(representative(launches) if args.subset else launches, capabilities, dtypes)
     counts["seconds"] = round(time.perf_counter() - start, 1)
     print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + (" PASS" if passed(counts) else " FAIL"))

@@ -12,6 +12,8 @@ Chat decode attention (the split kernel and its combine) runs for the LLMs of Ja
 1B/7B at every row bucket the chat decoder captures on CUDA, over the paged cache (blocks of
 `model_zoo.paged_kv.PAGE` tokens) with a block table as wide as the full context: the one width CUDA captures
 (`PagedDecoder.fast_path`).
+
+The per-row LoRA kernels run at SD1.5's UNet adapter layers with every binding width a request may ask for.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ from rfserve.server.config import ServerConfig
 META = torch.device("meta")
 SD_UNET_HEADS, SD_UNET_HEAD_DIMS, CLIP_TOKENS = 8, (40, 80, 160, 160), 77  # levels 0, 1, 2 and the mid block
 SD_VAE_HEAD_DIM = 512
+# The LoRA pool's widest binding (`server.config.LoraConfig`: max_rank 64, up to 4 adapters per row, 2·max_batch
+# rows) and SD1.5's UNet: (channels, tokens) per level at 512² (64² latents) and its CLIP context.
+LORA_RANK, LORA_ADAPTERS, LORA_ROWS, LORA_SLOTS = 64, (1, 2, 3, 4), 64, 8
+SD_LEVELS, SD_CROSS = ((320, 4096), (640, 1024), (1280, 256), (1280, 64)), (768, 77)
 HUNYUAN_HEADS, HUNYUAN_HEAD_DIM, HUNYUAN_TEXT_TOKENS = 16, 88, 77 + 256
 JANUSFLOW_LATENT = 48  # 384 px / 8
 SD15_PRESETS = ("instaflow-0.9b", "instaflow-2rf", "perflow-sd15")
@@ -150,4 +156,44 @@ def served_launches(buckets: tuple[int, ...] = ServerConfig.batch_buckets) -> li
     for model, (H, kv_heads, D, context) in _chat_llms().items():
         for b in chat_buckets(buckets, slots):
             out.extend(_decode(model, b, H, kv_heads, D, context, slots, PAGE))
+    return out + _lora_launches()
+
+
+def _lora(layer, rows, tokens, n_in, n_out, k, *, nchw=False) -> list[ServedLaunch]:
+    """Both kernels of one adapter layer on x (rows, tokens, n_in), or (rows, n_in) where `tokens` is None;
+    `nchw`: x is a 1x1 conv's (R, H·W, C) view of an NCHW input."""
+    def build(dtype):
+        from rfserve.kernels.triton_lora import lora_launches
+
+        if nchw:
+            x = torch.empty(rows, n_in, tokens, device=META, dtype=dtype).transpose(1, 2)  # (R, L, C) of (R, C, L)
+        else:
+            x = torch.empty(rows, tokens or 1, n_in, device=META, dtype=dtype)  # (R, 1, in): how (R, in) launches
+        a = torch.empty(LORA_SLOTS + 1, LORA_RANK, n_in, device=META, dtype=dtype)
+        b = torch.empty(LORA_SLOTS + 1, n_out, LORA_RANK, device=META, dtype=dtype)
+        slots = torch.empty(LORA_ROWS, k, device=META, dtype=torch.long)[:rows]     # the binding's first rows
+        scales = torch.empty(LORA_ROWS, k, device=META)[:rows]
+        return lora_launches(x, a, b, slots, scales)
+
+    shape = f"{layer} R{rows}" + (f" L{tokens}" if tokens else "") + f" in{n_in} out{n_out} r{LORA_RANK} K{k}" \
+        + (" nchw" if nchw else "")
+    return [ServedLaunch("sd15-unet", "lora_shrink", shape, lambda dtype: build(dtype).shrink),
+            ServedLaunch("sd15-unet", "lora_expand", shape, lambda dtype: build(dtype).expand)]
+
+
+def _lora_launches() -> list[ServedLaunch]:
+    """The UNet's adapter layers at each level (`pool.UNET_TARGETS`): attention projections, cross-attention
+    keys and values from the CLIP context, the GEGLU feed-forward (c -> 8c, 4c -> c), proj_in as a 1x1 conv
+    on NCHW, and a no-token (R, in) linear; each binding width 1-4. Launches differing only in sizes share
+    binaries (`_specialisation`): eight per dtype and target."""
+    out: list[ServedLaunch] = []
+    rows = LORA_ROWS
+    for k in LORA_ADAPTERS:
+        for c, tokens in SD_LEVELS:
+            out += _lora("to_q", rows, tokens, c, c, k)
+            out += _lora("to_k", rows, SD_CROSS[1], SD_CROSS[0], c, k)
+            out += _lora("ff.net.0.proj", rows, tokens, c, 8 * c, k)
+            out += _lora("ff.net.2", rows, tokens, 4 * c, c, k)
+            out += _lora("proj_in", rows, tokens, c, c, k, nchw=True)
+        out += _lora("linear", rows, None, 1280, 1280, k)
     return out
