@@ -58,7 +58,7 @@ SIZES = {
     "tiny": SDArchConfig.preset("tiny"),
     "small": replace(
         SDArchConfig.preset("tiny"),
-        unet=dict(sample_size=16, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
+        unet=dict(sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
                   attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12,
