@@ -23,12 +23,13 @@ def lora_delta_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: t
     rows, k = slots.shape
     flat = x.ndim == 2
     h = x.unsqueeze(1) if flat else x                                  # (R, L, in)
-    r = a.shape[1]
-    a_rows = a[slots].reshape(rows, k * r, a.shape[2])                 # (R, K·r, in): the K adapters side by side
-    b_rows = b[slots].permute(0, 2, 1, 3).reshape(rows, b.shape[1], k * r)   # (R, out, K·r)
+    r, idx = a.shape[1], slots.reshape(-1)
+    a_rows = a.index_select(0, idx).view(rows, k * r, a.shape[2])      # (R, K·r, in): the K adapters side by side
+    # B gathered from its (S, r, out) view lands as (R·K, r, out): (R, K·r, out) without a permuting copy.
+    b_rows = b.transpose(1, 2).index_select(0, idx).view(rows, k * r, b.shape[1])
     low = torch.bmm(h, a_rows.transpose(1, 2))                         # (R, L, K·r)
     low = (low.view(rows, -1, k, r) * scales.to(low.dtype).view(rows, 1, k, 1)).view(rows, -1, k * r)
-    out = torch.bmm(low, b_rows.transpose(1, 2))                       # (R, L, out)
+    out = torch.bmm(low, b_rows)                                       # (R, L, out)
     return out.squeeze(1) if flat else out
 
 

@@ -223,3 +223,36 @@ def test_guided_rows_unconditional_copies_use_their_rows_adapters(base, made):
             ref.set_adapters([n for n, _ in choices[row]], [s for _, s in choices[row]])
         want = run(ref if choices[row] else base_unet, *one)
         torch.testing.assert_close(mixed[j:j + 1], want, atol=ATOL, rtol=0, msg=f"forward row {j} (row {row})")
+
+
+def test_an_eager_forward_computes_only_the_columns_its_rows_use(base, made, monkeypatch):
+    """Rows of one adapter each use one column of K = 3, rows without any use none (the layers then add nothing
+    and call no update); the result is the full-width one."""
+    import rfserve.model_zoo.lora.layers as layers
+
+    unet, pool = wrapped_unet(base[0], made, per_row=3)
+    x, t, emb = unet_inputs(3)
+    widths = []
+    update = layers.lora_delta
+
+    def counted(x, a, b, slots, scales):
+        widths.append(slots.shape[1])
+        return update(x, a, b, slots, scales)
+
+    monkeypatch.setattr(layers, "lora_delta", counted)
+    choices = [[("a", 1.0)], [], [("b", 0.5)]]
+    pool.bind(*pool.rows(choices))
+    assert pool.binding.width == 1
+    narrow = run(unet, x, t, emb)
+    assert widths and set(widths) == {1}
+    full = torch.zeros_like(narrow)
+    for i, choice in enumerate(choices):           # each row alone at full width: its columns, then zero slots
+        pool.bind(*pool.rows([choice]))
+        pool.binding.width = 3
+        full[i] = run(unet, x[i:i + 1], t[i:i + 1], emb[i:i + 1])[0]
+    torch.testing.assert_close(narrow, full, atol=ATOL, rtol=0)
+    pool.bind(*pool.rows([[], [], []]))
+    widths.clear()
+    assert pool.binding.width == 0
+    torch.testing.assert_close(run(unet, x, t, emb), run(base[0], x, t, emb), atol=0, rtol=0)
+    assert widths == []

@@ -16,14 +16,17 @@ from torch import nn
 from rfserve.kernels.lora import lora_delta
 
 
-@dataclass(frozen=True)
+@dataclass
 class RowBinding:
     """The rows' adapter choices, written by `AdapterPool.bind`: slot ids (max_rows, K) and scales (max_rows, K).
     Plain attributes of each layer rather than buffers, so that moving the model cannot split one binding into
-    per-layer copies."""
+    per-layer copies. `width`: the columns the bound rows use (0 when none has an adapter here). An eager forward
+    computes only those (most rows use one adapter of K, and a batch without adapters costs nothing); a compiled
+    graph reads all K, so that no binding changes its shapes."""
 
     slots: torch.Tensor
     scales: torch.Tensor
+    width: int = 0
 
 
 def in_out(layer: nn.Module) -> tuple[int, int]:
@@ -67,8 +70,10 @@ class MultiLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        rows = x.shape[0]
-        slots, scales = self.binding.slots[:rows], self.binding.scales[:rows]
+        rows, k = x.shape[0], self.binding.slots.shape[1] if torch.compiler.is_compiling() else self.binding.width
+        if k == 0:
+            return y
+        slots, scales = self.binding.slots[:rows, :k], self.binding.scales[:rows, :k]
         if isinstance(self.base, nn.Conv2d):
             h = x.flatten(2).transpose(1, 2)                                   # (R, C, H, W) -> (R, H·W, C)
             delta = lora_delta(h, self.lora_a, self.lora_b, slots, scales)     # (R, H·W, out)

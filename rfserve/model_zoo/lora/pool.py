@@ -175,6 +175,8 @@ class AdapterPool:
                              f"{self.config.max_rows}, got {tuple(slots.shape)} and {tuple(scales.shape)}")
         self.binding.slots[:rows].copy_(slots, non_blocking=True)
         self.binding.scales[:rows].copy_(scales, non_blocking=True)
+        used = (slots != 0).any(0).nonzero()                                # the host's copy: no device sync
+        self.binding.width = int(used.max()) + 1 if len(used) else 0
 
 
 def lora_rows(max_batch: int, cfg: bool, buckets: Sequence[int] = ()) -> int:
