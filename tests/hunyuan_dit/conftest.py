@@ -1,20 +1,15 @@
-"""Random-weight Hunyuan-DiT checkpoints in the official diffusers layout, written once per session.
-
-The tiny models are all per-op overhead; on a shared CPU two OpenMP threads spin against each
-other (measured: 7 s vs 0.1 s per image), so these tests run torch on one thread and restore
-the setting afterwards."""
+"""Random-weight Hunyuan-DiT checkpoints in the official diffusers layout, written once per session. These tests
+run torch on one thread (tests.threads says why) and restore the setting afterwards."""
 import pytest
-import torch
 
 from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
+from tests.threads import torch_threads
 
 
 @pytest.fixture(scope="package", autouse=True)
 def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

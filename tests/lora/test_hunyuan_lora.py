@@ -15,8 +15,9 @@ from rfserve.model_zoo.hunyuan_dit import HunyuanPipeline
 from rfserve.model_zoo.hunyuan_dit.arch import save_random_hunyuan
 from rfserve.model_zoo.lora.files import load_lora
 from rfserve.model_zoo.lora.pool import PoolConfig
-from rfserve.model_zoo.running import Running
+from tests.hunyuan_dit.stepping import latents, rest_of
 from tests.lora.adapters import TRANSFORMER_SPECS, make_transformer, with_adapters
+from tests.threads import torch_threads
 
 ATOL = 1e-5
 POOL = PoolConfig(slots=2, max_rank=4, max_rows=16)     # the transformer's own targets
@@ -24,11 +25,9 @@ POOL = PoolConfig(slots=2, max_rank=4, max_rows=16)     # the transformer's own 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """As tests/hunyuan_dit's: the tiny model is all per-op overhead, which a second OpenMP thread slows down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """As tests/hunyuan_dit's (tests.threads)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -93,24 +92,9 @@ def specs(pipe) -> list[ImageSpec]:
             replace(one, prompt="two green circles", seed=4, guidance=1.0, lora=(("x", 0.7), ("y", -0.5)))]
 
 
-def final_latents(pipe, running: Running) -> list[torch.Tensor]:
-    """Each row's latents (1, C, h, w) once it has taken its steps, stepping `running` to its end (rows leave as
-    they finish, unpinning their adapters); in the order the rows stand now."""
-    ids, out = list(range(len(running))), {}
-    while len(running):
-        done = running.finished()
-        if not done:
-            pipe.step(running)
-            continue
-        out.update((ids[i], running.rows["x"][i:i + 1]) for i in done)
-        running.leave(done)
-        ids = [row for i, row in enumerate(ids) if i not in set(done)]
-    return [out[i] for i in range(len(out))]
-
-
 def test_mixed_batch_rows_equal_diffusers_with_each_rows_adapters(pipe, reference):
     batch = specs(pipe)
-    mixed = final_latents(pipe, pipe.begin(batch))
+    mixed = rest_of(pipe, pipe.begin(batch), latents)
     for i, spec in enumerate(batch):
         want = reference(spec)
         if spec.lora:
@@ -130,9 +114,9 @@ def test_a_row_joining_midway_with_other_adapters_equals_it_alone(pipe, referenc
     assert (pins[resident["x"]], pins[resident["y"]]) == (1, 2)
     with pytest.raises(RuntimeError, match="in use"):
         pipe.unregister_lora("x")
-    got = final_latents(pipe, running)
-    for spec, latents in zip([first, joiner], got):
-        torch.testing.assert_close(latents, reference(spec), atol=ATOL, rtol=0, msg=str(spec.lora))
+    got = rest_of(pipe, running, latents)
+    for spec, x in zip([first, joiner], got):
+        torch.testing.assert_close(x, reference(spec), atol=ATOL, rtol=0, msg=str(spec.lora))
     assert not any(pins.values())
 
 
@@ -189,15 +173,15 @@ def test_compiled_denoiser_padded_between_buckets_serves_new_bindings(root, made
     fast = pipe.fast_path()
     fast.prepare("default")
     warm = specs(pipe)[:2]                                       # two guided rows: 4 forward rows
-    final_latents(pipe, pipe.begin(warm))
+    rest_of(pipe, pipe.begin(warm), latents)
     fast.finish_capture()
     assert counter.frame_count == 1
     captured, rows = pipe.parts.denoiser, []
     graph = captured.fast
     captured.fast = lambda x, *args, **kwargs: (rows.append(len(x)), graph(x, *args, **kwargs))[1]
     batch = [specs(pipe)[2], specs(pipe)[3]]                     # y guided, x+y unguided: 3 forward rows
-    got = final_latents(pipe, pipe.begin(batch))
+    got = rest_of(pipe, pipe.begin(batch), latents)
     assert rows == [4, 4, 4], "each step's 3 rows ran on the captured graph, padded to its 4"
     assert counter.frame_count == 1, "and nothing compiled again"
-    for spec, latents in zip(batch, got):
-        torch.testing.assert_close(latents, reference(spec), atol=ATOL, rtol=0, msg=str(spec.lora))
+    for spec, x in zip(batch, got):
+        torch.testing.assert_close(x, reference(spec), atol=ATOL, rtol=0, msg=str(spec.lora))
