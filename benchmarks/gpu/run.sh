@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu/run.sh joining    # continuous image batching under Poisson load, joining on against off,
 #                                         # on a random SD1.5-size InstaFlow (issue #33; the CPU has the synthetic)
 #   bash benchmarks/gpu/run.sh lora       # 8 rows with 8 LoRA adapters in one batch against one batch per adapter
-#                                         # (ours and diffusers'), fused weights and no LoRA; SD1.5 size, fp16 (#34)
+#                                         # (ours and diffusers'), fused weights and no LoRA; SD1.5 size, fp16, eager,
+#                                         # and mixed against no LoRA on the captured CUDA graphs (#34)
 #   bash benchmarks/gpu/run.sh dry        # every step above, on this CPU at tiny shapes: CI runs it, so that a
 #                                         # device call never meets a typo, a missing flag or a missing module
 # The model benchmarks time ours eagerly and then compiled, captured as the server captures it (CUDA graphs);
@@ -42,7 +43,7 @@ else
   DEVICE=cuda; TINY=
   SUITE="--arch sd15 --device cuda --batches 1,16 --concurrency 1,4,16,64 --requests 64 --open-requests 200 --repeats 5"
   HOST="--sizes 512,1024 --seconds 3"; ENC="--sizes 512,1024"; HUNYUAN="--steps 50 --repeat 3"; STREAM="--batch 8 --repeat 5"
-  SAMPLING=; JANUSFLOW=; JANUS=--real; CHAT=; JOINING="--no-synthetic --arch sd15"; LORA=
+  SAMPLING=; JANUSFLOW=; JANUS=--real; CHAT=; JOINING="--no-synthetic --arch sd15"; LORA="--rows 8 --ranks 16,64 --compiled"
 fi
 
 core() {

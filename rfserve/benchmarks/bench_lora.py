@@ -24,7 +24,9 @@ sides from that file. Row i takes adapter i mod `--adapters`. Sizes: `tiny` (the
 overheads dominate), `small` (SD1.5's first two UNet levels at their widths, 320 and 640, cross-attention 768: the
 ratio of LoRA to base work is SD1.5's there), `sd15` (the real architecture; fp16, for `--device cuda`).
 
-    python -m rfserve.benchmarks.bench_lora [--device cuda] [--sizes tiny,small] [--dry] [--out DIR]
+`--compiled` adds no LoRA against mixed on the compiled fast path, the server's once it has captured its graphs.
+
+    python -m rfserve.benchmarks.bench_lora [--device cuda] [--sizes tiny,small] [--compiled] [--dry] [--out DIR]
 """
 from __future__ import annotations
 
@@ -234,7 +236,31 @@ def bench_rank(base: InstaFlowPipeline, rank: int, args: argparse.Namespace, scr
                               "mixed_over_none": timed["mixed"]["ratio"]})
         print(f"rank {rank}, {rows} rows: mixed/none {timed['mixed']['ratio']:.2f}x, per-adapter (ours)/mixed "
               f"{out['points'][-1]['per_adapter_over_mixed']:.2f}x", flush=True)
+    if args.compiled:
+        out["compiled"] = compiled(pipes, base, args)
     return out
+
+
+def compiled(p: Pipes, base: InstaFlowPipeline, args: argparse.Namespace) -> list[dict]:
+    """No LoRA against the mixed batch on the compiled fast path (`--compile`'s, which the server captures on
+    CUDA and, for the SD families, on the CPU after ready), each row count captured first: there every binding
+    reads all K adapter columns, as one graph serves them all. After the eager points, which it leaves as they were."""
+    batches = {rows: row_specs(base, rows, p.names, args.steps, args.guidance) for rows in args.rows}
+    for pipe, lora in ((p.base, False), (p.pooled, True)):
+        fast = pipe.fast_path()
+        fast.prepare(args.compile_mode)
+        for specs in batches.values():
+            for _ in range(2):                                  # compile, then (on CUDA) record the graph
+                pipe.run(specs if lora else plain(specs))
+        fast.finish_capture()
+    points = []
+    for rows, specs in batches.items():
+        timed = measure({"none": lambda: [p.base.run(plain(specs))], "mixed": lambda: [p.pooled.run(specs)]},
+                        base.parts.device, args.warmup, args.repeat)
+        points.append({"rows": rows, "none_ms": timed["none"]["ms"], "mixed_ms": timed["mixed"]["ms"],
+                       "mixed_over_none": timed["mixed"]["ratio"]})
+        print(f"compiled, {rows} rows: mixed/none {timed['mixed']['ratio']:.2f}x", flush=True)
+    return points
 
 
 def bench_size(size: str, device: torch.device, args: argparse.Namespace, scratch: Path) -> dict:
@@ -265,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compiled", action="store_true", help="also no LoRA against mixed on the compiled fast path")
+    ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode, as the server's")
     ap.add_argument("--dry", action="store_true", help="a check of seconds, not a figure: tiny, 2 adapters of rank 4, "
                     "2 rows, 1 step, one round and no warm-up")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>-<date>/lora")
@@ -287,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [bench_size(size, device, args, Path(tmp)) for size in args.sizes]
     config = {k: getattr(args, k) for k in ("ranks", "max_rank", "per_row", "rows", "adapters", "steps", "guidance",
-                                            "warmup", "repeat", "seed", "dry")}
+                                            "warmup", "repeat", "seed", "dry", "compiled")}
     import diffusers
     import peft
 
@@ -321,6 +349,10 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {rk['rank']} ({rk['max_rank']}, {rk['per_row']}) | {pt['rows']} | {pt['adapters']} | "
                              + " | ".join(cells) + f" | **{pt['per_adapter_over_mixed']:.2f}×** | {steps:.2f}× |")
         lines.append("")
+        for rk in s["ranks"]:
+            for pt in rk.get("compiled", []):
+                lines.append(f"Compiled fast path, rank {rk['rank']}, {pt['rows']} rows: no LoRA {pt['none_ms']:.1f} "
+                             f"ms, mixed {pt['mixed_ms']:.1f} ms (**{pt['mixed_over_none']:.2f}×**).")
         for rk in s["ranks"]:
             gaps = ", ".join(f"{k} {v:.1e}" for k, v in rk["parity"].items())
             lines.append(f"Parity, rank {rk['rank']} (max |Δ| of [0, 1] images): {gaps}.")
