@@ -40,9 +40,11 @@ def _from_text(source: str, text: str) -> list[tuple[str, str, str, list[int]]]:
         for call in ast.walk(ast.parse(block)):
             if isinstance(call, ast.Call) and ast.unparse(call.func) == "client.images.generate":
                 kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+                model = kw.get("model", DEFAULT_MODEL)
+                if model not in RF_SHAPES_DEFAULTS:           # another model's example (LoRA's) pins no seed
+                    continue
                 seed = kw["extra_body"]["seed"]
-                found.append((f"{source} openai", kw.get("model", DEFAULT_MODEL), kw["prompt"],
-                              list(range(seed, seed + kw.get("n", 1)))))
+                found.append((f"{source} openai", model, kw["prompt"], list(range(seed, seed + kw.get("n", 1)))))
     return found
 
 
