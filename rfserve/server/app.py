@@ -202,20 +202,23 @@ def create_app(engine: Engine) -> FastAPI:
         """The LoRA adapters loaded, for every model (requests name them in `lora`)."""
         return LoraList(data=[_lora_object(a) for a in engine.adapters.listing()])
 
-    @app.post("/v1/loras", response_model=LoraObject, responses=documented(400, 404, 409, 503))
-    async def load_lora(body: LoraLoadRequest):
-        """Load a LoRA adapter (a .safetensors file, a folder holding one, or a hub id) for a model; requests
-        may name it once this answers. Key-protected like every /v1 route when the server has keys."""
-        jobs.check_admitting(engine)
-        model = engine.adapters.model_for(body.model, engine.cards)
-        adapter = await asyncio.to_thread(engine.adapters.load, body.name, body.path, model, trusted=False)
-        return _lora_object(adapter)
+    if config.lora.on:            # else POST and DELETE are a 405 and a 404, as the document says
+        @app.post("/v1/loras", response_model=LoraObject, responses=documented(400, 404, 409, 503))
+        async def load_lora(body: LoraLoadRequest):
+            """Load a LoRA adapter (a .safetensors file, a folder holding one, or a hub id) for a model; requests
+            may name it once this answers. Key-protected like every /v1 route when the server has keys."""
+            jobs.check_admitting(engine)
+            model = engine.adapters.model_for(body.model, engine.cards)
+            adapter = await asyncio.to_thread(engine.adapters.load, body.name, body.path, model, trusted=False)
+            contract.forget(app)
+            return _lora_object(adapter)
 
-    @app.delete("/v1/loras/{name}", response_model=LoraDeleted, responses=documented(404))
-    async def unload_lora(name: str):
-        """New requests are refused the adapter at once; it leaves the device once no request uses it."""
-        adapter = await asyncio.to_thread(engine.adapters.remove, name)
-        return LoraDeleted(id=adapter.name)
+        @app.delete("/v1/loras/{name}", response_model=LoraDeleted, responses=documented(404))
+        async def unload_lora(name: str):
+            """New requests are refused the adapter at once; it leaves the device once no request uses it."""
+            adapter = await asyncio.to_thread(engine.adapters.remove, name)
+            contract.forget(app)
+            return LoraDeleted(id=adapter.name)
 
     @app.get("/health", response_model=Health, response_model_exclude_none=True,
              responses={503: {"model": Health, "description": "the worker stopped, or a batch is stuck"}})

@@ -8,8 +8,11 @@ document per server:
 - the image request becomes one schema per served model, with that model's sizes, step and guidance
   limits (the first is the default when `model` is left out);
 - chat is documented only when a served model chats;
-- 401 and the bearer scheme appear only when API keys are configured.
-The models' limits are known once they are loaded, so the document is cached from `/ready` on.
+- 401 and the bearer scheme appear only when API keys are configured;
+- `lora` names, per model, the adapters loaded for it (null where it serves none, or has none loaded); the routes
+  that load and delete adapters exist, and so are documented, only with `--enable-lora` or `--lora`.
+The models' limits are known once they are loaded, so the document is cached from `/ready` on, and built again
+when an adapter is loaded or deleted (`forget`).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def install(app: FastAPI, engine) -> None:
         cards = list(engine.cards.values())
         chat = [name for name, model in engine.models.items() if model.chat is not None]
         if cards:
-            _narrow_image_request(schema, cards, engine.config)
+            _narrow_image_request(schema, cards, engine.config, _loras(engine))
         if chat:
             _narrow_chat_request(schema, chat)
         else:
@@ -66,7 +69,31 @@ def _constrain(prop: dict, **constraints) -> None:
             branch.update(constraints)
 
 
-def _narrow_image_request(schema: dict, cards: list[ModelCard], config) -> None:
+def forget(app: FastAPI) -> None:
+    """The document is built again on its next request: what a request may name in `lora` changed."""
+    app.openapi_schema = None
+
+
+def _loras(engine) -> dict[str, list[str] | None]:
+    """Per model, the adapters a request may name now; None where the model serves none."""
+    return {name: [a.name for a in engine.adapters.listing(name)] if name in engine.adapters.pipelines else None
+            for name in engine.cards}
+
+
+def _lora_schema(card: ModelCard, names: list[str] | None, per_request: int) -> dict:
+    if not names:
+        why = "serves no LoRA adapters" if names is None else "has no LoRA adapter loaded (POST /v1/loras)"
+        return {"type": "null", "description": f"{card.name} {why}"}
+    choice = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+        "name": {"type": "string", "enum": names},
+        "scale": {"type": "number", "minimum": -4.0, "maximum": 4.0, "default": 1.0}}}
+    return {"anyOf": [{"type": "string", "enum": names},
+                      {"type": "array", "items": choice, "maxItems": per_request}, {"type": "null"}],
+            "description": f"LoRA adapters loaded for {card.name}: a name, or a list of {{name, scale}} "
+                           f"(each name once); several combine as diffusers' set_adapters does"}
+
+
+def _narrow_image_request(schema: dict, cards: list[ModelCard], config, loras: dict[str, list[str] | None]) -> None:
     components = schema["components"]["schemas"]
     generic = components.pop(IMAGE_REQUEST)
     props = generic["properties"]
@@ -91,6 +118,7 @@ def _narrow_image_request(schema: dict, cards: list[ModelCard], config) -> None:
         p["guidance_scale"]["default"] = d.guidance
         if not card.supports_negative_prompt:
             p["negative_prompt"] = {"type": "null", "description": f"{card.name} takes no negative prompt"}
+        p["lora"] = _lora_schema(card, loras[card.name], config.lora.per_request)
         name = f"{IMAGE_REQUEST}.{re.sub(r'[^A-Za-z0-9._-]', '_', card.name)}"
         components[name] = variant
         refs.append({"$ref": f"#/components/schemas/{name}"})

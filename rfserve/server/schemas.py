@@ -50,9 +50,10 @@ def _lora_list(value):
 
 LoraField = Annotated[list[LoraChoice], BeforeValidator(_lora_list), WithJsonSchema({
     "anyOf": [{"type": "string", "pattern": LORA_NAME},
-              {"type": "array", "items": LoraChoice.model_json_schema(), "minItems": 1}],
-    "description": "LoRA adapters loaded on the server (GET /v1/loras): a name, or a list of {name, scale}; "
-                   "several combine as diffusers' set_adapters does. Rows with different adapters share a batch."})]
+              {"type": "array", "items": LoraChoice.model_json_schema()}],
+    "description": "LoRA adapters loaded on the server (GET /v1/loras): a name, or a list of {name, scale} (empty: "
+                   "none); several combine as diffusers' set_adapters does. Rows with different adapters share a "
+                   "batch."})]
 
 
 class ImageOptions(BaseModel):

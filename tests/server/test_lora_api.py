@@ -212,7 +212,8 @@ def test_a_model_started_without_lora_refuses_the_field_and_the_route(tiny_sd, m
             r = client.post("/v1/images/generations", json=body("a"))
             assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
             r = client.post("/v1/loras", json={"name": "a", "path": str(made["a"].kohya_file)})
-            assert r.status_code == 400 and "--enable-lora" in r.json()["error"]["message"]
+            assert r.status_code == 405 and r.headers["allow"] == "GET"
+            assert client.delete("/v1/loras/a").status_code == 404
     finally:
         engine.shutdown()
 
@@ -256,5 +257,35 @@ def test_hunyuan_dit_serves_its_transformer_adapters(tmp_path):
         assert np.abs(plain.astype(int) - with_x.astype(int)).max() > 8
         assert np.abs(with_x.astype(int) - alone_x.astype(int)).max() <= 1
         assert all(n.startswith("blocks.") for n in engine.models[name].pipeline.adapters.denoiser.layers)
+    finally:
+        engine.shutdown()
+
+
+def _lora_docs(client) -> dict:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    return {name.split(".", 1)[1]: s["properties"]["lora"] for name, s in schemas.items()
+            if name.startswith("ImageGenerationRequest.")}
+
+
+def test_the_document_names_each_models_adapters_as_they_change(served, made):
+    _, client = served
+    docs = _lora_docs(client)
+    assert docs[ONE]["anyOf"][0] == {"type": "string", "enum": ["a"]} and docs[ONE]["anyOf"][1]["maxItems"] == 2
+    assert docs[OTHER]["type"] == "null" and "no LoRA adapter loaded" in docs[OTHER]["description"]
+    assert {"get", "post"} <= set(client.get("/openapi.json").json()["paths"]["/v1/loras"])
+    loaded = client.post("/v1/loras", json={"name": "q", "path": str(made["c"].kohya_file), "model": OTHER})
+    assert loaded.status_code == 200
+    assert _lora_docs(client)[OTHER]["anyOf"][0]["enum"] == ["q"]
+    assert client.delete("/v1/loras/q").status_code == 200
+    assert _lora_docs(client)[OTHER]["type"] == "null"
+
+
+def test_a_server_without_lora_documents_no_adapter_routes_and_no_lora_field(tiny_sd, made):
+    engine = start(tiny_sd, made, lora=LoraConfig())
+    try:
+        with TestClient(create_app(engine)) as client:
+            paths = client.get("/openapi.json").json()["paths"]
+            assert set(paths["/v1/loras"]) == {"get"} and "/v1/loras/{name}" not in paths
+            assert {d["type"] for d in _lora_docs(client).values()} == {"null"}
     finally:
         engine.shutdown()
