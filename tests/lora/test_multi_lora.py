@@ -63,6 +63,7 @@ def diffusers_reference(base_unet, made):
     return ref
 
 
+@pytest.mark.smoke     # diffusers' and peft's converters and layers, on every release allowed
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_mixed_batch_rows_equal_diffusers_with_each_adapter_alone(base, made, fmt):
     base_unet, _ = base
@@ -83,6 +84,7 @@ def test_mixed_batch_rows_equal_diffusers_with_each_adapter_alone(base, made, fm
         torch.testing.assert_close(mixed[i:i + 1], want, atol=ATOL, rtol=0, msg=f"row {i} {choice} ({fmt})")
 
 
+@pytest.mark.smoke     # diffusers' and peft's converters and layers, on every release allowed
 @pytest.mark.parametrize("other", ["kohya_file", "mixed_dir"])
 def test_kohya_and_diffusers_files_read_the_same(made, other):
     for name in ("a", "b"):
@@ -97,6 +99,7 @@ def test_kohya_and_diffusers_files_read_the_same(made, other):
                 torch.testing.assert_close(w.b @ w.a, same.b @ same.a, atol=0, rtol=0)
 
 
+@pytest.mark.smoke     # diffusers' and peft's converters and layers, on every release allowed
 @pytest.mark.parametrize("fmt", ["diffusers_dir", "kohya_file", "a1111_file"])
 def test_text_encoder_rows_equal_peft(base, made, fmt):
     _, base_te = base
