@@ -55,10 +55,14 @@ def plan(args) -> None:
     """Print the memory plan; exit 1 with one line on stderr when it does not fit."""
     utilization, device_memory = _memory_flags(args)
     for flag, value in (("--max-batch", args.max_batch), ("--chat-slots", args.chat_slots),
-                        ("--chat-max-len", args.chat_max_len), ("--max-loras", args.max_loras),
-                        ("--max-lora-rank", args.max_lora_rank)):
+                        ("--chat-max-len", args.chat_max_len)):
         if value is not None and value < 1:
             _fail(f"{flag}: must be at least 1, got {value}")
+    try:                                # a request combines the serve default's adapters, or all the slots
+        lora = None if args.max_loras is None else LoraConfig(
+            slots=args.max_loras, max_rank=args.max_lora_rank, per_request=min(LoraConfig.per_request, args.max_loras))
+    except ValueError as err:
+        _fail(str(err))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # configurations only: never a download
     _quiet_libraries()
     import torch
@@ -68,8 +72,7 @@ def plan(args) -> None:
     result = plan_memory(args.models or ["rf-shapes"], device_memory=int(device_memory or 0),
                          utilization=utilization, max_batch=args.max_batch, dtype=getattr(torch, args.dtype),
                          max_seqs=args.chat_slots, max_len=args.chat_max_len,
-                         lora=None if args.max_loras is None else LoraConfig(
-                             slots=args.max_loras, max_rank=args.max_lora_rank).pool(args.max_batch))
+                         lora=None if lora is None else lora.pool(args.max_batch))
     print(json.dumps(result.to_json()) if args.json else result.table(), flush=True)
     if not result.fits:
         print(f"rfserve: the plan does not fit: {result.problem}", file=sys.stderr)
@@ -209,13 +212,6 @@ def _lora_config(args) -> LoraConfig:
     """The LoRA flags, refused in one line before any model loads."""
     from rfserve.server.adapters import parse_lora
 
-    for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank),
-                        ("--max-loras-per-request", args.max_loras_per_request)):
-        if value < 1:
-            _fail(f"{flag}: must be at least 1, got {value}")
-    if args.max_loras_per_request > args.max_loras:
-        _fail(f"--max-loras-per-request ({args.max_loras_per_request}) cannot exceed --max-loras "
-              f"({args.max_loras}): one request's adapters must fit on the device together")
     names = []
     for text in args.lora:
         try:
@@ -224,8 +220,11 @@ def _lora_config(args) -> LoraConfig:
             _fail(str(err))
     if len(set(names)) != len(names):
         _fail(f"--lora: an adapter name is given twice: {names}")
-    return LoraConfig(enabled=args.enable_lora, adapters=args.lora, slots=args.max_loras,
-                      max_rank=args.max_lora_rank, per_request=args.max_loras_per_request)
+    try:
+        return LoraConfig(enabled=args.enable_lora, adapters=args.lora, slots=args.max_loras,
+                          max_rank=args.max_lora_rank, per_request=args.max_loras_per_request)
+    except ValueError as err:
+        _fail(str(err))
 
 
 def _buckets(text: str) -> tuple[int, ...]:

@@ -19,6 +19,17 @@ class LoraConfig:
     max_rank: int = 64                # the largest rank served; lower ranks are zero-padded to it
     per_request: int = 2              # adapters one request may combine
 
+    def __post_init__(self) -> None:
+        """A ValueError naming the flag: here, so that the CLI, Ray Serve and an embedding all refuse a pool in
+        which one request's adapters could not fit together (the worker would split such a row to no end)."""
+        for flag, value in (("--max-loras", self.slots), ("--max-lora-rank", self.max_rank),
+                            ("--max-loras-per-request", self.per_request)):
+            if value < 1:
+                raise ValueError(f"{flag}: must be at least 1, got {value}")
+        if self.per_request > self.slots:
+            raise ValueError(f"--max-loras-per-request ({self.per_request}) cannot exceed --max-loras ({self.slots}): "
+                             f"one request's adapters must fit on the device together")
+
     @property
     def on(self) -> bool:
         return self.enabled or bool(self.adapters)

@@ -24,6 +24,7 @@ from fastapi.openapi.utils import get_openapi
 
 from rfserve.model_zoo.base import ModelCard
 from rfserve.server.errors import describe
+from rfserve.server.schemas import LoraChoice
 from rfserve.server.security import is_open
 
 IMAGE_REQUEST = "ImageGenerationRequest"
@@ -84,9 +85,8 @@ def _lora_schema(card: ModelCard, names: list[str] | None, per_request: int) -> 
     if not names:
         why = "serves no LoRA adapters" if names is None else "has no LoRA adapter loaded (POST /v1/loras)"
         return {"type": "null", "description": f"{card.name} {why}"}
-    choice = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
-        "name": {"type": "string", "enum": names},
-        "scale": {"type": "number", "minimum": -4.0, "maximum": 4.0, "default": 1.0}}}
+    choice = LoraChoice.model_json_schema()                 # its scale's range as the request model checks it
+    choice["properties"]["name"] = {"type": "string", "enum": names}
     return {"anyOf": [{"type": "string", "enum": names},
                       {"type": "array", "items": choice, "maxItems": per_request}, {"type": "null"}],
             "description": f"LoRA adapters loaded for {card.name}: a name, or a list of {{name, scale}} "

@@ -12,9 +12,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          499: "invalid_request_error", 503: "service_unavailable", 504: "timeout", 500: "server_error",
-          507: "server_error"}
+          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 499: "invalid_request_error", 503: "service_unavailable", 504: "timeout",
+          500: "server_error", 507: "server_error"}
 # A client told to come back later is told when: loading models, draining and full queues all say.
 NOT_READY_RETRY_S = 5
 DRAINING_RETRY_S = 1

@@ -132,7 +132,7 @@ class Worker:
             _release_memory()
             self._split(model, [r for r in rows if r.index is not None])
         except PoolFull:
-            self._split(model, [r for r in rows if r.index is not None], "its LoRA adapters outnumber the slots")
+            self._split(model, [r for r in rows if r.index is not None], oom=False)
         except Exception as exc:  # noqa: BLE001 — any pipeline failure fails only this batch
             log.exception("a batch of %d on %s failed", len(rows), model)
             _fail(rows, _error(exc))
@@ -141,18 +141,20 @@ class Worker:
         if later:
             self._serve(model, later, joining=False)
 
-    def _split(self, model: str, rows: list[Row], why: str = "out of memory") -> None:
+    def _split(self, model: str, rows: list[Row], oom: bool = True) -> None:
         """The rows still running re-run from their start in halves, without joining (each image depends only
         on its own spec, so a re-run makes the same image). A batch whose rows use more LoRA adapters than the
-        device slots hold splits the same way; one row never does (`--max-loras-per-request` ≤ `--max-loras`)."""
+        device slots hold splits the same way (`oom` False); one row never does (`LoraConfig`: a request's adapters
+        fit the slots together)."""
         if len(rows) <= 1:
             log.warning("one image on %s does not fit in memory", model)
             _fail(rows, OutOfMemory("out of memory: this image does not fit on the device even alone; "
                                     "try a smaller size or fewer steps"))
             return
         half = len(rows) // 2
-        if why == "out of memory":
+        if oom:
             self.metrics.oom_splits.labels(model).inc()
+        why = "out of memory" if oom else "its LoRA adapters outnumber the slots"
         log.warning("%s on a batch of %d on %s; retrying as %d + %d", why, len(rows), model, half, len(rows) - half)
         self._serve(model, rows[:half], joining=False)
         self._serve(model, rows[half:], joining=False)

@@ -5,6 +5,7 @@ adapters share a batch; every misuse is a 4xx naming its field."""
 import base64
 import io
 import json
+import re
 import threading
 import time
 from dataclasses import replace
@@ -289,3 +290,13 @@ def test_a_server_without_lora_documents_no_adapter_routes_and_no_lora_field(tin
             assert {d["type"] for d in _lora_docs(client).values()} == {"null"}
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("settings, flag", [({"slots": 1}, "--max-loras-per-request (2) cannot exceed --max-loras (1)"),
+                                            ({"slots": 0, "per_request": 0}, "--max-loras: must be at least 1"),
+                                            ({"max_rank": 0}, "--max-lora-rank: must be at least 1")])
+def test_a_pool_whose_requests_could_not_fit_is_refused_wherever_it_is_configured(settings, flag):
+    """The CLI, Ray Serve and an embedding all build a LoraConfig: a request's adapters must fit the slots
+    together, or the worker would split its row to no end."""
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        LoraConfig(**settings)

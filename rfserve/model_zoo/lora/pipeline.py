@@ -32,9 +32,10 @@ class LoraPipeline:
         raise NotImplementedError
 
     def enable_lora(self, config: PoolConfig, text_config: PoolConfig | None = None) -> None:
-        """Wrap the denoiser's target layers (`config.targets`, by default its component's) in place, with `config.slots` device slots (the text
-        encoder's per `text_config`, else `config` with the text encoder's targets). Call once the model is on
-        its device and before the fast path is prepared: compiled graphs read the slots and bindings in place."""
+        """Wrap the denoiser's target layers (`config.targets`, by default its component's) in place, with
+        `config.slots` device slots (the text encoder's per `text_config`, else `config` at the text encoder's own
+        targets). Call once the model is on its device and before the fast path is prepared: compiled graphs read
+        the slots and bindings in place."""
         if self.adapters is not None:
             raise RuntimeError("LoRA is already enabled on this pipeline")
         component, denoiser, text_encoder = self.lora_modules()

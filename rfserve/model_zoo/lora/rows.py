@@ -128,9 +128,8 @@ class PipelineAdapters:
                                  f"{self.denoiser.config.per_row}")
 
     def pinned(self, choices: list[Choice]) -> LoraRows:
-        """The rows' choices, their denoiser adapters made resident together and pinned per row (PoolFull when
-        the free slots cannot hold them: the rows must wait)."""
-        self.check(choices)
+        """The rows' choices (as `check` passed them), their denoiser adapters made resident together and pinned
+        per row (PoolFull when the free slots cannot hold them: the rows must wait)."""
         slots, _ = self.denoiser.rows(choices)
         per_row = [[s for s in row.tolist() if s] for row in slots]
         for row in per_row:
