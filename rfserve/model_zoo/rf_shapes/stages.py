@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,12 +49,30 @@ class EMA:
             e.lerp_(p.detach(), 1 - d)
 
 
-def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, ema: EMA | None = None) -> None:
-    """Generic loop: AdamW + schedule; `loss_fn(step)` computes the batch loss; mean losses go to `log`."""
+def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: torch.Generator,
+         ema: EMA | None = None, checkpoint: Path | None = None, every: int = 250) -> None:
+    """Generic loop: AdamW + schedule; `loss_fn(step)` computes the batch loss from `gen`; mean losses go to `log`.
+
+    With `checkpoint`, the whole loop state (weights, optimizer, schedule, EMA, generator, log) is saved there every
+    `every` steps and picked up again when the file exists, so a stage stopped part-way resumes in a later run where
+    it stopped, and ends with the weights an unbroken run has."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(cfg, s))
-    running = []
-    bar = tqdm(range(cfg.steps), desc=name, mininterval=5)
+    running: list[float] = []
+    start, seconds, began = 0, 0.0, time.perf_counter()
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=params[0].device, weights_only=True)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+            ema.updates = state["ema_updates"]
+        gen.set_state(state["gen"])
+        log[:], running, start, seconds = state["log"], state["running"], state["step"], state["seconds"]
+    bar = tqdm(range(start, cfg.steps), desc=name, mininterval=5, initial=start, total=cfg.steps)
     for step in bar:
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -67,6 +87,13 @@ def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, ema: EMA
             log.append({"step": step + 1, "loss": float(np.mean(running))})
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             running = []
+        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            state = {"step": step + 1, "seconds": seconds + time.perf_counter() - began, "params": [p.detach() for p in params], "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "gen": gen.get_state(), "log": log, "running": running,
+                     "ema": ema.module.state_dict() if ema is not None else {},
+                     "ema_updates": ema.updates if ema is not None else 0}
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # a stop while saving keeps the last whole file
 
 
 def _edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
@@ -82,7 +109,7 @@ def _outline_loss(rec: torch.Tensor, x: torch.Tensor, edge_weight: float) -> tor
 
 
 def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, edge_weight: float,
-              gen: torch.Generator, log: list):
+              gen: torch.Generator, log: list, checkpoint: Path | None = None):
     """images: (N, 3, 64, 64) in [-1, 1]. L1 + L2 reconstruction weighted towards shape outlines, since the
     outline is what tells a square from a circle (plain MSE learns flat colour first and edges last), plus the
     small KL of the SD autoencoder."""
@@ -94,7 +121,7 @@ def train_vae(vae, images: torch.Tensor, cfg: StageConfig, kl_weight: float, edg
         rec = vae.decode(post.sample(generator=gen)).sample
         return _outline_loss(rec, x, edge_weight) + kl_weight * post.kl().mean()
 
-    _fit("vae", list(vae.parameters()), cfg, loss_fn, log)
+    _fit("vae", list(vae.parameters()), cfg, loss_fn, log, gen, checkpoint=checkpoint)
     vae.eval()
 
 
@@ -118,7 +145,8 @@ def _drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, p: float, gen) ->
     return torch.where(drop[:, None], empty_ids[None], ids)
 
 
-def train_teacher(unet, text_encoder, latents, ids, empty_ids, cfg: StageConfig, dropout: float, gen, log):
+def train_teacher(unet, text_encoder, latents, ids, empty_ids, cfg: StageConfig, dropout: float, gen, log,
+                  checkpoint: Path | None = None):
     """1-RF: independent (noise, data) coupling; the text encoder learns jointly. Returns both EMA copies."""
     both = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
     ema = EMA(both, cfg.ema)
@@ -130,7 +158,7 @@ def train_teacher(unet, text_encoder, latents, ids, empty_ids, cfg: StageConfig,
         loss = _rf_loss(unet, x, _randn(x.shape, gen, x.device), emb, gen)
         return loss
 
-    _fit("1-rf teacher", list(both.parameters()), cfg, loss_fn, log, ema)
+    _fit("1-rf teacher", list(both.parameters()), cfg, loss_fn, log, gen, ema, checkpoint)
     return ema.module["unet"], ema.module["text_encoder"]
 
 
@@ -149,7 +177,7 @@ def make_pairs(unet, text_encoder, ids, empty_ids, ode_steps: int, guidance: flo
 
 
 def train_reflow(unet, text_encoder, noise, ends, ids, empty_ids, cfg: StageConfig, dropout: float,
-                 anneal_fraction: float, gen, log):
+                 anneal_fraction: float, gen, log, checkpoint: Path | None = None):
     """2-RF on teacher pairs. SlimFlow's annealing reflow: the pair's noise is blended with fresh noise,
     sqrt(1 - b^2) z_pair + b z_fresh, with b annealed 1 -> 0 over the first `anneal_fraction` of steps,
     so training moves smoothly from the teacher's independent coupling to the straight reflow coupling."""
@@ -166,11 +194,11 @@ def train_reflow(unet, text_encoder, noise, ends, ids, empty_ids, cfg: StageConf
         loss = _rf_loss(unet, ends[idx], z, emb, gen)
         return loss
 
-    _fit("2-rf", list(unet.parameters()), cfg, loss_fn, log, ema)
+    _fit("2-rf", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint)
     return ema.module
 
 
-def train_one_step(unet, text_encoder, noise, ends, ids, cfg: StageConfig, gen, log):
+def train_one_step(unet, text_encoder, noise, ends, ids, cfg: StageConfig, gen, log, checkpoint: Path | None = None):
     """Distillation: one Euler step from pure noise (UNet timestep 1000) must land on the 2-RF ODE endpoint."""
     unet.train().requires_grad_(True)
     ema = EMA(unet, cfg.ema)
@@ -184,5 +212,5 @@ def train_one_step(unet, text_encoder, noise, ends, ids, cfg: StageConfig, gen, 
         loss = F.mse_loss(z + v, ends[idx])
         return loss
 
-    _fit("one-step distill", list(unet.parameters()), cfg, loss_fn, log, ema)
+    _fit("one-step distill", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint)
     return ema.module

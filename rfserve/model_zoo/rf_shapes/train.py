@@ -26,32 +26,49 @@ from tqdm import tqdm
 
 from . import stages
 from .checker import check
-from .config import PRESETS, TrainConfig, preset
-from .data import make_batch, sample_scene
+from .config import PRESETS, TrainConfig, preset, stage_settings
+from .data import make_batch
 from .eval import evaluate_checkpoints
 from .export import folder_size_mb, save_pipeline
 from .models import build_text_encoder, build_unet, build_vae
 from .sampling import decode, generate
 from .tokenizer import build_tokenizer
+from .verified import verified_pairs
 
 
 class Run:
-    """Output folder, JSON log and per-stage cache of one training run."""
+    """Output folder, JSON log and per-stage cache of one training run.
 
-    def __init__(self, out: Path, resume: bool, device: torch.device):
-        self.out, self.resume, self.device = out, resume, device
+    Each stage's cache sits beside the settings it was made with (`config.stage_settings`); `--resume` reuses a
+    finished stage, or goes on with a stage stopped part-way, only while those settings are unchanged, so a changed
+    recipe never continues from results of another."""
+
+    def __init__(self, out: Path, resume: bool, device: torch.device, cfg: TrainConfig):
+        self.out, self.resume, self.device, self.cfg = out, resume, device, cfg
         (out / "stages").mkdir(parents=True, exist_ok=True)
         self.log: dict = {}
         log_file = out / "train_log.json"
         self.previous = json.loads(log_file.read_text()) if resume and log_file.exists() else {}
+        if not resume:  # a fresh run starts every stage from its first step
+            for stale in (out / "stages").glob("*.partial.pt"):
+                stale.unlink()
+
+    def partial(self, name: str) -> Path:
+        """Where a training stage keeps its mid-stage state; `stage` removes it once the stage is cached."""
+        return self.out / "stages" / f"{name}.partial.pt"
 
     def save_log(self) -> None:
         (self.out / "train_log.json").write_text(json.dumps(self.log, indent=2, default=str) + "\n")
 
     def stage(self, name: str, fn, templates: dict):
         """Run fn() -> dict of modules/tensors and cache it, or with --resume load it into `templates`."""
-        path = self.out / "stages" / f"{name}.safetensors"
+        path, marker = self.out / "stages" / f"{name}.safetensors", self.out / "stages" / f"{name}.json"
         start = time.perf_counter()
+        settings = json.dumps(stage_settings(self.cfg, name), sort_keys=True)
+        if not (marker.exists() and marker.read_text() == settings):  # another recipe's results
+            path.unlink(missing_ok=True)
+            self.partial(name).unlink(missing_ok=True)
+            marker.write_text(settings)
         if self.resume and path.exists():
             flat = load_file(path)
             for key, t in templates.items():
@@ -62,13 +79,17 @@ class Run:
             # Keep the losses and timings the cached stage logged when it ran.
             self.log[name] = {**self.log.get(name, {}), **self.previous.get(name, {}), "resumed": True}
             return templates
+        partial = self.partial(name)
+        # A stage stopped mid-way already ran for the seconds its checkpoint holds.
+        before = torch.load(partial, weights_only=True)["seconds"] if partial.exists() else 0.0
         result = fn()
         flat = {}
         for key, t in result.items():
             items = t.state_dict().items() if isinstance(t, torch.nn.Module) else [(None, t)]
             flat.update({(key if k is None else f"{key}.{k}"): v.detach().cpu().contiguous() for k, v in items})
         save_file(flat, path)
-        self.log.setdefault(name, {})["seconds"] = round(time.perf_counter() - start, 1)
+        partial.unlink(missing_ok=True)
+        self.log.setdefault(name, {})["seconds"] = round(before + time.perf_counter() - start, 1)
         self.save_log()
         return result
 
@@ -110,7 +131,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log["vae"] = {"loss": []}
 
     def vae_stage():
-        stages.train_vae(vae, pixels, cfg.vae, cfg.kl_weight, cfg.vae_edge_weight, gen(1), log["vae"]["loss"])
+        stages.train_vae(vae, pixels, cfg.vae, cfg.kl_weight, cfg.vae_edge_weight, gen(1), log["vae"]["loss"],
+                         run.partial("vae"))
         std = stages.encode_latents(vae, pixels[:2048]).std().item()
         return {"vae": vae, "scaling_factor": torch.tensor([1.0 / std])}
     vae_out = run.stage("vae", vae_stage, {"vae": vae, "scaling_factor": None})
@@ -131,38 +153,37 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     unet, te = build_unet(cfg.model).to(dev), build_text_encoder(cfg.model, tokenizer).to(dev)
     log["teacher"] = {"loss": []}
     t_out = run.stage("teacher", lambda: dict(zip(("unet", "text_encoder"), stages.train_teacher(
-        unet, te, latents, ids, empty_ids, cfg.teacher, cfg.caption_dropout, gen(2), log["teacher"]["loss"]))),
+        unet, te, latents, ids, empty_ids, cfg.teacher, cfg.caption_dropout, gen(2), log["teacher"]["loss"],
+        run.partial("teacher")))),
         {"unet": build_unet(cfg.model).to(dev), "text_encoder": build_text_encoder(cfg.model, tokenizer).to(dev)})
     teacher, te = t_out["unet"].eval(), t_out["text_encoder"].eval().requires_grad_(False)
-    log["teacher"]["eval"] = teacher_eval(teacher, te, cfg.reflow_ode_steps, cfg.reflow_guidance)
+    # At the ODE steps that make the pairs, and at 25 steps, where the teacher must count before distilling.
+    log["teacher"]["eval"] = {str(s): teacher_eval(teacher, te, s, cfg.reflow_guidance)
+                              for s in sorted({cfg.reflow_ode_steps, 25})}
     run.save_log()
 
-    def pair_captions(seed: int, n: int) -> torch.Tensor:
-        rng = np.random.default_rng(seed)
-        return tokenize(tokenizer, [sample_scene(rng).caption(rng) for _ in range(n)]).to(dev)
+    def pairs_from(name: str, model, n: int, seed: int, ode_steps: int, stage: int) -> dict:
+        out = run.stage(name, lambda: verified_pairs(
+            model, te, vae, lambda caps: tokenize(tokenizer, caps).to(dev), n, seed, ode_steps,
+            cfg.reflow_guidance, cfg.verify, gen(stage)), {"noise": None, "ends": None, "ids": None, "acceptance": None})
+        log.setdefault(name, {})["acceptance"] = round(float(out["acceptance"][0]), 4)
+        return out
 
-    pair_ids = pair_captions(cfg.seed + 3, cfg.reflow_pairs)
-    pairs = run.stage("reflow_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
-        teacher, te, pair_ids, empty_ids, cfg.reflow_ode_steps, cfg.reflow_guidance, gen(3)))),
-        {"noise": None, "ends": None})
-
+    pairs = pairs_from("reflow_pairs", teacher, cfg.reflow_pairs, cfg.seed + 3, cfg.reflow_ode_steps, 3)
     log["rf2"] = {"loss": []}
     rf2 = run.stage("rf2", lambda: {"unet": stages.train_reflow(
-        copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pair_ids, empty_ids, cfg.rf2,
-        cfg.caption_dropout, cfg.anneal_fraction, gen(4), log["rf2"]["loss"])},
+        copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pairs["ids"], empty_ids, cfg.rf2,
+        cfg.caption_dropout, cfg.anneal_fraction, gen(4), log["rf2"]["loss"], run.partial("rf2"))},
         {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
-    log["rf2"]["eval"] = teacher_eval(rf2, te, cfg.distill_ode_steps, cfg.reflow_guidance)
+    log["rf2"]["eval"] = {str(s): teacher_eval(rf2, te, s, cfg.reflow_guidance)
+                          for s in sorted({cfg.distill_ode_steps, 25})}
     run.save_log()
 
-    distill_ids = pair_captions(cfg.seed + 5, cfg.distill_pairs)
-    dpairs = run.stage("distill_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
-        rf2, te, distill_ids, empty_ids, cfg.distill_ode_steps, cfg.reflow_guidance, gen(5)))),
-        {"noise": None, "ends": None})
-
+    dpairs = pairs_from("distill_pairs", rf2, cfg.distill_pairs, cfg.seed + 5, cfg.distill_ode_steps, 5)
     log["one_step"] = {"loss": []}
     one_step = run.stage("one_step", lambda: {"unet": stages.train_one_step(
-        copy.deepcopy(rf2), te, dpairs["noise"], dpairs["ends"], distill_ids, cfg.distill, gen(6),
-        log["one_step"]["loss"])}, {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
+        copy.deepcopy(rf2), te, dpairs["noise"], dpairs["ends"], dpairs["ids"], cfg.distill, gen(6),
+        log["one_step"]["loss"], run.partial("one_step"))}, {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 
     shared = {"vae": vae, "text_encoder": te, "tokenizer": tokenizer}
     folders = {"rf-shapes": run.out / "rf-shapes", "rf-shapes-2rf": run.out / "rf-shapes-2rf"}
@@ -186,7 +207,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset, seed=args.seed)
-    run = Run(args.out, args.resume, torch.device(args.device))
+    run = Run(args.out, args.resume, torch.device(args.device), cfg)
     start = time.perf_counter()
     run.log["environment"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                               "threads": args.threads, "device": args.device,

@@ -1,0 +1,86 @@
+"""The recipe's pieces that a long run leans on: a training stage resumed part-way, and the verified pairs' filter."""
+import dataclasses
+
+import pytest
+import torch
+
+from rfserve.model_zoo.rf_shapes import stages
+from rfserve.model_zoo.rf_shapes.config import StageConfig, preset
+from rfserve.model_zoo.rf_shapes.data import make_batch
+from rfserve.model_zoo.rf_shapes.train import Run
+from rfserve.model_zoo.rf_shapes.verified import accepted
+
+CFG = StageConfig(steps=23, batch=8, lr=1e-2, warmup=3, ema=0.9)
+
+
+class Stop(Exception):
+    pass
+
+
+def _fit(checkpoint=None, stop_at=None):
+    """A small regression fitted by `stages._fit`; every batch comes from the generator, as in the real stages."""
+    torch.manual_seed(0)
+    model, gen, log = torch.nn.Linear(4, 3), torch.Generator().manual_seed(5), []
+    ema = stages.EMA(model, CFG.ema)
+
+    def loss_fn(step):
+        if step == stop_at:
+            raise Stop
+        x = torch.randn(CFG.batch, 4, generator=gen)
+        return ((model(x) - x[:, :3].flip(1)) ** 2).mean()
+
+    stages._fit("test", list(model.parameters()), CFG, loss_fn, log, gen, ema, checkpoint, every=5)
+    return model, ema, log
+
+
+def test_a_stage_stopped_part_way_ends_with_the_weights_of_an_unbroken_run(tmp_path):
+    whole, whole_ema, whole_log = _fit()
+    checkpoint = tmp_path / "stage.partial.pt"
+    with pytest.raises(Stop):
+        _fit(checkpoint, stop_at=17)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 15  # the last save before the stop
+    resumed, resumed_ema, resumed_log = _fit(checkpoint)
+    for a, b in ((whole, resumed), (whole_ema.module, resumed_ema.module)):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+    assert resumed_log == whole_log and [e["step"] for e in whole_log] == [23]
+    assert resumed_ema.updates == whole_ema.updates == CFG.steps
+
+
+def test_the_last_save_is_the_last_multiple_before_the_end(tmp_path):
+    """The end of a stage is saved as the stage's cache, not as a checkpoint."""
+    checkpoint = tmp_path / "stage.partial.pt"
+    _fit(checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 20
+
+
+def test_the_filter_keeps_pictures_read_as_their_caption_on_the_named_attributes():
+    images, scenes, _ = make_batch(3, 12)
+    assert accepted(images, scenes, ("colour", "shape", "count", "background")).all()
+    miscounted = [dataclasses.replace(s, count=s.count % 3 + 1) for s in scenes]
+    assert not accepted(images, miscounted, ("count",)).any()
+    assert accepted(images, miscounted, ("colour", "shape", "background")).all()
+    assert accepted(images, miscounted, ()).all()
+
+
+def test_resume_reuses_a_stage_only_while_its_settings_and_the_earlier_ones_are_unchanged(tmp_path):
+    calls = []
+
+    def run_stages(cfg, resume):
+        run = Run(tmp_path, resume, torch.device("cpu"), cfg)
+        for name in ("vae", "teacher", "rf2"):
+            run.stage(name, lambda name=name: calls.append(name) or {"x": torch.ones(2)}, {"x": None})
+        return run
+
+    tiny = preset("tiny")
+    run_stages(tiny, resume=False)
+    assert calls == ["vae", "teacher", "rf2"]
+    run_stages(tiny, resume=True)
+    assert calls == ["vae", "teacher", "rf2"]                 # all three cached
+    torch.save({"seconds": 1.0}, tmp_path / "stages" / "teacher.partial.pt")
+    longer = dataclasses.replace(tiny, teacher=dataclasses.replace(tiny.teacher, steps=11))
+    run = run_stages(longer, resume=True)
+    assert calls[3:] == ["teacher", "rf2"]                    # the VAE does not depend on the teacher's settings
+    assert run.log["teacher"]["seconds"] < 1.0                # another recipe's partial stage was dropped, not resumed
+    run_stages(longer, resume=False)
+    assert calls[5:] == ["vae", "teacher", "rf2"]             # without --resume every stage runs
