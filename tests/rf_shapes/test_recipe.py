@@ -49,6 +49,8 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
     assert {"adherence", "fd_to_real"} <= set(first["eval"]["rf-shapes"])
     assert first["reflow_pairs"]["acceptance"] == first["distill_pairs"]["acceptance"] == 1.0  # tiny verifies nothing
     assert set(first["teacher"]["eval"]) == {"4", "25"} and not list((tmp_path / "a" / "stages").glob("*.partial.pt"))
+    example = first["eval"]["rf-shapes"]["first_example"]
+    assert example["seeds"] == "0-99" and all(0 <= example[k] <= 1 for k in ("checker", "no_fragment_dropped"))
     _assert_serves(tmp_path / "a" / "rf-shapes", "two red circles on a blue background")
 
 

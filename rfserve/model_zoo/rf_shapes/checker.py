@@ -66,8 +66,9 @@ def label_pixels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-def read(image: np.ndarray) -> Reading:
-    """Checker reading of one uint8 (H, W, 3) image."""
+def read(image: np.ndarray, min_fraction: float = MIN_BLOB_FRACTION) -> Reading:
+    """Checker reading of one uint8 (H, W, 3) image. With `min_fraction` 0 no blob is dropped as a fragment, which
+    counts as a reader does: a small third circle is still a circle."""
     labels, dist = label_pixels(image)
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     bg = int(np.bincount(border, minlength=len(COLOURS)).argmax())
@@ -79,7 +80,7 @@ def read(image: np.ndarray) -> Reading:
         mask = ndimage.binary_fill_holes(candidates & (labels == fg))
         comp, n = ndimage.label(mask)
         areas = ndimage.sum(mask, comp, index=range(1, n + 1))
-        keep_min = max(MIN_BLOB_AREA, MIN_BLOB_FRACTION * max(areas, default=0))
+        keep_min = max(MIN_BLOB_AREA, min_fraction * max(areas, default=0))
         for index, (sl, area) in enumerate(zip(ndimage.find_objects(comp), areas), start=1):
             if area >= keep_min:
                 blobs.append((sl, comp[sl] == index))
