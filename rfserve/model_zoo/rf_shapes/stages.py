@@ -61,7 +61,7 @@ def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: tor
     running: list[float] = []
     start, seconds, began = 0, 0.0, time.perf_counter()
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=params[0].device, weights_only=True)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # the generator stays on the CPU
         with torch.no_grad():
             for p, saved in zip(params, state["params"]):
                 p.copy_(saved)
