@@ -47,7 +47,6 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
                (tmp_path / "a", tmp_path / "b")]
     assert all(np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
     assert {"adherence", "fd_to_real"} <= set(first["eval"]["rf-shapes"])
-    assert first["reflow_pairs"]["acceptance"] == first["distill_pairs"]["acceptance"] == 1.0  # tiny verifies nothing
     assert set(first["teacher"]["eval"]) == {"4", "25"} and not list((tmp_path / "a" / "stages").glob("*.partial.pt"))
     example = first["eval"]["rf-shapes"]["first_example"]
     assert example["seeds"] == "0-99" and all(0 <= example[k] <= 1 for k in ("checker", "no_fragment_dropped"))

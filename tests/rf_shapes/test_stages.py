@@ -1,4 +1,4 @@
-"""The recipe's pieces that a long run leans on: a training stage resumed part-way, and the verified pairs' filter."""
+"""What a long recipe run leans on: a training stage resumed part-way, and --resume's check of the settings."""
 import dataclasses
 
 import pytest
@@ -6,9 +6,7 @@ import torch
 
 from rfserve.model_zoo.rf_shapes import stages
 from rfserve.model_zoo.rf_shapes.config import StageConfig, preset
-from rfserve.model_zoo.rf_shapes.data import make_batch
 from rfserve.model_zoo.rf_shapes.train import Run
-from rfserve.model_zoo.rf_shapes.verified import accepted
 
 CFG = StageConfig(steps=23, batch=8, lr=1e-2, warmup=3, ema=0.9)
 
@@ -52,15 +50,6 @@ def test_the_last_save_is_the_last_multiple_before_the_end(tmp_path):
     checkpoint = tmp_path / "stage.partial.pt"
     _fit(checkpoint)
     assert torch.load(checkpoint, weights_only=True)["step"] == 20
-
-
-def test_the_filter_keeps_pictures_read_as_their_caption_on_the_named_attributes():
-    images, scenes, _ = make_batch(3, 12)
-    assert accepted(images, scenes, ("colour", "shape", "count", "background")).all()
-    miscounted = [dataclasses.replace(s, count=s.count % 3 + 1) for s in scenes]
-    assert not accepted(images, miscounted, ("count",)).any()
-    assert accepted(images, miscounted, ("colour", "shape", "background")).all()
-    assert accepted(images, miscounted, ()).all()
 
 
 def test_resume_reuses_a_stage_only_while_its_settings_and_the_earlier_ones_are_unchanged(tmp_path):

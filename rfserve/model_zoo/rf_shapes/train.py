@@ -27,13 +27,12 @@ from tqdm import tqdm
 from . import stages
 from .checker import check
 from .config import PRESETS, TrainConfig, preset, stage_settings
-from .data import make_batch
+from .data import make_batch, sample_scene
 from .eval import evaluate_checkpoints
 from .export import folder_size_mb, save_pipeline
 from .models import build_text_encoder, build_unet, build_vae
 from .sampling import decode, generate
 from .tokenizer import build_tokenizer
-from .verified import verified_pairs
 
 
 class Run:
@@ -162,27 +161,32 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                               for s in sorted({cfg.reflow_ode_steps, 25})}
     run.save_log()
 
-    def pairs_from(name: str, model, n: int, seed: int, ode_steps: int, stage: int) -> dict:
-        out = run.stage(name, lambda: verified_pairs(
-            model, te, vae, lambda caps: tokenize(tokenizer, caps).to(dev), n, seed, ode_steps,
-            cfg.reflow_guidance, cfg.verify, gen(stage)), {"noise": None, "ends": None, "ids": None, "acceptance": None})
-        log.setdefault(name, {})["acceptance"] = round(float(out["acceptance"][0]), 4)
-        return out
+    def pair_captions(seed: int, n: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        return tokenize(tokenizer, [sample_scene(rng).caption(rng) for _ in range(n)]).to(dev)
 
-    pairs = pairs_from("reflow_pairs", teacher, cfg.reflow_pairs, cfg.seed + 3, cfg.reflow_ode_steps, 3)
+    pair_ids = pair_captions(cfg.seed + 3, cfg.reflow_pairs)
+    pairs = run.stage("reflow_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
+        teacher, te, pair_ids, empty_ids, cfg.reflow_ode_steps, cfg.reflow_guidance, gen(3)))),
+        {"noise": None, "ends": None})
+
     log["rf2"] = {"loss": []}
     rf2 = run.stage("rf2", lambda: {"unet": stages.train_reflow(
-        copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pairs["ids"], empty_ids, cfg.rf2,
+        copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pair_ids, empty_ids, cfg.rf2,
         cfg.caption_dropout, cfg.anneal_fraction, gen(4), log["rf2"]["loss"], run.partial("rf2"))},
         {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
     log["rf2"]["eval"] = {str(s): teacher_eval(rf2, te, s, cfg.reflow_guidance)
                           for s in sorted({cfg.distill_ode_steps, 25})}
     run.save_log()
 
-    dpairs = pairs_from("distill_pairs", rf2, cfg.distill_pairs, cfg.seed + 5, cfg.distill_ode_steps, 5)
+    distill_ids = pair_captions(cfg.seed + 5, cfg.distill_pairs)
+    dpairs = run.stage("distill_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
+        rf2, te, distill_ids, empty_ids, cfg.distill_ode_steps, cfg.reflow_guidance, gen(5)))),
+        {"noise": None, "ends": None})
+
     log["one_step"] = {"loss": []}
     one_step = run.stage("one_step", lambda: {"unet": stages.train_one_step(
-        copy.deepcopy(rf2), te, dpairs["noise"], dpairs["ends"], dpairs["ids"], cfg.distill, gen(6),
+        copy.deepcopy(rf2), te, dpairs["noise"], dpairs["ends"], distill_ids, cfg.distill, gen(6),
         log["one_step"]["loss"], run.partial("one_step"))}, {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 
     shared = {"vae": vae, "text_encoder": te, "tokenizer": tokenizer}
