@@ -88,7 +88,8 @@ def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: tor
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             running = []
         if checkpoint is not None and (step + 1) % every == 0 and step + 1 < cfg.steps:
-            state = {"step": step + 1, "seconds": seconds + time.perf_counter() - began, "params": [p.detach() for p in params], "opt": opt.state_dict(),
+            state = {"step": step + 1, "seconds": seconds + time.perf_counter() - began,
+                     "params": [p.detach() for p in params], "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "gen": gen.get_state(), "log": log, "running": running,
                      "ema": ema.module.state_dict() if ema is not None else {},
                      "ema_updates": ema.updates if ema is not None else 0}

@@ -5,7 +5,8 @@
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_gpu --device cuda   # same stages on a GPU
 
-Every stage is seeded; stage results are cached under OUT/stages so `--resume` skips finished stages.
+Every stage is seeded; stage results are cached under OUT/stages so `--resume` skips finished stages, and each
+training stage saves its state every 250 steps there, so `--resume` also goes on with a stage stopped part-way.
 Losses, timings and evaluation figures go to OUT/train_log.json.
 """
 from __future__ import annotations
@@ -206,7 +207,9 @@ def main() -> None:
     # The shipped weights were trained with 2 threads; another count changes float summation order, so the
     # weights differ in the last bits. On a quiet 2-core CPU two threads measured 1.55x faster than one.
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--resume", action="store_true", help="reuse finished stages cached under OUT/stages")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the stages cached under OUT/stages and go on with one stopped part-way, "
+                         "while their settings are unchanged")
     ap.add_argument("--device", default="cpu", help="torch device for training; evaluation runs on the CPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
