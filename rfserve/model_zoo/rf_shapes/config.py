@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 
 def stage_settings(cfg: TrainConfig, stage: str) -> dict:
     """Every setting that `stage`'s result depends on, so a cached stage is reused only while they are unchanged."""
-    names = list(STAGE_SETTINGS)
-    keys = [k for s in names[:names.index(stage) + 1] for k in STAGE_SETTINGS[s]]
-    return {k: asdict(getattr(cfg, k)) if is_dataclass(getattr(cfg, k)) else getattr(cfg, k) for k in keys}
+    names, everything = list(STAGE_SETTINGS), asdict(cfg)
+    return {k: everything[k] for s in names[:names.index(stage) + 1] for k in STAGE_SETTINGS[s]}
 
 
 PRESETS: dict[str, TrainConfig] = {

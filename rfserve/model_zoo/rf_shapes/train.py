@@ -81,7 +81,7 @@ class Run:
             return templates
         partial = self.partial(name)
         # A stage stopped mid-way already ran for the seconds its checkpoint holds.
-        before = torch.load(partial, weights_only=True)["seconds"] if partial.exists() else 0.0
+        before = torch.load(partial, weights_only=True, mmap=True)["seconds"] if partial.exists() else 0.0
         result = fn()
         flat = {}
         for key, t in result.items():
@@ -144,11 +144,15 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     latents = stages.encode_latents(vae, pixels) * vae.config.scaling_factor  # (N, C, h, w), unit std
     del pixels
 
-    def teacher_eval(unet, te, steps, guidance):
+    def teacher_eval(unet, te, steps: int) -> dict:
+        """At the ODE steps that make its pairs, and at 25 steps, where a teacher must count before distilling."""
         comps = {"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tokenizer}
         _, scenes, caps = make_batch(cfg.seed + 11, 128, held_out=True)
-        out = generate(comps, caps, list(range(len(caps))), steps=steps, guidance=guidance)
-        return {"steps": steps, "guidance": guidance, "held_out_adherence": check(out, scenes)}
+        out = {}
+        for n in sorted({steps, 25}):
+            images = generate(comps, caps, list(range(len(caps))), steps=n, guidance=cfg.reflow_guidance)
+            out[str(n)] = {"steps": n, "guidance": cfg.reflow_guidance, "held_out_adherence": check(images, scenes)}
+        return out
 
     unet, te = build_unet(cfg.model).to(dev), build_text_encoder(cfg.model, tokenizer).to(dev)
     log["teacher"] = {"loss": []}
@@ -157,9 +161,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         run.partial("teacher")))),
         {"unet": build_unet(cfg.model).to(dev), "text_encoder": build_text_encoder(cfg.model, tokenizer).to(dev)})
     teacher, te = t_out["unet"].eval(), t_out["text_encoder"].eval().requires_grad_(False)
-    # At the ODE steps that make the pairs, and at 25 steps, where the teacher must count before distilling.
-    log["teacher"]["eval"] = {str(s): teacher_eval(teacher, te, s, cfg.reflow_guidance)
-                              for s in sorted({cfg.reflow_ode_steps, 25})}
+    log["teacher"]["eval"] = teacher_eval(teacher, te, cfg.reflow_ode_steps)
     run.save_log()
 
     def pair_captions(seed: int, n: int) -> torch.Tensor:
@@ -176,8 +178,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         copy.deepcopy(teacher), te, pairs["noise"], pairs["ends"], pair_ids, empty_ids, cfg.rf2,
         cfg.caption_dropout, cfg.anneal_fraction, gen(4), log["rf2"]["loss"], run.partial("rf2"))},
         {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
-    log["rf2"]["eval"] = {str(s): teacher_eval(rf2, te, s, cfg.reflow_guidance)
-                          for s in sorted({cfg.distill_ode_steps, 25})}
+    log["rf2"]["eval"] = teacher_eval(rf2, te, cfg.distill_ode_steps)
     run.save_log()
 
     distill_ids = pair_captions(cfg.seed + 5, cfg.distill_pairs)
