@@ -103,9 +103,11 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: 
     return (rel >= 0) & (rel <= 1) & (np.abs(xs - cx) <= rel * r)
 
 
-def _place(rng: np.random.Generator, count: int) -> list[tuple[float, float, float]]:
-    """Centres and half-extents of `count` shapes whose boxes keep MARGIN pixels apart."""
-    lo, hi = RADIUS_RANGE[count]
+def _place(rng: np.random.Generator, count: int, radius_range: tuple[float, float] | None = None
+           ) -> list[tuple[float, float, float]]:
+    """Centres and half-extents of `count` shapes whose boxes keep MARGIN pixels apart; half-extents drawn from
+    `radius_range`, by default the grammar's range for the count."""
+    lo, hi = radius_range or RADIUS_RANGE[count]
     while True:
         placed: list[tuple[float, float, float]] = []
         for _ in range(count):
@@ -124,13 +126,13 @@ def _jittered(rng: np.random.Generator, colour: str) -> np.ndarray:
     return np.clip(base + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3), 0, 255)
 
 
-def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Draw a scene; returns uint8 (64, 64, 3)."""
+def render(scene: Scene, rng: np.random.Generator, radius_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Draw a scene; returns uint8 (64, 64, 3). `radius_range` overrides the grammar's size for the count."""
     n = IMAGE_SIZE * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / SUPERSAMPLE
     xs, ys = np.meshgrid(coords, coords)  # (n, n) each, in output-pixel units
     mask = np.zeros((n, n), dtype=bool)
-    for cx, cy, r in _place(rng, scene.count):
+    for cx, cy, r in _place(rng, scene.count, radius_range):
         mask |= _shape_mask(scene.shape, cx, cy, r, xs, ys)
     bg, fg = _jittered(rng, scene.background), _jittered(rng, scene.colour)
     image = np.where(mask[..., None], fg, bg)  # (n, n, 3)

@@ -6,6 +6,8 @@ before the serving pipeline exists. It matches `RectifiedFlowPipeline`: UNet tim
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -22,8 +24,11 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                 steps: int, guidance: float) -> torch.Tensor:
-    """Integrate dx/dt = v from noise to data in `steps` Euler steps; returns latents (B, C, h, w)."""
+                 steps: int, guidance: float,
+                 steer: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v from noise to data in `steps` Euler steps; returns latents (B, C, h, w).
+
+    `steer(x, t)`, at progress t (0 = noise), adds a velocity of its own to every step's (count guidance)."""
     use_cfg = guidance > 1.0 and uncond is not None
     emb = torch.cat([uncond, cond]) if use_cfg else cond  # (2B or B, L, D)
     x = noise
@@ -34,6 +39,8 @@ def euler_sample(unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
         if use_cfg:
             v_neg, v_cond = v.chunk(2)
             v = v_neg + guidance * (v_cond - v_neg)
+        if steer is not None:
+            v = v + steer(x, i / steps)
         x = x + v / steps
     return x
 

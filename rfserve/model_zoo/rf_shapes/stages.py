@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from tqdm import tqdm
 
 from .config import StageConfig
 from .sampling import euler_sample
+
+if TYPE_CHECKING:
+    from .counter import CountGuide
 
 
 def _randn(shape, gen: torch.Generator, device) -> torch.Tensor:
@@ -164,8 +169,10 @@ def train_teacher(unet, text_encoder, latents, ids, empty_ids, cfg: StageConfig,
 
 
 @torch.no_grad()
-def make_pairs(unet, text_encoder, ids, empty_ids, ode_steps: int, guidance: float, gen, batch: int = 128):
-    """Reflow pairs (noise, ODE endpoint) from a teacher, with CFG against the empty caption."""
+def make_pairs(unet, text_encoder, ids, empty_ids, ode_steps: int, guidance: float, gen, batch: int = 128,
+               counts: torch.Tensor | None = None, count_guide: CountGuide | None = None):
+    """Reflow pairs (noise, ODE endpoint) from a teacher, with CFG against the empty caption, and with
+    `count_guide` steering each ODE towards its caption's count (`counts`, (N,))."""
     unet.eval()
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     noise = _randn((len(ids), *shape), gen, unet.device)
@@ -173,7 +180,8 @@ def make_pairs(unet, text_encoder, ids, empty_ids, ode_steps: int, guidance: flo
     ends = []
     for i in tqdm(range(0, len(ids), batch), desc=f"pairs ({ode_steps}-step ODE)", mininterval=5):
         cond = text_encoder(ids[i:i + batch])[0]
-        ends.append(euler_sample(unet, noise[i:i + batch], cond, uncond.expand_as(cond), ode_steps, guidance))
+        steer = None if count_guide is None else partial(count_guide.velocity, counts=counts[i:i + batch])
+        ends.append(euler_sample(unet, noise[i:i + batch], cond, uncond.expand_as(cond), ode_steps, guidance, steer))
     return noise, torch.cat(ends)
 
 
