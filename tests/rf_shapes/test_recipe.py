@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 
 pytestmark = pytest.mark.slow
-STAGES = ("vae", "teacher", "reflow_pairs", "rf2", "distill_pairs", "one_step")
+STAGES = ("vae", "teacher", "counter", "reflow_pairs", "rf2", "distill_pairs", "one_step")
 
 
 def _command(out, *extra):
@@ -41,8 +41,11 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
     first, second = _train_side_by_side(tmp_path / "a", tmp_path / "b")
     for stage in STAGES:
         assert first[stage]["seconds"] > 0, stage
-    for stage in ("vae", "teacher", "rf2", "one_step"):
+    for stage in ("vae", "teacher", "counter", "rf2", "one_step"):
         assert first[stage]["loss"] and first[stage]["loss"] == second[stage]["loss"], stage
+    assert set(first["counter"]["held_out_accuracy_by_t"]) == {"0.2", "0.4", "1.0"}
+    for stage in ("reflow_pairs", "distill_pairs"):  # the guided targets are the same in both runs
+        assert first[stage]["checker_on_targets"] == second[stage]["checker_on_targets"], stage
     weights = [load_file(d / "rf-shapes" / "unet" / "diffusion_pytorch_model.safetensors") for d in
                (tmp_path / "a", tmp_path / "b")]
     assert all(np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rfserve.model_zoo.rf_shapes import stages
-from rfserve.model_zoo.rf_shapes.config import StageConfig, preset
+from rfserve.model_zoo.rf_shapes.config import StageConfig, preset, stage_settings
 from rfserve.model_zoo.rf_shapes.train import Run
 
 CFG = StageConfig(steps=23, batch=8, lr=1e-2, warmup=3, ema=0.9)
@@ -73,3 +73,11 @@ def test_resume_reuses_a_stage_only_while_its_settings_and_the_earlier_ones_are_
     assert run.log["teacher"]["seconds"] < 1.0                # another recipe's partial stage was dropped, not resumed
     run_stages(longer, resume=False)
     assert calls[5:] == ["vae", "teacher", "rf2"]             # without --resume every stage runs
+
+
+def test_the_counting_recipe_reuses_a_full_runs_vae_and_teacher():
+    """A `counting` run with --resume in a `full` run's folder starts at the counter: the long stages stay cached."""
+    full, counting = preset("full"), preset("counting")
+    for name in ("vae", "teacher"):
+        assert stage_settings(full, name) == stage_settings(counting, name), name
+    assert stage_settings(full, "counter") != stage_settings(counting, "counter")

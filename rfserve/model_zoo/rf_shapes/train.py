@@ -1,8 +1,10 @@
 """End-to-end recipe for the shipped rf-shapes weights: VAE -> 1-RF teacher -> reflow pairs -> 2-RF
--> one-step distillation, then export (fp16, InstaFlow layout) and evaluation.
+-> one-step distillation, then export (fp16, InstaFlow layout) and evaluation. With `count_guidance` set, a count
+classifier trained after the teacher steers both pair ODEs (`counter.py`).
 
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~85 min on a quiet 2-core CPU
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
+    python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run --preset counting --resume  # count guidance
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_gpu --device cuda   # same stages on a GPU
 
 Every stage is seeded; stage results are cached under OUT/stages so `--resume` skips finished stages, and each
@@ -25,10 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import stages
+from . import counter, stages
 from .checker import check
 from .config import PRESETS, TrainConfig, preset, stage_settings
-from .data import make_batch, sample_scene
+from .data import Scene, make_batch, sample_scene
 from .eval import evaluate_checkpoints
 from .export import folder_size_mb, save_pipeline
 from .models import build_text_encoder, build_unet, build_vae
@@ -111,6 +113,24 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 64, 64) in [-1, 1]
 
 
+def count_guide(cfg: TrainConfig, run: Run, vae, gen: torch.Generator) -> counter.CountGuide:
+    """The counter stage: the classifier trained on the VAE's latents of `counting_set` renders, its held-out
+    accuracy by t logged, wrapped as the pair ODEs' guide."""
+    images, counts = counter.counting_set(cfg.seed + 13, cfg.counter_samples)
+    held = len(images) // 12  # the last twelfth is held out for the accuracy figures
+    latents = stages.encode_latents(vae, to_tensor(images).to(run.device)) * vae.config.scaling_factor
+    counts_t = torch.from_numpy(counts).to(run.device)
+    run.log["counter"] = {"loss": []}
+    out = run.stage("counter", lambda: {"classifier": counter.train_counter(
+        counter.CountClassifier(cfg.model.latent_channels).to(run.device), latents[:-held], counts_t[:-held],
+        cfg.counter, gen, run.log["counter"]["loss"], run.partial("counter"))},
+        {"classifier": counter.CountClassifier(cfg.model.latent_channels).to(run.device)})
+    classifier = out["classifier"].eval()
+    run.log["counter"]["held_out_accuracy_by_t"] = {
+        str(t): counter.accuracy(classifier, latents[-held:], counts_t[-held:], t, gen) for t in (0.2, 0.4, 1.0)}
+    return counter.CountGuide(classifier, cfg.count_guidance)
+
+
 def gen_for(cfg: TrainConfig, stage: int) -> torch.Generator:
     """One random stream per stage, so a cached stage never shifts the others."""
     return torch.Generator().manual_seed(cfg.seed * 1000 + stage)
@@ -164,14 +184,26 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log["teacher"]["eval"] = teacher_eval(teacher, te, cfg.reflow_ode_steps)
     run.save_log()
 
-    def pair_captions(seed: int, n: int) -> torch.Tensor:
-        rng = np.random.default_rng(seed)
-        return tokenize(tokenizer, [sample_scene(rng).caption(rng) for _ in range(n)]).to(dev)
+    guide = count_guide(cfg, run, vae, gen(7)) if cfg.count_guidance else None
 
-    pair_ids = pair_captions(cfg.seed + 3, cfg.reflow_pairs)
-    pairs = run.stage("reflow_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
-        teacher, te, pair_ids, empty_ids, cfg.reflow_ode_steps, cfg.reflow_guidance, gen(3)))),
-        {"noise": None, "ends": None})
+    def pair_captions(seed: int, n: int) -> tuple[torch.Tensor, list[Scene], torch.Tensor]:
+        """Token ids, scenes and counts of n training-split captions."""
+        rng, scenes, captions = np.random.default_rng(seed), [], []
+        for _ in range(n):  # scene then caption, in the order the shipped weights' pairs drew them
+            scenes.append(sample_scene(rng))
+            captions.append(scenes[-1].caption(rng))
+        return tokenize(tokenizer, captions).to(dev), scenes, torch.tensor([s.count for s in scenes], device=dev)
+
+    def pairs_stage(name: str, model, ids, scenes, counts, ode_steps: int, stage_gen: int) -> dict:
+        """A pair stage, with how often the checker reads its first 256 targets right (what a student can learn)."""
+        pairs = run.stage(name, lambda: dict(zip(("noise", "ends"), stages.make_pairs(
+            model, te, ids, empty_ids, ode_steps, cfg.reflow_guidance, gen(stage_gen), counts=counts,
+            count_guide=guide))), {"noise": None, "ends": None})
+        log.setdefault(name, {})["checker_on_targets"] = check(decode(vae, pairs["ends"][:256]), scenes[:256])
+        return pairs
+
+    pair_ids, pair_scenes, pair_counts = pair_captions(cfg.seed + 3, cfg.reflow_pairs)
+    pairs = pairs_stage("reflow_pairs", teacher, pair_ids, pair_scenes, pair_counts, cfg.reflow_ode_steps, 3)
 
     log["rf2"] = {"loss": []}
     rf2 = run.stage("rf2", lambda: {"unet": stages.train_reflow(
@@ -181,10 +213,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log["rf2"]["eval"] = teacher_eval(rf2, te, cfg.distill_ode_steps)
     run.save_log()
 
-    distill_ids = pair_captions(cfg.seed + 5, cfg.distill_pairs)
-    dpairs = run.stage("distill_pairs", lambda: dict(zip(("noise", "ends"), stages.make_pairs(
-        rf2, te, distill_ids, empty_ids, cfg.distill_ode_steps, cfg.reflow_guidance, gen(5)))),
-        {"noise": None, "ends": None})
+    distill_ids, distill_scenes, distill_counts = pair_captions(cfg.seed + 5, cfg.distill_pairs)
+    dpairs = pairs_stage("distill_pairs", rf2, distill_ids, distill_scenes, distill_counts, cfg.distill_ode_steps, 5)
 
     log["one_step"] = {"loss": []}
     one_step = run.stage("one_step", lambda: {"unet": stages.train_one_step(
