@@ -113,7 +113,7 @@ class CountGuide:
 
     For x_t = t·x₁ + (1 − t)·z the velocity is v = (x + (1 − t)·∇log p_t(x))/t, so conditioning on the count adds
     (1 − t)/t · ∇log p(count | x_t) to it; `scale` (γ) multiplies that, as a CFG scale does. γ = 10 took the
-    25-step 2-RF's count from 0.71 to 0.88 with shape held; γ ≥ 30 breaks the images."""
+    shipped 2-RF's count from 0.71 to 0.90 at 25 steps (0.88 at 12), shape held; γ ≥ 30 breaks the images."""
 
     def __init__(self, classifier: CountClassifier, scale: float):
         self.classifier, self.scale = classifier.eval().requires_grad_(False), scale
