@@ -10,6 +10,7 @@ Conventions are the stages': t in [0, 1] with 0 = noise, x_t = tÂ·x_data + (1 âˆ
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import StageConfig
-from .data import RADIUS_RANGE, Scene, render, sample_scene
-from .stages import _fit
+from .data import RADIUS_RANGE, render, sample_scene
+from .stages import _fit, _randn
 
 MAX_COUNT = 5  # two past the grammar's three, so that drawing one shape too many is visible to the classifier
 SIZE_RANGES = tuple(RADIUS_RANGE.values())  # the grammar's shape sizes, largest first
@@ -36,9 +37,8 @@ def counting_set(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(n):
         count = int(rng.integers(MAX_COUNT + 1))
         sizes = SIZE_RANGES[max(0, count - 3):]
-        scene = sample_scene(rng)
-        images.append(render(Scene(scene.colour, scene.shape, count, scene.background), rng,
-                             sizes[int(rng.integers(len(sizes)))]))
+        scene = replace(sample_scene(rng), count=count)
+        images.append(render(scene, rng, sizes[int(rng.integers(len(sizes)))]))
         counts.append(count)
     return np.stack(images), np.array(counts, dtype=np.int64)
 
@@ -82,7 +82,7 @@ class CountClassifier(nn.Module):
 
 def _noised(latents: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     tb = t.view(-1, 1, 1, 1)
-    return tb * latents + (1 - tb) * torch.randn(latents.shape, generator=gen).to(latents.device)
+    return tb * latents + (1 - tb) * _randn(latents.shape, gen, latents.device)
 
 
 def train_counter(classifier: CountClassifier, latents: torch.Tensor, counts: torch.Tensor, cfg: StageConfig,
