@@ -19,7 +19,7 @@ CHAT_FAMILIES = frozenset({"janusflow", "janus"})
 # PeRFlow's parameterisations (model_zoo.perflow.scheduler), which `?prediction_type=` may name.
 PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
 SPEC_OPTIONS = {"variant", "base", "prediction_type", "scheduler", "tiny_vae", "vae_tiling",
-                "ms_per_image", "ms_per_batch", "sizes", "temperature"}
+                "ms_per_image", "ms_per_batch", "sizes", "temperature", "count_guidance"}
 PERFLOW_NEGATIVE = ("distorted, blur, smooth, low-quality, warm, haze, over-saturated, "
                     "high-contrast, out of focus, dark")
 
@@ -105,4 +105,11 @@ def parse_spec(text: str) -> ModelSpec:
         raise CheckpointError(f"unknown option(s) {sorted(unknown)} in --model {text}; known: {sorted(SPEC_OPTIONS)}")
     if options.get("prediction_type", "diff_eps") not in PREDICTION_TYPES:
         raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}")
+    if "count_guidance" in options:
+        try:
+            ok = float(options["count_guidance"]) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CheckpointError(f"--model {text}: ?count_guidance must be a number ≥ 0 (0 turns the count guide off)")
     return ModelSpec(name, source.strip() or PRESETS[name].source, options)

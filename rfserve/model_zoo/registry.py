@@ -43,7 +43,10 @@ def _decoder_options(spec: ModelSpec) -> dict:
 
 
 def _load_instaflow(spec: ModelSpec, root: Path, device, dtype) -> LoadedModel:
+    """`?count_guidance=`: the scale of the count guide the folder ships (rf-shapes-2rf's), 0 for none."""
+    scale = spec.options.get("count_guidance")
     pipe = InstaFlowPipeline.from_pretrained(root, device=device, dtype=dtype, variant=spec.options.get("variant"),
+                                             count_guidance=None if scale is None else float(scale),
                                              **_decoder_options(spec))
     return LoadedModel(sd_card(spec.preset, pipe), pipe)
 

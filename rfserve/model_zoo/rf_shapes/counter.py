@@ -118,11 +118,25 @@ class CountGuide:
     def __init__(self, classifier: CountClassifier, scale: float):
         self.classifier, self.scale = classifier.eval().requires_grad_(False), scale
 
-    def velocity(self, x: torch.Tensor, t: float, counts: torch.Tensor) -> torch.Tensor:
-        """x (B, C, h, w) at progress t, counts (B,) -> the added velocity (B, C, h, w)."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            logits = self.classifier(x, torch.full((len(x),), t, device=x.device))
-            chosen = logits.log_softmax(1).gather(1, counts.view(-1, 1)).sum()
-            (grad,) = torch.autograd.grad(chosen, x)
-        return self.scale * (1 - t) / max(t, T_FLOOR) * grad
+    def velocity(self, x: torch.Tensor, t: float | torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) at progress t (one for all rows, or (B,) per row), counts (B,) -> the added velocity
+        (B, C, h, w), in x's dtype. The classifier runs in float32 and with autograd on, even where the caller
+        samples in half precision under inference mode, as the server does."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(len(x))  # (B,)
+        with torch.inference_mode(False), torch.enable_grad():  # clones: autograd saves no inference tensor
+            x_in = x.detach().float().clone().requires_grad_(True)
+            logits = self.classifier(x_in, t.clone())
+            chosen = logits.log_softmax(1).gather(1, counts.view(-1, 1).clone()).sum()
+            (grad,) = torch.autograd.grad(chosen, x_in)
+        factor = self.scale * (1 - t) / t.clamp(min=T_FLOOR)  # (B,)
+        return (factor.view(-1, 1, 1, 1) * grad).to(x.dtype)
+
+    def rows_velocity(self, x: torch.Tensor, progress: list[float], counts: list[int | None]) -> torch.Tensor:
+        """`velocity` for rows x (B, C, h, w), each at its own progress towards its own count (`data.asked_count`
+        of its prompt); zero for the rows that ask for none."""
+        out = torch.zeros_like(x)
+        rows = [i for i, c in enumerate(counts) if c is not None]
+        if rows:
+            asked = torch.tensor([counts[i] for i in rows], device=x.device)
+            out[rows] = self.velocity(x[rows], torch.tensor([progress[i] for i in rows], device=x.device), asked)
+        return out

@@ -6,6 +6,7 @@ colour, shape, count and background. Everything is derived from an integer seed;
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: ("a", "one"), 2: ("two",), 3: ("three",)}
 WORD_COUNTS = {w: n for n, words in COUNT_WORDS.items() for w in words}
+SHAPE_NOUNS = frozenset(noun for shape in SHAPES for noun in (shape, shape + "s"))
 COLOUR_JITTER = 12  # per-channel uniform jitter so colours are not a single point
 # Radius range per count: more shapes -> smaller, so they fit without overlap.
 RADIUS_RANGE = {1: (8.0, 15.0), 2: (6.0, 11.0), 3: (5.0, 9.0)}
@@ -71,6 +73,15 @@ def parse_caption(caption: str) -> Scene:
     if count_word not in WORD_COUNTS or colour not in PALETTE or background not in PALETTE or shape not in SHAPES:
         raise ValueError(f"caption outside the grammar: {caption!r}")
     return Scene(colour, shape, WORD_COUNTS[count_word], background)
+
+
+def asked_count(prompt: str) -> int | None:
+    """The count a prompt asks for: the count word nearest before its first shape noun ("two red circles", "a
+    square on a blue background": 2, 1). None where no count word comes before a shape noun; such a row is sampled
+    unsteered, as the UNet alone reads it."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    noun = next((i for i, w in enumerate(words) if w in SHAPE_NOUNS), 0)
+    return next((WORD_COUNTS[w] for w in reversed(words[:noun]) if w in WORD_COUNTS), None)
 
 
 def vocabulary() -> list[str]:

@@ -6,12 +6,17 @@ before the serving pipeline exists. It matches `RectifiedFlowPipeline`: UNet tim
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from rfserve.model_zoo.seeding import initial_noise
+
+from .data import asked_count
+
+if TYPE_CHECKING:
+    from .counter import CountGuide
 
 
 @torch.no_grad()
@@ -54,8 +59,9 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
 
 
 def generate(components: dict, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-             negative_prompt: str = "", batch: int = 64) -> np.ndarray:
-    """Images for prompts and per-image seeds, in chunks of `batch`; uint8 (B, H, W, 3)."""
+             negative_prompt: str = "", batch: int = 64, count_guide: CountGuide | None = None) -> np.ndarray:
+    """Images for prompts and per-image seeds, in chunks of `batch`; uint8 (B, H, W, 3). `count_guide` steers each
+    image towards the count its prompt asks for, as the serving pipeline does."""
     unet, vae = components["unet"], components["vae"]
     tok, te = components["tokenizer"], components["text_encoder"]
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -65,5 +71,7 @@ def generate(components: dict, prompts: list[str], seeds: list[int], *, steps: i
         cond = encode_text(tok, te, p)
         uncond = encode_text(tok, te, [negative_prompt] * len(p)) if guidance > 1.0 else None
         noise = initial_noise(s, shape, dtype=torch.float32, device=unet.device)
-        out.append(decode(vae, euler_sample(unet, noise, cond, uncond, steps, guidance)))
+        counts = [asked_count(q) for q in p]
+        steer = None if count_guide is None else lambda x, t: count_guide.rows_velocity(x, [t] * len(x), counts)
+        out.append(decode(vae, euler_sample(unet, noise, cond, uncond, steps, guidance, steer)))
     return np.concatenate(out)
