@@ -28,7 +28,8 @@ def test_shipped_weights_are_small_fp16_safetensors():
     files = [f for f in CHECKPOINT_DIR.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 20e6
     weights = [f for f in files if f.suffix == ".safetensors"]
-    assert len(weights) == 3 * len(MODELS)
+    assert len(weights) == 3 * len(MODELS) + 1                     # and the 2-RF folder's count guide
+    assert (CHECKPOINT_DIR / "rf-shapes-2rf" / "count_guide" / "model.safetensors").is_file()
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
     for f in weights:
         with safe_open(f, "pt") as st:
@@ -55,13 +56,14 @@ def test_loads_through_the_serving_loader_at_64px(pipes):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_training_sampler_matches_serving_pipeline(pipes, name):
-    """The sampler used to make reflow pairs must have the serving semantics (timesteps, CFG, seeds)."""
+    """The sampler used to make reflow pairs must have the serving semantics (timesteps, CFG, seeds, the count
+    guide)."""
     pipe, kw = pipes[name], _settings(name)
     prompts = ["two green squares on a purple background", "a white triangle on a black background"]
     served = pipe.generate(prompts, [5, 6], **kw)
     parts = pipe.parts
     ours = generate({"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder,
-                     "tokenizer": parts.tokenizer}, prompts, [5, 6], **kw)
+                     "tokenizer": parts.tokenizer}, prompts, [5, 6], count_guide=pipe.count_guide, **kw)
     assert np.abs(served.astype(int) - ours.astype(int)).max() <= 1
 
 
