@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
+from rfserve.model_zoo.rf_shapes.config import preset
 
 pytestmark = pytest.mark.slow
 STAGES = ("vae", "teacher", "counter", "reflow_pairs", "rf2", "distill_pairs", "one_step")
@@ -54,6 +55,8 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
     example = first["eval"]["rf-shapes"]["first_example"]
     assert example["seeds"] == "0-99" and all(0 <= example[k] <= 1 for k in ("checker", "no_fragment_dropped"))
     _assert_serves(tmp_path / "a" / "rf-shapes", "two red circles on a blue background")
+    guided = InstaFlowPipeline.from_pretrained(tmp_path / "a" / "rf-shapes-2rf")      # the counter ships with it
+    assert guided.count_guide.scale == preset("tiny").served_count_guidance > 0
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """End-to-end recipe for the shipped rf-shapes weights: VAE -> 1-RF teacher -> reflow pairs -> 2-RF
--> one-step distillation, then export (fp16, InstaFlow layout) and evaluation. With `count_guidance` set, a count
-classifier trained after the teacher steers both pair ODEs (`counter.py`).
+-> one-step distillation, then export (fp16, InstaFlow layout) and evaluation. A count classifier trained after the
+teacher (`counter.py`) ships beside the 2-RF weights as its sampler's guide, and with `count_guidance` set it also
+steers both pair ODEs.
 
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~85 min on a quiet 2-core CPU
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
@@ -33,6 +34,7 @@ from .config import PRESETS, TrainConfig, preset, stage_settings
 from .data import Scene, make_batch, sample_scene
 from .eval import evaluate_checkpoints
 from .export import folder_size_mb, save_pipeline
+from .guide import save_count_guide
 from .models import build_text_encoder, build_unet, build_vae
 from .sampling import decode, generate
 from .tokenizer import build_tokenizer
@@ -113,9 +115,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 64, 64) in [-1, 1]
 
 
-def count_guide(cfg: TrainConfig, run: Run, vae, gen: torch.Generator) -> counter.CountGuide:
+def count_classifier(cfg: TrainConfig, run: Run, vae, gen: torch.Generator) -> counter.CountClassifier:
     """The counter stage: the classifier trained on the VAE's latents of `counting_set` renders, its held-out
-    accuracy by t logged, wrapped as the pair ODEs' guide."""
+    accuracy by t logged."""
     images, counts = counter.counting_set(cfg.seed + 13, cfg.counter_samples)
     held = len(images) // 12  # the last twelfth is held out for the accuracy figures
     latents = stages.encode_latents(vae, to_tensor(images).to(run.device)) * vae.config.scaling_factor
@@ -128,7 +130,7 @@ def count_guide(cfg: TrainConfig, run: Run, vae, gen: torch.Generator) -> counte
     classifier = out["classifier"].eval()
     run.log["counter"]["held_out_accuracy_by_t"] = {
         str(t): counter.accuracy(classifier, latents[-held:], counts_t[-held:], t, gen) for t in (0.2, 0.4, 1.0)}
-    return counter.CountGuide(classifier, cfg.count_guidance)
+    return classifier
 
 
 def gen_for(cfg: TrainConfig, stage: int) -> torch.Generator:
@@ -184,7 +186,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log["teacher"]["eval"] = teacher_eval(teacher, te, cfg.reflow_ode_steps)
     run.save_log()
 
-    guide = count_guide(cfg, run, vae, gen(7)) if cfg.count_guidance else None
+    classifier = count_classifier(cfg, run, vae, gen(7)) if cfg.count_guidance or cfg.served_count_guidance else None
+    guide = counter.CountGuide(classifier, cfg.count_guidance) if cfg.count_guidance else None
 
     def pair_captions(seed: int, n: int) -> tuple[torch.Tensor, list[Scene], torch.Tensor]:
         """Token ids, scenes and counts of n training-split captions."""
@@ -225,6 +228,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     folders = {"rf-shapes": run.out / "rf-shapes", "rf-shapes-2rf": run.out / "rf-shapes-2rf"}
     save_pipeline(folders["rf-shapes"], {**shared, "unet": one_step})
     save_pipeline(folders["rf-shapes-2rf"], {**shared, "unet": rf2})
+    if cfg.served_count_guidance:
+        save_count_guide(folders["rf-shapes-2rf"], counter.CountGuide(classifier, cfg.served_count_guidance))
     log["checkpoint_mb"] = {k: round(folder_size_mb(f), 2) for k, f in folders.items()}
     run.save_log()
     return folders
