@@ -12,7 +12,7 @@ ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
 @pytest.fixture(scope="module")
 def served():
-    """rf-shapes (1 step by default) and rf-shapes-2rf (8 by default) under a 4-step cap, behind a key."""
+    """rf-shapes (1 step by default) and rf-shapes-2rf (16 by default) under a 4-step cap, behind a key."""
     engine = Engine(ServerConfig(models=["rf-shapes", "rf-shapes-2rf"], device="cpu", max_steps=4, warmup=False,
                                  api_keys=["k1"], max_images_per_request=3))
     engine.load(progress=False)

@@ -16,7 +16,7 @@ from tests.server.serving import ServerProcess, decode_png, openai_client
 
 pytestmark = pytest.mark.slow
 
-MULTI = "rf-shapes-2rf"            # 8 steps with CFG
+MULTI = "rf-shapes-2rf"            # 16 steps with CFG and the count guide
 ONE_STEP = "rf-shapes"
 TINY = "instaflow-2rf"
 MAX_PIXELS = 128 * 128

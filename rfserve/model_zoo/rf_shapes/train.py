@@ -3,7 +3,7 @@
 teacher (`counter.py`) ships beside the 2-RF weights as its sampler's guide, and with `count_guidance` set it also
 steers both pair ODEs.
 
-    python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~85 min on a quiet 2-core CPU
+    python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~90 min on a quiet 2-core CPU
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run --preset counting --resume  # count guidance
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_gpu --device cuda   # same stages on a GPU
