@@ -47,8 +47,9 @@ else
 fi
 
 core() {
-  step "gpu tests" 90 python3 -m pytest -q -m gpu tests/kernels tests/server/test_buckets.py \
-    tests/server/test_gpu_jpeg.py -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt"
+  step "gpu tests" 120 python3 -m pytest -q -m gpu tests/kernels tests/server/test_buckets.py \
+    tests/server/test_gpu_jpeg.py tests/rf_shapes/test_guide.py -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+  tail -3 "$OUT/gpu_tests.txt"
   step "kernels" 80 python3 -m rfserve.benchmarks.bench_kernels --device "$DEVICE" --out "$OUT" > "$OUT/kernels.log" 2>&1
   # shellcheck disable=SC2086  # SUITE is a list of flags
   step "sd15 one-step suite" 380 python3 -m rfserve.benchmarks.suite $SUITE --server-args "--batch-buckets 1,16" \
