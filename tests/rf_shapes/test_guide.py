@@ -11,9 +11,12 @@ import torch
 from rfserve.model_zoo.base import ImageSpec
 from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from rfserve.model_zoo.loading import CheckpointError
+from rfserve.model_zoo.registry import load_model, parse_spec
+from rfserve.model_zoo.rf_shapes.checker import check
 from rfserve.model_zoo.rf_shapes.counter import CountClassifier, CountGuide
-from rfserve.model_zoo.rf_shapes.data import asked_count
+from rfserve.model_zoo.rf_shapes.data import asked_count, make_batch
 from rfserve.model_zoo.rf_shapes.guide import GUIDE_FOLDER, load_count_guide, save_count_guide
+from rfserve.model_zoo.rf_shapes.presets import RF_SHAPES_DEFAULTS
 from rfserve.model_zoo.rf_shapes.sampling import generate
 
 
@@ -121,8 +124,6 @@ def test_rows_joining_mid_way_are_steered_as_alone(guided):
 
 
 def test_the_spec_sets_the_shipped_guides_scale_or_turns_it_off():
-    from rfserve.model_zoo.registry import load_model, parse_spec
-
     def served(spec):
         return load_model(parse_spec(spec), torch.device("cpu"), torch.float32).pipeline.count_guide
 
@@ -138,10 +139,6 @@ def test_the_shipped_guide_steers_in_bfloat16_as_in_float32(device):
     """Serving on a GPU runs the UNet in bfloat16 under inference mode; the guide's gradient (float32, autograd on)
     must steer there as it does in float32: on 64 held-out prompts the count comes out about as often right (and
     more often than unguided: 0.65 against 0.90 on 384 held-out prompts, benchmarks/RESULTS.md)."""
-    from rfserve.model_zoo.rf_shapes.checker import check
-    from rfserve.model_zoo.rf_shapes.data import make_batch
-    from rfserve.model_zoo.rf_shapes.presets import RF_SHAPES_DEFAULTS
-
     d = RF_SHAPES_DEFAULTS["rf-shapes-2rf"]
     _, scenes, captions = make_batch(77, 64, held_out=True)
 
