@@ -11,7 +11,7 @@ from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from rfserve.model_zoo.rf_shapes.config import preset
 
 pytestmark = pytest.mark.slow
-STAGES = ("vae", "teacher", "counter", "reflow_pairs", "rf2", "distill_pairs", "one_step")
+STAGES = ("vae", "teacher", "counter", "reflow_pairs", "rf2", "distill_pairs", "one_step", "count_tune")
 
 
 def _command(out, *extra):
@@ -38,11 +38,18 @@ def _assert_serves(folder, prompt):
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
 
-def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
-    first, second = _train_side_by_side(tmp_path / "a", tmp_path / "b")
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory):
+    """Two tiny runs, in folders a and b of the returned root, and their logs."""
+    root = tmp_path_factory.mktemp("recipe")
+    return root, *_train_side_by_side(root / "a", root / "b")
+
+
+def test_tiny_recipe_is_deterministic_and_serves(side_by_side):
+    tmp_path, first, second = side_by_side
     for stage in STAGES:
         assert first[stage]["seconds"] > 0, stage
-    for stage in ("vae", "teacher", "counter", "rf2", "one_step"):
+    for stage in ("vae", "teacher", "counter", "rf2", "one_step", "count_tune"):
         assert first[stage]["loss"] and first[stage]["loss"] == second[stage]["loss"], stage
     assert set(first["counter"]["held_out_accuracy_by_t"]) == {"0.2", "0.4", "1.0"}
     for stage in ("reflow_pairs", "distill_pairs"):  # the guided targets are the same in both runs
@@ -57,6 +64,18 @@ def test_tiny_recipe_is_deterministic_and_serves(tmp_path):
     _assert_serves(tmp_path / "a" / "rf-shapes", "two red circles on a blue background")
     guided = InstaFlowPipeline.from_pretrained(tmp_path / "a" / "rf-shapes-2rf")      # the counter ships with it
     assert guided.count_guide.scale == preset("tiny").served_count_guidance > 0
+
+
+def test_a_run_from_a_served_2rf_trains_only_the_one_step_stages(side_by_side, tmp_path):
+    """--from-2rf: the one-step stages start from a served folder, which the output's 2-RF folder copies."""
+    served = side_by_side[0] / "a" / "rf-shapes-2rf"
+    log = _train(tmp_path, "--from-2rf", str(served))
+    assert [s for s in STAGES if log.get(s, {}).get("seconds")] == ["distill_pairs", "one_step", "count_tune"]
+    assert log["environment"]["from_2rf"] == str(served.resolve()) and len(log["environment"]["from_2rf_sha256"]) == 64
+    for part in ("unet/diffusion_pytorch_model.safetensors", "count_guide/model.safetensors"):
+        a, b = (load_file(d / part) for d in (served, tmp_path / "rf-shapes-2rf"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), part
+    _assert_serves(tmp_path / "rf-shapes", "three blue squares on a white background")
 
 
 @pytest.mark.gpu

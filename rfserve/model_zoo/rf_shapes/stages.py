@@ -1,4 +1,5 @@
 """The training stages: VAE, 1-RF teacher, reflow pairs, 2-RF (annealing reflow), one-step distillation.
+(The counting classifier's stages, and the count tuning of the one-step model, are in `counter.py`.)
 
 RF convention throughout (matches the sampler): t in [0, 1] with 0 = noise,
 x_t = t * x_data + (1 - t) * noise, UNet timestep (1 - t) * 1000, target v = x_data - noise.
@@ -216,10 +217,12 @@ def train_one_step(unet, text_encoder, noise, ends, ids, cfg: StageConfig, gen, 
         idx = torch.randint(len(noise), (cfg.batch,), generator=gen)
         with torch.no_grad():
             emb = text_encoder(ids[idx])[0]
-        z = noise[idx]
-        v = unet(z, torch.full((len(idx),), 1000.0, device=z.device), encoder_hidden_states=emb).sample
-        loss = F.mse_loss(z + v, ends[idx])
-        return loss
+        return F.mse_loss(one_step(unet, noise[idx], emb), ends[idx])
 
     _fit("one-step distill", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint)
     return ema.module
+
+
+def one_step(unet, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The one-step model's latents (B, C, h, w): one Euler step from pure noise z, at UNet timestep 1000."""
+    return z + unet(z, torch.full((len(z),), 1000.0, device=z.device), encoder_hidden_states=emb).sample
