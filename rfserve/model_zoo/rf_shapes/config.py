@@ -1,9 +1,9 @@
 """Model and training-schedule presets for rf-shapes.
 
-`full` produces the shipped checkpoints, the 2-RF's count guide included, within the CPU budget (about 90 min on a
-quiet 2-core CPU, two threads); `counting` is `full` with guided pairs and the distillation that the pilots say it
-needs (issue #35; it has not yet trained shipped weights); `tiny` exercises every stage, count guidance included, in a
-couple of minutes for smoke runs and tests.
+`full` produces the shipped 2-RF checkpoint and its count guide within the CPU budget (about 90 min on a quiet 2-core
+CPU, two threads); `counting` is `full` with guided pairs, a longer distillation and count tuning (issue #35), and run
+from the shipped 2-RF (`train --from-2rf`) it produced the shipped one-step model; `tiny` exercises every stage,
+count guidance and tuning included, in a couple of minutes for smoke runs and tests.
 """
 from __future__ import annotations
 
