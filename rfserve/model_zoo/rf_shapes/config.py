@@ -102,8 +102,7 @@ PRESETS: dict[str, TrainConfig] = {
     # 0.83 with colour 0.99 and FD 8.5 (untuned: 0.73, 0.98, 7.2); reading it at [0.4, 1] with weight 0.1 took count
     # to 0.82 but colour to 0.92 and FD to 15.5.
     "counting": TrainConfig(count_guidance=10.0, distill_pairs=12_288, distill_ode_steps=12,
-                            distill=StageConfig(steps=3000, batch=64, lr=3e-4),
-                            count_tune_weight=0.2, count_tune_t=(0.2, 0.5)),
+                            distill=StageConfig(steps=3000, batch=64, lr=3e-4), count_tune_weight=0.2),
     "tiny": TrainConfig(
         model=ModelConfig(unet_channels=(16, 32, 32), vae_channels=(8, 16, 16), text_width=32,
                           text_layers=1, norm_groups=4),

@@ -123,7 +123,8 @@ def tune_one_step(unet, text_encoder, classifier: CountClassifier, noise: torch.
         fresh = torch.randint(len(fresh_ids), (half,), generator=gen).to(fresh_ids.device)
         with torch.no_grad():
             emb = text_encoder(torch.cat([ids[idx], fresh_ids[fresh]]))[0]  # (2 * half, L, D)
-        z = torch.cat([noise[idx], _randn(noise[idx].shape, gen, noise.device)])
+        paired = noise[idx]
+        z = torch.cat([paired, _randn(paired.shape, gen, noise.device)])  # (2 * half, C, h, w)
         x = one_step(unet, z, emb)
         t = (low + (high - low) * torch.rand(half, generator=gen)).to(x.device)
         logits = classifier(_noised(x[half:], t, gen), t)

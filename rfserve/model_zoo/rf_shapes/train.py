@@ -51,8 +51,8 @@ class Run:
 
     Each stage's cache sits beside the settings it was made with (`config.stage_settings`); `--resume` reuses a
     finished stage, or goes on with a stage stopped part-way, only while those settings are unchanged, so a changed
-    recipe never continues from results of another. `origin` names what a run starts from other than the recipe
-    (a served 2-RF folder and its digest); it is part of every stage's settings."""
+    recipe never continues from results of another. `origin` identifies what a run starts from other than the recipe
+    (a served 2-RF folder, by its digest, not its path); it is part of every stage's settings."""
 
     def __init__(self, out: Path, resume: bool, device: torch.device, cfg: TrainConfig, origin: dict | None = None):
         self.out, self.resume, self.device, self.cfg, self.origin = out, resume, device, cfg, origin or {}
@@ -327,13 +327,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset, seed=args.seed)
-    origin = None if args.from_2rf is None else {"from_2rf": str(args.from_2rf.resolve()),
-                                                  "from_2rf_sha256": folder_digest(args.from_2rf)}
+    origin = None if args.from_2rf is None else {"from_2rf_sha256": folder_digest(args.from_2rf)}
     run = Run(args.out, args.resume, torch.device(args.device), cfg, origin)
     start = time.perf_counter()
     run.log["environment"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                               "threads": args.threads, "device": args.device,
-                              "date": datetime.now(timezone.utc).isoformat(), **(origin or {})}
+                              "date": datetime.now(timezone.utc).isoformat()}
+    if origin:
+        run.log["environment"].update(from_2rf=str(args.from_2rf), **origin)
     folders = train(cfg, run, args.from_2rf)
     run.log["train_seconds"] = round(time.perf_counter() - start, 1)
     # With --resume, the wall time above excludes cached stages; this sums what each stage took when it ran.
