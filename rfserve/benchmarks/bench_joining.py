@@ -40,7 +40,8 @@ import torch
 from rfserve.benchmarks.loadgen import environment, percentile
 from rfserve.benchmarks.timing import device_label, save_report
 from rfserve.server.config import ServerConfig
-from rfserve.server.engine import Engine, resolve_device
+from rfserve.server.device import resolve_device
+from rfserve.server.engine import Engine
 
 PROMPT = "a red circle on a blue background"
 MODES = ("off", "on")

@@ -1,4 +1,5 @@
-"""Turns on one device: at most one forward runs at a time, and image work and chat take turns.
+"""The device the engine runs on (`resolve_device`), and turns on it: at most one forward runs at a time, and image
+work and chat take turns.
 
 Every forward the engine runs (an image batch, a chat prefill or decode step) holds a turn. Turns are
 served first come, first served (a ticket lock), and an image batch gives its turn up between
@@ -12,6 +13,16 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
 
 
 class DeviceTurns:

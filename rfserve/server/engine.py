@@ -22,7 +22,7 @@ from rfserve.server.adapters import Adapters, parse_lora
 from rfserve.server.buckets import BucketPlan
 from rfserve.server.chat.batcher import ContinuousBatcher, TokenMetrics
 from rfserve.server.config import ServerConfig
-from rfserve.server.device import DeviceTurns
+from rfserve.server.device import DeviceTurns, resolve_device
 from rfserve.server.memory import ChatNeed, KVBudgetTooSmall, log_plan, size_chat_kv
 from rfserve.server.metrics import Metrics
 from rfserve.server.scheduler import Batcher, Job
@@ -35,14 +35,6 @@ log = logging.getLogger("rfserve.engine")
 
 class ShuttingDown(Exception):
     """Queued work refused because the server is stopping."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 class Engine:
