@@ -11,7 +11,7 @@ from rfserve.model_zoo.instaflow.pipeline import InstaFlowPipeline
 from rfserve.model_zoo.rf_shapes.config import preset
 
 pytestmark = pytest.mark.slow
-STAGES = ("vae", "teacher", "counter", "reflow_pairs", "rf2", "distill_pairs", "one_step", "count_tune")
+STAGES = ("vae", "teacher", "counter", "reflow_pairs", "rf2", "distill_pairs", "one_step", "tune")
 
 
 def _command(out, *extra):
@@ -49,7 +49,7 @@ def test_tiny_recipe_is_deterministic_and_serves(side_by_side):
     tmp_path, first, second = side_by_side
     for stage in STAGES:
         assert first[stage]["seconds"] > 0, stage
-    for stage in ("vae", "teacher", "counter", "rf2", "one_step", "count_tune"):
+    for stage in ("vae", "teacher", "counter", "rf2", "one_step", "tune"):
         assert first[stage]["loss"] and first[stage]["loss"] == second[stage]["loss"], stage
     assert set(first["counter"]["held_out_accuracy_by_t"]) == {"0.2", "0.4", "1.0"}
     for stage in ("reflow_pairs", "distill_pairs"):  # the guided targets are the same in both runs
@@ -70,7 +70,7 @@ def test_a_run_from_a_served_2rf_trains_only_the_one_step_stages(side_by_side, t
     """--from-2rf: the one-step stages start from a served folder, which the output's 2-RF folder copies."""
     served = side_by_side[0] / "a" / "rf-shapes-2rf"
     log = _train(tmp_path, "--from-2rf", str(served))
-    assert [s for s in STAGES if log.get(s, {}).get("seconds")] == ["distill_pairs", "one_step", "count_tune"]
+    assert [s for s in STAGES if log.get(s, {}).get("seconds")] == ["distill_pairs", "one_step", "tune"]
     assert log["environment"]["from_2rf"] == str(served) and len(log["environment"]["from_2rf_sha256"]) == 64
     for part in ("unet/diffusion_pytorch_model.safetensors", "count_guide/model.safetensors"):
         a, b = (load_file(d / part) for d in (served, tmp_path / "rf-shapes-2rf"))

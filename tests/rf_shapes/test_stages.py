@@ -15,30 +15,38 @@ class Stop(Exception):
     pass
 
 
-def _fit(checkpoint=None, stop_at=None):
-    """A small regression fitted by `stages._fit`; every batch comes from the generator, as in the real stages."""
+def _fit(checkpoint=None, stop_at=None, alongside=False):
+    """A small regression fitted by `stages._fit`; every batch comes from the generator, as in the real stages. With
+    `alongside`, a second model trains in the same loop, as the tuning's fake flow does."""
     torch.manual_seed(0)
-    model, gen, log = torch.nn.Linear(4, 3), torch.Generator().manual_seed(5), []
+    model, other, gen, log = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.Generator().manual_seed(5), []
     ema = stages.EMA(model, CFG.ema)
 
     def loss_fn(step):
         if step == stop_at:
             raise Stop
         x = torch.randn(CFG.batch, 4, generator=gen)
-        return ((model(x) - x[:, :3].flip(1)) ** 2).mean()
+        loss = ((model(x) - x[:, :3].flip(1)) ** 2).mean()
+        return loss + ((other(x) - x[:, 1:]) ** 2).mean() if alongside else loss
 
-    stages._fit("test", list(model.parameters()), CFG, loss_fn, log, gen, ema, checkpoint, every=5)
-    return model, ema, log
+    stages._fit("test", list(model.parameters()), CFG, loss_fn, log, gen, ema, checkpoint, every=5,
+                alongside=list(other.parameters()) if alongside else None)
+    return (model, other), ema, log
 
 
-def test_a_stage_stopped_part_way_ends_with_the_weights_of_an_unbroken_run(tmp_path):
-    whole, whole_ema, whole_log = _fit()
+@pytest.mark.parametrize("alongside", [False, True], ids=["one model", "a second alongside"])
+def test_a_stage_stopped_part_way_ends_with_the_weights_of_an_unbroken_run(tmp_path, alongside):
+    whole, whole_ema, whole_log = _fit(alongside=alongside)
     checkpoint = tmp_path / "stage.partial.pt"
     with pytest.raises(Stop):
-        _fit(checkpoint, stop_at=17)
+        _fit(checkpoint, stop_at=17, alongside=alongside)
     assert torch.load(checkpoint, weights_only=True)["step"] == 15  # the last save before the stop
-    resumed, resumed_ema, resumed_log = _fit(checkpoint)
-    for a, b in ((whole, resumed), (whole_ema.module, resumed_ema.module)):
+    resumed, resumed_ema, resumed_log = _fit(checkpoint, alongside=alongside)
+    pairs = [(whole[0], resumed[0]), (whole_ema.module, resumed_ema.module)]
+    if alongside:  # the second model trained (an untrained one keeps its initial weights), and resumed with the first
+        assert not torch.equal(whole[1].weight, _fit()[0][1].weight)
+        pairs.append((whole[1], resumed[1]))
+    for a, b in pairs:
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)
     assert resumed_log == whole_log and [e["step"] for e in whole_log] == [23]

@@ -1,7 +1,7 @@
 """Model and training-schedule presets for rf-shapes.
 
 `full` produces the shipped 2-RF checkpoint and its count guide within the CPU budget (about 90 min on a quiet 2-core
-CPU, two threads); `counting` is `full` with guided pairs, a longer distillation and count tuning (issue #35), and run
+CPU, two threads); `counting` is `full` with guided pairs, a longer distillation and tuning (issue #35), and run
 from the shipped 2-RF (`train --from-2rf`) it produced the shipped one-step model; `tiny` exercises every stage,
 count guidance and tuning included, in a couple of minutes for smoke runs and tests.
 """
@@ -65,13 +65,15 @@ class TrainConfig:
     # 0.66 -> 0.73 and FD 8.8 -> 5.8 (1,500 steps each), while 4x the pairs at 4 steps barely moved either.
     distill_ode_steps: int = 8  # 2-RF ODE steps that make the distillation targets
     distill: StageConfig = StageConfig(steps=1000, batch=64, lr=3e-4)
-    # Count tuning (issue #35, `counter.tune_one_step`): after distillation, the one-step model goes on with half of
-    # each batch on fresh noise, rewarded by the counting classifier (weight; 0 skips the stage) reading its output
-    # noised to a progress in count_tune_t. Captions come from a pool of count_tune_captions training-split ones.
-    count_tune_weight: float = 0.0
-    count_tune_t: tuple[float, float] = (0.2, 0.5)
-    count_tune_captions: int = 20_000
-    count_tune: StageConfig = StageConfig(steps=600, batch=64, lr=1e-4, warmup=50)
+    # Tuning (issue #35, `tuning.py`): after distillation, the one-step model goes on with half of each batch on
+    # fresh noise and captions from a pool of tune_captions training-split ones, rewarded by the counting classifier
+    # reading its output noised to a progress in tune_count_t (tune_count_weight), and matched to the 2-RF's
+    # distribution (tune_match_weight, DMD). With both weights 0 the stage is skipped.
+    tune_count_weight: float = 0.0
+    tune_count_t: tuple[float, float] = (0.2, 0.5)
+    tune_match_weight: float = 0.0
+    tune_captions: int = 20_000
+    tune: StageConfig = StageConfig(steps=600, batch=64, lr=1e-4, warmup=50)
     eval_samples: int = 384
 
 
@@ -84,7 +86,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "rf2": ("rf2", "anneal_fraction"),
     "distill_pairs": ("distill_pairs", "distill_ode_steps"),
     "one_step": ("distill",),
-    "count_tune": ("count_tune_weight", "count_tune_t", "count_tune_captions", "count_tune"),
+    "tune": ("tune_count_weight", "tune_count_t", "tune_match_weight", "tune_captions", "tune"),
 }
 
 
@@ -100,9 +102,11 @@ PRESETS: dict[str, TrainConfig] = {
     # student of 12,288 of them over 3,000 steps counts 0.73 (shape 0.78), where 3,072 over 1,000 counted 0.70.
     # Count tuning from that student (600 steps): reading its output at t in [0.2, 0.5] with weight 0.2 took count to
     # 0.83 with colour 0.99 and FD 8.5 (untuned: 0.73, 0.98, 7.2); reading it at [0.4, 1] with weight 0.1 took count
-    # to 0.82 but colour to 0.92 and FD to 15.5.
+    # to 0.82 but colour to 0.92 and FD to 15.5. Adding distribution matching (DMD) at weight 2 took shape from 0.78 to
+    # 0.86 and FD from 8.5 to 5.0, count 0.81; at weight 1, shape 0.80, count 0.84, FD 4.8.
     "counting": TrainConfig(count_guidance=10.0, distill_pairs=12_288, distill_ode_steps=12,
-                            distill=StageConfig(steps=3000, batch=64, lr=3e-4), count_tune_weight=0.2),
+                            distill=StageConfig(steps=3000, batch=64, lr=3e-4), tune_count_weight=0.2,
+                            tune_match_weight=2.0),
     "tiny": TrainConfig(
         model=ModelConfig(unet_channels=(16, 32, 32), vae_channels=(8, 16, 16), text_width=32,
                           text_layers=1, norm_groups=4),
@@ -114,7 +118,8 @@ PRESETS: dict[str, TrainConfig] = {
         distill_pairs=64, distill_ode_steps=2,
         distill=StageConfig(steps=10, batch=16, lr=1e-4, warmup=2),
         count_guidance=10.0, counter_samples=256, counter=StageConfig(steps=10, batch=16, lr=1e-3, warmup=2, ema=0.0),
-        count_tune_weight=0.1, count_tune_captions=64, count_tune=StageConfig(steps=10, batch=16, lr=1e-4, warmup=2),
+        tune_count_weight=0.1, tune_match_weight=1.0, tune_captions=64,
+        tune=StageConfig(steps=10, batch=16, lr=1e-4, warmup=2),
         eval_samples=32,
     ),
 }

@@ -1,5 +1,5 @@
-"""A classifier that counts the shapes in a noisy latent, the sampler guidance it gives, and the count tuning of the
-one-step model it drives.
+"""A classifier that counts the shapes in a noisy latent, and the sampler guidance it gives; it also rewards the
+one-step model's counts in `tuning.py`.
 
 Why it exists: the caption's count word teaches the UNet each count's shape *size* (the grammar draws more shapes
 smaller), not the number; the number follows the noise, and is settled within the first few Euler steps
@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import StageConfig
 from .data import RADIUS_RANGE, render, sample_scene
-from .stages import EMA, _fit, _randn, one_step
+from .stages import _fit, _randn
 
 MAX_COUNT = 5  # two past the grammar's three, so that drawing one shape too many is visible to the classifier
 SIZE_RANGES = tuple(RADIUS_RANGE.values())  # the grammar's shape sizes, largest first
@@ -81,7 +81,7 @@ class CountClassifier(nn.Module):
         return self.head(F.silu(h).mean(dim=(2, 3)))  # (B, W, h, w) -> (B, W) -> (B, classes)
 
 
-def _noised(latents: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def noised(latents: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     tb = t.view(-1, 1, 1, 1)
     return tb * latents + (1 - tb) * _randn(latents.shape, gen, latents.device)
 
@@ -95,43 +95,10 @@ def train_counter(classifier: CountClassifier, latents: torch.Tensor, counts: to
     def loss_fn(step):
         idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
         t = torch.rand(cfg.batch, generator=gen).to(latents.device)
-        return F.cross_entropy(classifier(_noised(latents[idx], t, gen), t), counts[idx])
+        return F.cross_entropy(classifier(noised(latents[idx], t, gen), t), counts[idx])
 
     _fit("count classifier", list(classifier.parameters()), cfg, loss_fn, log, gen, checkpoint=checkpoint)
     return classifier.eval().requires_grad_(False)
-
-
-def tune_one_step(unet, text_encoder, classifier: CountClassifier, noise: torch.Tensor, ends: torch.Tensor,
-                  ids: torch.Tensor, fresh_ids: torch.Tensor, fresh_counts: torch.Tensor, weight: float,
-                  t_range: tuple[float, float], cfg: StageConfig, gen: torch.Generator, log: list,
-                  checkpoint: Path | None = None):
-    """The one-step model, tuned towards the asked count on noise it was never distilled on.
-
-    Why: a student fitted to its teacher's pairs draws the right count on those noises, but on fresh noise it draws
-    its teacher's count only about 3 times in 4 (`benchmarks/RESULTS.md`, issue #35), and guidance cannot steer a
-    single step. Half of each batch keeps the distillation loss on the pairs (noise, ends, ids); the other half
-    draws fresh noise and training-split captions (fresh_ids, fresh_counts) and adds `weight` times the classifier's
-    cross-entropy for the caption's count, a differentiable reward as in reward-guided distillation. The classifier
-    reads the output noised to progress t in `t_range`: at t = 1 it reads the latent's fine detail, which the
-    student then learns to fool, and in pilots colour and FD paid for it; noised, it reads blobs."""
-    unet.train().requires_grad_(True)
-    ema, half = EMA(unet, cfg.ema), cfg.batch // 2
-    low, high = t_range
-
-    def loss_fn(step):
-        idx = torch.randint(len(noise), (half,), generator=gen)
-        fresh = torch.randint(len(fresh_ids), (half,), generator=gen).to(fresh_ids.device)
-        with torch.no_grad():
-            emb = text_encoder(torch.cat([ids[idx], fresh_ids[fresh]]))[0]  # (2 * half, L, D)
-        paired = noise[idx]
-        z = torch.cat([paired, _randn(paired.shape, gen, noise.device)])  # (2 * half, C, h, w)
-        x = one_step(unet, z, emb)
-        t = (low + (high - low) * torch.rand(half, generator=gen)).to(x.device)
-        logits = classifier(_noised(x[half:], t, gen), t)
-        return F.mse_loss(x[:half], ends[idx]) + weight * F.cross_entropy(logits, fresh_counts[fresh])
-
-    _fit("one-step count tuning", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint)
-    return ema.module
 
 
 @torch.no_grad()
@@ -139,7 +106,7 @@ def accuracy(classifier: CountClassifier, latents: torch.Tensor, counts: torch.T
              gen: torch.Generator) -> float:
     """Share of latents noised to progress t whose count the classifier reads right."""
     tt = torch.full((len(latents),), t, device=latents.device)
-    return (classifier(_noised(latents, tt, gen), tt).argmax(1) == counts).float().mean().item()
+    return (classifier(noised(latents, tt, gen), tt).argmax(1) == counts).float().mean().item()
 
 
 class CountGuide:

@@ -56,20 +56,25 @@ class EMA:
 
 
 def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: torch.Generator,
-         ema: EMA | None = None, checkpoint: Path | None = None, every: int = 250) -> None:
+         ema: EMA | None = None, checkpoint: Path | None = None, every: int = 250,
+         alongside: list | None = None) -> None:
     """Generic loop: AdamW + schedule; `loss_fn(step)` computes the batch loss from `gen`; mean losses go to `log`.
+    `alongside`: parameters of a second model trained by the same loss (the tuning's fake flow), in a parameter group
+    of their own whose gradient is clipped on its own, so neither model's gradient scales the other's step.
 
     With `checkpoint`, the whole loop state (weights, optimizer, schedule, EMA, generator, log) is saved there every
     `every` steps and picked up again when the file exists, so a stage stopped part-way resumes in a later run where
     it stopped, and ends with the weights an unbroken run has."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups = [params] + ([alongside] if alongside else [])
+    every_param = [p for group in groups for p in group]
+    opt = torch.optim.AdamW([{"params": group} for group in groups], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(cfg, s))
     running: list[float] = []
     start, seconds, began = 0, 0.0, time.perf_counter()
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # the generator stays on the CPU
         with torch.no_grad():
-            for p, saved in zip(params, state["params"]):
+            for p, saved in zip(every_param, state["params"]):
                 p.copy_(saved)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -83,7 +88,8 @@ def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: tor
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
         opt.step()
         sched.step()
         if ema is not None:
@@ -95,7 +101,7 @@ def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: tor
             running = []
         if checkpoint is not None and (step + 1) % every == 0 and step + 1 < cfg.steps:
             state = {"step": step + 1, "seconds": seconds + time.perf_counter() - began,
-                     "params": [p.detach() for p in params], "opt": opt.state_dict(),
+                     "params": [p.detach() for p in every_param], "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "gen": gen.get_state(), "log": log, "running": running,
                      "ema": ema.module.state_dict() if ema is not None else {},
                      "ema_updates": ema.updates if ema is not None else 0}

@@ -1,7 +1,8 @@
 """End-to-end recipe for the shipped rf-shapes weights: VAE -> 1-RF teacher -> reflow pairs -> 2-RF
 -> one-step distillation, then export (fp16, InstaFlow layout) and evaluation. A count classifier trained after the
 teacher (`counter.py`) ships beside the 2-RF weights as its sampler's guide; with `count_guidance` set it also
-steers both pair ODEs, and with `count_tune_weight` it rewards the one-step model's counts in a last stage.
+steers both pair ODEs. A last stage tunes the one-step model (`tuning.py`): `tune_count_weight` rewards its counts
+by that classifier, and `tune_match_weight` matches its samples' distribution to the 2-RF's.
 
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~90 min on a quiet 2-core CPU
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-from . import counter, stages
+from . import counter, stages, tuning
 from .checker import check
 from .config import PRESETS, TrainConfig, preset, stage_settings
 from .data import Scene, make_batch, sample_scene
@@ -162,7 +163,7 @@ class Parts:
 
 
 def needs_classifier(cfg: TrainConfig) -> bool:
-    return bool(cfg.count_guidance or cfg.served_count_guidance or cfg.count_tune_weight)
+    return bool(cfg.count_guidance or cfg.served_count_guidance or cfg.tune_count_weight)
 
 
 def teacher_eval(cfg: TrainConfig, parts: Parts, unet, steps: int) -> dict:
@@ -272,7 +273,7 @@ def load_2rf(cfg: TrainConfig, folder: Path, device: torch.device) -> Parts:
 
 
 def train_one_step(cfg: TrainConfig, run: Run, parts: Parts) -> UNet2DConditionModel:
-    """Distillation pairs from the 2-RF ODE, one-step distillation, then count tuning where the preset sets it."""
+    """Distillation pairs from the 2-RF ODE, one-step distillation, then the tuning the preset sets (`tuning.py`)."""
     log, dev, te = run.log, run.device, parts.text_encoder
     distill = pair_captions(parts, cfg.seed + 5, cfg.distill_pairs, dev)
     dpairs = pairs_stage(cfg, run, parts, "distill_pairs", parts.rf2, distill, cfg.distill_ode_steps, 5)
@@ -281,14 +282,22 @@ def train_one_step(cfg: TrainConfig, run: Run, parts: Parts) -> UNet2DConditionM
     one_step = run.stage("one_step", lambda: {"unet": stages.train_one_step(
         copy.deepcopy(parts.rf2), te, dpairs["noise"], dpairs["ends"], distill[0], cfg.distill, gen_for(cfg, 6),
         log["one_step"]["loss"], run.partial("one_step"))}, {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
-    if not cfg.count_tune_weight:
+    if not (cfg.tune_count_weight or cfg.tune_match_weight):
         return one_step
-    fresh_ids, _, fresh_counts = pair_captions(parts, cfg.seed + 9, cfg.count_tune_captions, dev)
-    log["count_tune"] = {"loss": []}
-    return run.stage("count_tune", lambda: {"unet": counter.tune_one_step(
-        copy.deepcopy(one_step), te, parts.classifier, dpairs["noise"], dpairs["ends"], distill[0], fresh_ids,
-        fresh_counts, cfg.count_tune_weight, cfg.count_tune_t, cfg.count_tune, gen_for(cfg, 8),
-        log["count_tune"]["loss"], run.partial("count_tune"))}, {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
+    fresh_ids, _, fresh_counts = pair_captions(parts, cfg.seed + 9, cfg.tune_captions, dev)
+    reward = tuning.Reward(parts.classifier, fresh_counts, cfg.tune_count_weight,
+                           cfg.tune_count_t) if cfg.tune_count_weight else None
+    matching = None
+    if cfg.tune_match_weight:  # against the 2-RF with the CFG its pairs were drawn with
+        with torch.no_grad():
+            uncond = te(empty_ids(parts.tokenizer, dev)[None])[0]  # (1, L, D)
+        matching = tuning.Matching(parts.rf2, copy.deepcopy(parts.rf2), uncond, cfg.reflow_guidance,
+                                   cfg.tune_match_weight)
+    log["tune"] = {"loss": []}
+    return run.stage("tune", lambda: {"unet": tuning.tune_one_step(
+        copy.deepcopy(one_step), te, dpairs["noise"], dpairs["ends"], distill[0], fresh_ids, reward, matching,
+        cfg.tune, gen_for(cfg, 8), log["tune"]["loss"], run.partial("tune"))},
+        {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 
 
 def train(cfg: TrainConfig, run: Run, from_2rf: Path | None = None) -> dict:

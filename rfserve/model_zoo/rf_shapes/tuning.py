@@ -1,0 +1,117 @@
+"""The last stage of the one-step model (issue #35): tuning on fresh noise, with the counting classifier's reward and
+distribution matching against the 2-RF.
+
+Why: a student fitted to its teacher's pairs draws the right count on those noises, but on fresh noise it draws its
+teacher's count only about 3 times in 4, and guidance cannot steer a single step (`benchmarks/RESULTS.md`). Nor is
+a student of 12,288 pairs as sharp as its teacher: on fresh noise it draws ghost blobs and fringed, rounded outlines,
+which the checker reads as wrong shapes and the Fréchet distance as far from real. Half of each batch keeps the
+distillation loss on the pairs; the other half draws fresh noise and training-split captions, where
+
+- `Reward` adds the counting classifier's cross-entropy for the caption's count, a differentiable reward as in
+  reward-guided distillation;
+- `Matching` adds distribution matching distillation (DMD, Yin et al. 2024): a fake flow, a copy of the 2-RF,
+  follows the student's outputs, and the student moves along the difference between the guided 2-RF's denoised
+  estimate of its noised output and the fake's, towards samples the 2-RF would draw. The distillation loss on the
+  pairs is DMD's regression term.
+
+Conventions are the stages': t in [0, 1] with 0 = noise, x_t = t·x_data + (1 − t)·noise, UNet timestep (1 − t)·1000.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StageConfig
+from .counter import noised
+from .stages import EMA, _fit, _randn, one_step
+
+MATCH_T = (0.02, 0.98)  # DMD's range of t, away from the ends where one of the two estimates is pure noise
+
+
+@dataclass(frozen=True)
+class Reward:
+    """`weight` times `classifier`'s cross-entropy for the label each fresh caption asks for (`labels`, one per
+    caption: its count), read on the output noised to a progress in `t_range`: at t = 1 the classifier reads the
+    latent's fine detail, which the student then learns to fool (in pilots colour and FD paid for it); noised, it
+    reads blobs."""
+    classifier: nn.Module
+    labels: torch.Tensor
+    weight: float
+    t_range: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Matching:
+    """DMD against `teacher` (the 2-RF, frozen) with CFG `guidance` against `uncond` (the empty caption's (1, L, D)
+    embedding), weighted by `weight`; `fake` starts as a copy of the teacher and is trained as the student is."""
+    teacher: nn.Module
+    fake: nn.Module
+    uncond: torch.Tensor
+    guidance: float
+    weight: float
+
+
+def _uniform(n: int, t_range: tuple[float, float], gen: torch.Generator, device) -> torch.Tensor:
+    low, high = t_range
+    return (low + (high - low) * torch.rand(n, generator=gen)).to(device)
+
+
+def _matching_losses(m: Matching, x: torch.Tensor, emb: torch.Tensor, gen: torch.Generator):
+    """(the student's DMD loss, the fake flow's flow-matching loss) for one-step outputs x (B, C, h, w) of captions
+    emb (B, L, D). Only the first reaches the student and only the second the fake."""
+    sample = x.detach()
+    t = _uniform(len(x), MATCH_T, gen, x.device)
+    z = _randn(x.shape, gen, x.device)
+    tb = t.view(-1, 1, 1, 1)
+    v_fake = m.fake(tb * sample + (1 - tb) * z, (1 - t) * 1000, encoder_hidden_states=emb).sample
+    fake_loss = F.mse_loss(v_fake, sample - z)  # the fake flow follows the student's outputs
+
+    t = _uniform(len(x), MATCH_T, gen, x.device)
+    tb, xt = t.view(-1, 1, 1, 1), noised(sample, t, gen)
+    with torch.no_grad():
+        v = m.teacher(torch.cat([xt, xt]), torch.cat([(1 - t) * 1000] * 2),
+                      encoder_hidden_states=torch.cat([m.uncond.expand_as(emb), emb])).sample  # (2B, C, h, w)
+        v_neg, v_cond = v.chunk(2)
+        real = xt + (1 - tb) * (v_neg + m.guidance * (v_cond - v_neg))  # denoised estimates of x
+        fake = xt + (1 - tb) * m.fake(xt, (1 - t) * 1000, encoder_hidden_states=emb).sample
+        # DMD's normalisation: the step is relative to how far the sample is from the real estimate
+        step = (fake - real) / (sample - real).abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-3)
+    return 0.5 * F.mse_loss(x, sample - step), fake_loss
+
+
+def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, ids: torch.Tensor,
+                  fresh_ids: torch.Tensor, reward: Reward | None, matching: Matching | None, cfg: StageConfig,
+                  gen: torch.Generator, log: list, checkpoint: Path | None = None):
+    """The one-step model tuned on the pairs (noise, ends, ids) and on fresh noise with the captions fresh_ids, by
+    `reward` and `matching`, each where given; returns the EMA weights. The fake flow trains alongside in the same loop,
+    so a stopped stage resumes with it."""
+    unet.train().requires_grad_(True)
+    ema, half = EMA(unet, cfg.ema), cfg.batch // 2
+    if matching is not None:
+        matching.fake.train().requires_grad_(True)
+
+    def loss_fn(step):
+        idx = torch.randint(len(noise), (half,), generator=gen)
+        fresh = torch.randint(len(fresh_ids), (half,), generator=gen).to(fresh_ids.device)
+        with torch.no_grad():
+            emb = text_encoder(torch.cat([ids[idx], fresh_ids[fresh]]))[0]  # (2 * half, L, D)
+        paired = noise[idx]
+        z = torch.cat([paired, _randn(paired.shape, gen, noise.device)])  # (2 * half, C, h, w)
+        x = one_step(unet, z, emb)
+        loss = F.mse_loss(x[:half], ends[idx])
+        if reward is not None:
+            t = _uniform(half, reward.t_range, gen, x.device)
+            loss = loss + reward.weight * F.cross_entropy(reward.classifier(noised(x[half:], t, gen), t),
+                                                          reward.labels[fresh])
+        if matching is not None:
+            student_loss, fake_loss = _matching_losses(matching, x[half:], emb[half:], gen)
+            loss = loss + matching.weight * student_loss + fake_loss
+        return loss
+
+    fake_params = None if matching is None else list(matching.fake.parameters())
+    _fit("one-step tuning", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint, alongside=fake_params)
+    return ema.module

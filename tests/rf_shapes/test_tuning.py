@@ -1,0 +1,79 @@
+"""The one-step model's tuning (issue #35): a reward's pull on fresh noise, and distribution matching's direction."""
+import copy
+from types import SimpleNamespace
+
+import torch
+
+from rfserve.model_zoo.rf_shapes import counter, stages, tuning
+from rfserve.model_zoo.rf_shapes.config import StageConfig, preset
+from rfserve.model_zoo.rf_shapes.models import build_text_encoder, build_unet
+from rfserve.model_zoo.rf_shapes.tokenizer import build_tokenizer
+from rfserve.model_zoo.rf_shapes.train import tokenize
+
+
+class _MeanReader(torch.nn.Module):
+    """Stands in for the classifier: it reads the count as the latent's mean times 10, so the reward's pull is plain
+    to see (and works at any t, as the real one does on blobs)."""
+
+    def forward(self, x, t):
+        return -(10 * x.mean((1, 2, 3))[:, None] - torch.arange(counter.MAX_COUNT + 1)) ** 2  # (B, classes)
+
+
+def test_count_tuning_raises_the_asked_count_on_fresh_noise_and_only_with_a_weight():
+    """A tiny one-step model tuned with the reward draws, on noise it never saw, latents the reader takes for the
+    asked count more often than the same tuning with weight 0, which is plain distillation."""
+    torch.manual_seed(0)
+    cfg, tokenizer = preset("tiny").model, build_tokenizer()
+    unet, te = build_unet(cfg), build_text_encoder(cfg, tokenizer).eval().requires_grad_(False)
+    captions = ["a red circle on a blue background", "two green squares on a white background",
+                "three blue triangles on a red background"]
+    ids, counts = tokenize(tokenizer, captions * 8), torch.tensor([1, 2, 3] * 8)
+    noise = torch.randn(24, cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    ends = torch.randn_like(noise)
+    stage = StageConfig(steps=20, batch=16, lr=2e-3, warmup=2, ema=0.0)
+
+    def tuned(weight):
+        reward = tuning.Reward(_MeanReader(), counts, weight, (0.3, 0.6))
+        model = tuning.tune_one_step(copy.deepcopy(unet), te, noise, ends, ids, ids, reward, None, stage,
+                                     torch.Generator().manual_seed(3), [])
+        fresh = torch.randn(24, cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            x, t = stages.one_step(model, fresh, te(ids)[0]), torch.full((24,), 0.45)
+            read = _MeanReader()(counter.noised(x, t, torch.Generator().manual_seed(5)), t).argmax(1)
+        return (read == counts).float().mean().item()
+
+    assert tuned(weight=1.0) > tuned(weight=0.0) + 0.3
+
+
+class _Towards(torch.nn.Module):
+    """Stands in for a flow whose every denoised estimate is `target`: v = (target − x_t)/(1 − t), with 1 − t the
+    UNet timestep / 1000. `learned` makes it a fake flow with a parameter for the fake's loss to reach."""
+
+    def __init__(self, target: float):
+        super().__init__()
+        self.learned = torch.nn.Parameter(torch.tensor(target))
+
+    def forward(self, x, timestep, encoder_hidden_states):
+        return SimpleNamespace(sample=(self.learned - x) / (timestep / 1000).view(-1, 1, 1, 1))
+
+
+def test_matching_moves_the_sample_towards_the_teachers_estimate_and_trains_only_the_fake_on_its_loss():
+    """DMD's step is fake − real: with the teacher's estimates at +1 and the fake's at −1, the student's loss pushes
+    every element of its output up, and the fake's loss reaches the fake but never the student's output."""
+    fake = _Towards(-1.0)
+    matching = tuning.Matching(_Towards(1.0).requires_grad_(False), fake, torch.zeros(1, 5, 4), 2.0, 1.0)
+    x = torch.zeros(6, 3, 4, 4, requires_grad=True)
+    student_loss, fake_loss = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4),
+                                                      torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(student_loss, x)
+    assert (grad < 0).all()
+    assert torch.autograd.grad(fake_loss, x, allow_unused=True)[0] is None
+    assert torch.autograd.grad(fake_loss, fake.learned)[0] != 0
+
+
+def test_matching_against_a_fake_that_already_draws_the_teachers_samples_moves_nothing():
+    """Where the fake's estimates are the teacher's (CFG at scale 1 is the conditional velocity), the step is 0."""
+    matching = tuning.Matching(_Towards(0.5), _Towards(0.5), torch.zeros(1, 5, 4), 1.0, 1.0)
+    x = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    student_loss, _ = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4), torch.Generator().manual_seed(0))
+    assert student_loss.item() < 1e-10
