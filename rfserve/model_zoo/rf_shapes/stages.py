@@ -1,5 +1,5 @@
 """The training stages: VAE, 1-RF teacher, reflow pairs, 2-RF (annealing reflow), one-step distillation.
-(The counting classifier's stages, and the count tuning of the one-step model, are in `counter.py`.)
+(The counting classifier is in `counter.py`, and the tuning of the one-step model in `tuning.py`.)
 
 RF convention throughout (matches the sampler): t in [0, 1] with 0 = noise,
 x_t = t * x_data + (1 - t) * noise, UNet timestep (1 - t) * 1000, target v = x_data - noise.
