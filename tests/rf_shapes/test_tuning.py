@@ -1,7 +1,9 @@
-"""The one-step model's tuning (issue #35): a reward's pull on fresh noise, and distribution matching's direction."""
+"""The one-step model's tuning (issue #35): a reward's pull on fresh noise, distribution matching's direction, and
+the GAN term's."""
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from rfserve.model_zoo.rf_shapes import counter, stages, tuning
@@ -77,3 +79,76 @@ def test_matching_against_a_fake_that_already_draws_the_teachers_samples_moves_n
     x = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
     student_loss, _ = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4), torch.Generator().manual_seed(0))
     assert student_loss.item() < 1e-10
+
+
+def _tiny_adversarial(weight: float, ids: torch.Tensor):
+    """A tiny UNet as both flows (DMD weight 0), a fresh head on its mid-block, and 8 'real' latents, all +1, with the
+    captions ids[:8]."""
+    cfg = preset("tiny").model
+    unet = build_unet(cfg)
+    uncond = torch.zeros(1, ids.shape[1], cfg.text_width)
+    matching = tuning.Matching(copy.deepcopy(unet).requires_grad_(False), unet, uncond, 1.0, 0.0)
+    head = tuning.discriminator_head(cfg.unet_channels[-1], 2)  # 8x8 latents, two downsamplings
+    real = torch.ones(8, cfg.latent_channels, 8, 8)
+    return matching, tuning.Adversarial(head, real, ids[:8], weight, 1.0)
+
+
+def test_the_gan_term_moves_the_student_only_by_its_loss_and_the_head_and_fake_only_by_theirs():
+    """DMD2's two losses share one backward pass: the student's reads the head and fake frozen, and the head's reads
+    the student's output detached, so neither model is trained to help the other."""
+    torch.manual_seed(0)
+    matching, adversarial = _tiny_adversarial(1.0, torch.zeros(8, 5, dtype=torch.long))
+    x = torch.randn(4, 8, 8, 8, requires_grad=True)
+    emb = torch.randn(4, 5, preset("tiny").model.text_width)
+    student_loss, head_loss = tuning._adversarial_losses(adversarial, matching, x, emb, adversarial.latents[:4], emb,
+                                                         torch.Generator().manual_seed(0))
+    learned = list(adversarial.head.parameters()) + list(matching.fake.parameters())
+    assert torch.autograd.grad(student_loss, x)[0].abs().sum() > 0
+    assert all(g is None for g in torch.autograd.grad(student_loss, learned, allow_unused=True, retain_graph=True))
+    assert torch.autograd.grad(head_loss, x, allow_unused=True, retain_graph=True)[0] is None
+    head_grads = torch.autograd.grad(head_loss, learned, allow_unused=True)
+    assert all(g is not None for g in head_grads[:len(list(adversarial.head.parameters()))])
+    assert all(p.requires_grad for p in learned)  # unfrozen again for the fake's own losses
+
+
+
+class _Bottleneck(torch.nn.Module):
+    """Stands in for the fake flow: its mid-block is the identity on the noised input, so the head reads x_t."""
+
+    def __init__(self):
+        super().__init__()
+        self.mid_block = torch.nn.Identity()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x, timestep, encoder_hidden_states):
+        return SimpleNamespace(sample=self.mid_block(self.scale * x))
+
+
+class _MeanHead(torch.nn.Module):
+    """Stands in for the head: the logit is the features' mean times `gain`, so it says real where latents are high."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, features):
+        return self.gain * features.mean((1, 2, 3))[:, None]
+
+
+def test_the_gan_term_moves_the_sample_where_the_head_says_real_and_teaches_the_head_to_tell_them_apart():
+    """Real latents at +1, outputs at −1: the student's loss pushes every element of its output up, and the head's
+    loss raises the head's gain, which is what separates the two."""
+    matching = tuning.Matching(_Towards(0.0), _Bottleneck(), torch.zeros(1, 5, 4), 1.0, 0.0)
+    adversarial = tuning.Adversarial(_MeanHead(), torch.ones(6, 3, 4, 4), torch.zeros(6, 5, dtype=torch.long),
+                                     1.0, 1.0)
+    x = torch.full((6, 3, 4, 4), -1.0, requires_grad=True)
+    emb = torch.zeros(6, 5, 4)
+    student_loss, head_loss = tuning._adversarial_losses(adversarial, matching, x, emb, adversarial.latents, emb,
+                                                         torch.Generator().manual_seed(0))
+    assert (torch.autograd.grad(student_loss, x)[0] < 0).all()
+    assert torch.autograd.grad(head_loss, adversarial.head.gain)[0] < 0
+
+
+def test_a_gan_weight_without_distribution_matching_is_refused_when_the_recipe_is_configured():
+    with pytest.raises(ValueError, match="tune_match_weight"):
+        preset("tiny", tune_match_weight=0.0)

@@ -2,7 +2,8 @@
 -> one-step distillation, then export (fp16, InstaFlow layout) and evaluation. A count classifier trained after the
 teacher (`counter.py`) ships beside the 2-RF weights as its sampler's guide; with `count_guidance` set it also
 steers both pair ODEs. A last stage tunes the one-step model (`tuning.py`): `tune_count_weight` rewards its counts
-by that classifier, and `tune_match_weight` matches its samples' distribution to the 2-RF's.
+by that classifier, `tune_match_weight` matches its samples' distribution to the 2-RF's, and `tune_gan_weight`
+makes them pass for renders of their captions.
 
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_run            # full preset, ~90 min on a quiet 2-core CPU
     python -m rfserve.model_zoo.rf_shapes.train --out /tmp/rfshapes_tiny --preset tiny
@@ -42,7 +43,7 @@ from .data import Scene, make_batch, sample_scene
 from .eval import evaluate_checkpoints
 from .export import folder_size_mb, save_pipeline
 from .guide import GUIDE_FOLDER, load_count_guide, save_count_guide
-from .models import build_text_encoder, build_unet, build_vae
+from .models import build_text_encoder, build_unet, build_vae, latent_size
 from .sampling import decode, generate
 from .tokenizer import build_tokenizer
 
@@ -272,6 +273,19 @@ def load_2rf(cfg: TrainConfig, folder: Path, device: torch.device) -> Parts:
                  None if guide is None else guide.classifier, load(UNet2DConditionModel, "unet"))
 
 
+def real_scenes(cfg: TrainConfig, parts: Parts, device) -> tuning.Adversarial:
+    """The tuning's GAN term: the VAE's latents of tune_real_scenes training-split renders, their captions, and a
+    fresh discriminator head for the 2-RF's mid-block (its own seed, so the head starts the same in every run)."""
+    images, captions = render_dataset(cfg.seed + 17, cfg.tune_real_scenes)
+    latents = stages.encode_latents(parts.vae, to_tensor(images).to(device)) * parts.vae.config.scaling_factor
+    levels = len(cfg.model.unet_channels)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed * 1000 + 10)
+        head = tuning.discriminator_head(cfg.model.unet_channels[-1], latent_size(cfg.model) // 2 ** (levels - 1))
+    return tuning.Adversarial(head.to(device), latents, tokenize(parts.tokenizer, captions).to(device),
+                              cfg.tune_gan_weight, cfg.tune_gan_head_weight)
+
+
 def train_one_step(cfg: TrainConfig, run: Run, parts: Parts) -> UNet2DConditionModel:
     """Distillation pairs from the 2-RF ODE, one-step distillation, then the tuning the preset sets (`tuning.py`)."""
     log, dev, te = run.log, run.device, parts.text_encoder
@@ -294,9 +308,10 @@ def train_one_step(cfg: TrainConfig, run: Run, parts: Parts) -> UNet2DConditionM
         matching = tuning.Matching(parts.rf2, copy.deepcopy(parts.rf2), uncond, cfg.reflow_guidance,
                                    cfg.tune_match_weight)
     log["tune"] = {"loss": []}
-    return run.stage("tune", lambda: {"unet": tuning.tune_one_step(
+    return run.stage("tune", lambda: {"unet": tuning.tune_one_step(  # renders the GAN's scenes only if it runs
         copy.deepcopy(one_step), te, dpairs["noise"], dpairs["ends"], distill[0], fresh_ids, reward, matching,
-        cfg.tune, gen_for(cfg, 8), log["tune"]["loss"], run.partial("tune"))},
+        cfg.tune, gen_for(cfg, 8), log["tune"]["loss"], run.partial("tune"),
+        real_scenes(cfg, parts, dev) if cfg.tune_gan_weight else None)},
         {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 
 

@@ -12,7 +12,10 @@ distillation loss on the pairs; the other half draws fresh noise and training-sp
 - `Matching` adds distribution matching distillation (DMD, Yin et al. 2024): a fake flow, a copy of the 2-RF,
   follows the student's outputs, and the student moves along the difference between the guided 2-RF's denoised
   estimate of its noised output and the fake's, towards samples the 2-RF would draw. The distillation loss on the
-  pairs is DMD's regression term.
+  pairs is DMD's regression term;
+- `Adversarial` adds DMD2's GAN term (Yin et al. 2024b): a head on the fake flow's bottleneck tells noised renders of
+  real scenes from noised student outputs, each under its own caption, and the student learns to pass for real. DMD
+  matches the 2-RF's distribution, flaws and all; renders of the caption are what the checker and the FD compare with.
 
 Conventions are the stages': t in [0, 1] with 0 = noise, x_t = t·x_data + (1 − t)·noise, UNet timestep (1 − t)·1000.
 """
@@ -30,6 +33,11 @@ from .counter import noised
 from .stages import EMA, _fit, _randn, one_step
 
 MATCH_T = (0.02, 0.98)  # DMD's range of t: its timesteps 20 to 980 of 1,000
+# The GAN head reads progress 0.5 to 1, nearer the data than DMD2's full range: what tells the one-step model's
+# outputs from renders is fine detail, lost in noise. Trained on its loss alone against the last shipped model's outputs
+# (batch 32, lr 1e-4), the head and fake took that loss from 1.39 to 0.89 in 150 steps here, and over MATCH_T only to
+# 1.36 in 100.
+GAN_T = (0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,26 @@ class Matching:
     uncond: torch.Tensor
     guidance: float
     weight: float
+
+
+@dataclass(frozen=True)
+class Adversarial:
+    """DMD2's GAN term: `head` maps the fake flow's mid-block features to a logit, real for `latents` (N, C, h, w),
+    the VAE's latents of rendered scenes with captions `ids` (N, L). The head and the fake learn to tell them from the
+    student's outputs, weighted by `head_weight`; the student learns to pass for real, weighted by `weight`. Needs
+    `Matching`'s fake flow."""
+    head: nn.Module
+    latents: torch.Tensor
+    ids: torch.Tensor
+    weight: float
+    head_weight: float
+
+
+def discriminator_head(channels: int, size: int) -> nn.Module:
+    """Mid-block features (B, channels, size, size) -> logits (B, 1); flattened rather than pooled, so where each blob
+    sits counts."""
+    return nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                         nn.Flatten(), nn.Linear(channels * size * size, 1))
 
 
 def _uniform(n: int, t_range: tuple[float, float], gen: torch.Generator, device) -> torch.Tensor:
@@ -83,16 +111,51 @@ def _matching_losses(m: Matching, x: torch.Tensor, emb: torch.Tensor, gen: torch
     return 0.5 * F.mse_loss(x, sample - step), fake_loss
 
 
+def _logits(fake: nn.Module, head: nn.Module, x: torch.Tensor, emb: torch.Tensor, gen: torch.Generator):
+    """The head's logits (B,) on the fake's mid-block features for x noised to a progress in GAN_T."""
+    t = _uniform(len(x), GAN_T, gen, x.device)
+    features = []
+    hook = fake.mid_block.register_forward_hook(lambda module, args, out: features.append(out))
+    try:
+        fake(noised(x, t, gen), (1 - t) * 1000, encoder_hidden_states=emb)
+    finally:
+        hook.remove()
+    return head(features[0]).flatten()
+
+
+def _adversarial_losses(a: Adversarial, m: Matching, x: torch.Tensor, emb: torch.Tensor,
+                        real: torch.Tensor, real_emb: torch.Tensor, gen: torch.Generator):
+    """(the student's GAN loss, the head's and m's fake's) for one-step outputs x of captions emb and real latents of
+    captions real_emb, non-saturating as in DMD2. The student's loss reads the head and fake frozen, so it moves only
+    the student; the head's sees only x's values."""
+    head_loss = (F.softplus(-_logits(m.fake, a.head, real, real_emb, gen)).mean()
+                 + F.softplus(_logits(m.fake, a.head, x.detach(), emb, gen)).mean())
+    m.fake.requires_grad_(False), a.head.requires_grad_(False)
+    try:
+        student_loss = F.softplus(-_logits(m.fake, a.head, x, emb, gen)).mean()
+    finally:
+        m.fake.requires_grad_(True), a.head.requires_grad_(True)
+    return student_loss, head_loss
+
+
 def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, ids: torch.Tensor,
                   fresh_ids: torch.Tensor, reward: Reward | None, matching: Matching | None, cfg: StageConfig,
-                  gen: torch.Generator, log: list, checkpoint: Path | None = None):
+                  gen: torch.Generator, log: list, checkpoint: Path | None = None,
+                  adversarial: Adversarial | None = None):
     """The one-step model tuned on the pairs (noise, ends, ids) and on fresh noise with the captions fresh_ids, by
-    `reward` and `matching`, each where given; returns the EMA weights. The fake flow trains alongside in the same loop,
-    so a stopped stage resumes with it."""
+    `reward`, `matching` and `adversarial`, each where given (`adversarial` only with `matching`); returns the EMA
+    weights. The fake flow and the head train alongside in the same loop, so a stopped stage resumes with them."""
+    if adversarial is not None and matching is None:
+        raise ValueError("the adversarial head reads the fake flow, which only distribution matching trains")
     unet.train().requires_grad_(True)
     ema, half = EMA(unet, cfg.ema), cfg.batch // 2
+    alongside = []
     if matching is not None:
         matching.fake.train().requires_grad_(True)
+        alongside += list(matching.fake.parameters())
+    if adversarial is not None:
+        adversarial.head.train().requires_grad_(True)
+        alongside += list(adversarial.head.parameters())
 
     def loss_fn(step):
         idx = torch.randint(len(noise), (half,), generator=gen)
@@ -110,8 +173,14 @@ def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, i
         if matching is not None:
             student_loss, fake_loss = _matching_losses(matching, x[half:], emb[half:], gen)
             loss = loss + matching.weight * student_loss + fake_loss
+        if adversarial is not None and matching is not None:
+            real = torch.randint(len(adversarial.latents), (half,), generator=gen).to(adversarial.latents.device)
+            with torch.no_grad():
+                real_emb = text_encoder(adversarial.ids[real])[0]  # (half, L, D)
+            student_loss, head_loss = _adversarial_losses(adversarial, matching, x[half:], emb[half:],
+                                                          adversarial.latents[real], real_emb, gen)
+            loss = loss + adversarial.weight * student_loss + adversarial.head_weight * head_loss
         return loss
 
-    fake_params = None if matching is None else list(matching.fake.parameters())
-    _fit("one-step tuning", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint, alongside=fake_params)
+    _fit("one-step tuning", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint, alongside=alongside)
     return ema.module
