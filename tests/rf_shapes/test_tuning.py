@@ -111,17 +111,15 @@ def test_the_gan_term_moves_the_student_only_by_its_loss_and_the_head_and_fake_o
     assert all(p.requires_grad for p in learned)  # unfrozen again for the fake's own losses
 
 
-
 class _Bottleneck(torch.nn.Module):
     """Stands in for the fake flow: its mid-block is the identity on the noised input, so the head reads x_t."""
 
     def __init__(self):
         super().__init__()
         self.mid_block = torch.nn.Identity()
-        self.scale = torch.nn.Parameter(torch.tensor(1.0))
 
     def forward(self, x, timestep, encoder_hidden_states):
-        return SimpleNamespace(sample=self.mid_block(self.scale * x))
+        return SimpleNamespace(sample=self.mid_block(x))
 
 
 class _MeanHead(torch.nn.Module):

@@ -129,12 +129,17 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 64, 64) in [-1, 1]
 
 
+def scaled_latents(vae, images: np.ndarray, device) -> torch.Tensor:
+    """The VAE's latents (N, C, h, w) of renders (N, 64, 64, 3), scaled to the unit std the flows were trained on."""
+    return stages.encode_latents(vae, to_tensor(images).to(device)) * vae.config.scaling_factor
+
+
 def count_classifier(cfg: TrainConfig, run: Run, vae, gen: torch.Generator) -> counter.CountClassifier:
     """The counter stage: the classifier trained on the VAE's latents of `counting_set` renders, its held-out
     accuracy by t logged."""
     images, counts = counter.counting_set(cfg.seed + 13, cfg.counter_samples)
     held = len(images) // 12  # the last twelfth is held out for the accuracy figures
-    latents = stages.encode_latents(vae, to_tensor(images).to(run.device)) * vae.config.scaling_factor
+    latents = scaled_latents(vae, images, run.device)
     counts_t = torch.from_numpy(counts).to(run.device)
     run.log["counter"] = {"loss": []}
     out = run.stage("counter", lambda: {"classifier": counter.train_counter(
@@ -222,7 +227,7 @@ def train_2rf(cfg: TrainConfig, run: Run) -> Parts:
     vae.register_to_config(scaling_factor=float(vae_out["scaling_factor"][0]))
     vae.eval().requires_grad_(False)
     held, held_scenes, _ = make_batch(cfg.seed + 7, 256, held_out=True)
-    recon = decode(vae, stages.encode_latents(vae, to_tensor(held).to(dev)) * vae.config.scaling_factor)
+    recon = decode(vae, scaled_latents(vae, held, dev))
     log["vae"].update(scaling_factor=vae.config.scaling_factor, checker_on_reconstructions=check(recon, held_scenes))
     latents = stages.encode_latents(vae, pixels) * vae.config.scaling_factor  # (N, C, h, w), unit std
     del pixels
@@ -273,11 +278,11 @@ def load_2rf(cfg: TrainConfig, folder: Path, device: torch.device) -> Parts:
                  None if guide is None else guide.classifier, load(UNet2DConditionModel, "unet"))
 
 
-def real_scenes(cfg: TrainConfig, parts: Parts, device) -> tuning.Adversarial:
+def gan_term(cfg: TrainConfig, parts: Parts, device) -> tuning.Adversarial:
     """The tuning's GAN term: the VAE's latents of tune_real_scenes training-split renders, their captions, and a
     fresh discriminator head for the 2-RF's mid-block (its own seed, so the head starts the same in every run)."""
     images, captions = render_dataset(cfg.seed + 17, cfg.tune_real_scenes)
-    latents = stages.encode_latents(parts.vae, to_tensor(images).to(device)) * parts.vae.config.scaling_factor
+    latents = scaled_latents(parts.vae, images, device)
     levels = len(cfg.model.unet_channels)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed * 1000 + 10)
@@ -311,7 +316,7 @@ def train_one_step(cfg: TrainConfig, run: Run, parts: Parts) -> UNet2DConditionM
     return run.stage("tune", lambda: {"unet": tuning.tune_one_step(  # renders the GAN's scenes only if it runs
         copy.deepcopy(one_step), te, dpairs["noise"], dpairs["ends"], distill[0], fresh_ids, reward, matching,
         cfg.tune, gen_for(cfg, 8), log["tune"]["loss"], run.partial("tune"),
-        real_scenes(cfg, parts, dev) if cfg.tune_gan_weight else None)},
+        gan_term(cfg, parts, dev) if cfg.tune_gan_weight else None)},
         {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 
 
