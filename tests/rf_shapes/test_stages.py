@@ -1,4 +1,5 @@
 """What a long recipe run leans on: a training stage resumed part-way, and --resume's check of the settings."""
+import copy
 import dataclasses
 
 import pytest
@@ -51,6 +52,24 @@ def test_a_stage_stopped_part_way_ends_with_the_weights_of_an_unbroken_run(tmp_p
             assert torch.equal(p, q)
     assert resumed_log == whole_log and [e["step"] for e in whole_log] == [23]
     assert resumed_ema.updates == whole_ema.updates == CFG.steps
+
+
+def test_the_model_alongside_learns_at_its_own_multiple_of_the_learning_rate():
+    """DMD's fake flow learns faster than the student (two time-scale rule): from the same weights, under the same
+    loss, Adam's first step moves the second model five times as far."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    other, start, gen = copy.deepcopy(model), copy.deepcopy(model), torch.Generator().manual_seed(5)
+
+    def loss_fn(step):
+        x = torch.randn(8, 4, generator=gen)
+        return ((model(x) - x[:, :3]) ** 2).mean() + ((other(x) - x[:, :3]) ** 2).mean()
+
+    stages._fit("test", list(model.parameters()), StageConfig(steps=1, batch=8, lr=1e-2, warmup=0, ema=0.0), loss_fn,
+                [], gen, alongside=list(other.parameters()), alongside_lr_scale=5.0)
+    for p, q, p0 in zip(model.parameters(), other.parameters(), start.parameters()):
+        assert (p - p0).abs().min() > 1e-3
+        torch.testing.assert_close(q - p0, 5 * (p - p0))
 
 
 def test_the_last_save_is_the_last_multiple_before_the_end(tmp_path):

@@ -35,8 +35,8 @@ def test_count_tuning_raises_the_asked_count_on_fresh_noise_and_only_with_a_weig
     stage = StageConfig(steps=20, batch=16, lr=2e-3, warmup=2, ema=0.0)
 
     def tuned(weight):
-        reward = tuning.Reward(_MeanReader(), counts, weight, (0.3, 0.6))
-        model = tuning.tune_one_step(copy.deepcopy(unet), te, noise, ends, ids, ids, reward, None, stage,
+        reward = tuning.Reward(_MeanReader(), weight, (0.3, 0.6))
+        model = tuning.tune_one_step(copy.deepcopy(unet), te, noise, ends, ids, ids, counts, reward, None, stage,
                                      torch.Generator().manual_seed(3), [])
         fresh = torch.randn(24, cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
@@ -66,7 +66,7 @@ def test_matching_moves_the_sample_towards_the_teachers_estimate_and_trains_only
     matching = tuning.Matching(_Towards(1.0).requires_grad_(False), fake, torch.zeros(1, 5, 4), 2.0, 1.0)
     x = torch.zeros(6, 3, 4, 4, requires_grad=True)
     student_loss, fake_loss = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4),
-                                                      torch.Generator().manual_seed(0))
+                                                      torch.ones(6, dtype=torch.long), torch.Generator().manual_seed(0))
     (grad,) = torch.autograd.grad(student_loss, x)
     assert (grad < 0).all()
     assert torch.autograd.grad(fake_loss, x, allow_unused=True)[0] is None
@@ -77,8 +77,20 @@ def test_matching_against_a_fake_that_already_draws_the_teachers_samples_moves_n
     """Where the fake's estimates are the teacher's (CFG at scale 1 is the conditional velocity), the step is 0."""
     matching = tuning.Matching(_Towards(0.5), _Towards(0.5), torch.zeros(1, 5, 4), 1.0, 1.0)
     x = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    student_loss, _ = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4), torch.Generator().manual_seed(0))
+    student_loss, _ = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4), torch.ones(6, dtype=torch.long),
+                                              torch.Generator().manual_seed(0))
     assert student_loss.item() < 1e-10
+
+
+def test_the_count_guide_in_the_teachers_estimate_moves_the_sample_towards_the_asked_count():
+    """With teacher and fake agreeing, only the guide moves the student: outputs at 0, which the reader takes for no
+    shape, are pushed up (towards its "three", a mean of 0.3) when three are asked for."""
+    guide = counter.CountGuide(_MeanReader(), 1.0)
+    matching = tuning.Matching(_Towards(0.0), _Towards(0.0), torch.zeros(1, 5, 4), 1.0, 1.0, guide)
+    x = torch.zeros(6, 3, 4, 4, requires_grad=True)
+    student_loss, _ = tuning._matching_losses(matching, x, torch.zeros(6, 5, 4), torch.full((6,), 3),
+                                              torch.Generator().manual_seed(0))
+    assert (torch.autograd.grad(student_loss, x)[0] < 0).all()
 
 
 def _tiny_adversarial(weight: float, ids: torch.Tensor):
@@ -147,6 +159,7 @@ def test_the_gan_term_moves_the_sample_where_the_head_says_real_and_teaches_the_
     assert torch.autograd.grad(head_loss, adversarial.head.gain)[0] < 0
 
 
-def test_a_gan_weight_without_distribution_matching_is_refused_when_the_recipe_is_configured():
-    with pytest.raises(ValueError, match="tune_match_weight"):
-        preset("tiny", tune_match_weight=0.0)
+@pytest.mark.parametrize("setting", ["tune_gan_weight", "tune_match_count_guidance"])
+def test_a_setting_that_needs_distribution_matching_is_refused_without_it_when_the_recipe_is_configured(setting):
+    with pytest.raises(ValueError, match=f"{setting} needs tune_match_weight"):
+        preset("tiny", **{"tune_match_weight": 0.0, "tune_gan_weight": 0.0, setting: 1.0})

@@ -57,17 +57,20 @@ class EMA:
 
 def _fit(name: str, params: list, cfg: StageConfig, loss_fn, log: list, gen: torch.Generator,
          ema: EMA | None = None, checkpoint: Path | None = None, every: int = 250,
-         alongside: list | None = None) -> None:
+         alongside: list | None = None, alongside_lr_scale: float = 1.0) -> None:
     """Generic loop: AdamW + schedule; `loss_fn(step)` computes the batch loss from `gen`; mean losses go to `log`.
     `alongside`: parameters of a second model trained by the same loss (the tuning's fake flow), in a parameter group
-    of their own whose gradient is clipped on its own, so neither model's gradient scales the other's step.
+    of their own whose gradient is clipped on its own, so neither model's gradient scales the other's step, and whose
+    learning rate is `alongside_lr_scale` times the first's.
 
     With `checkpoint`, the whole loop state (weights, optimizer, schedule, EMA, generator, log) is saved there every
     `every` steps and picked up again when the file exists, so a stage stopped part-way resumes in a later run where
     it stopped, and ends with the weights an unbroken run has."""
     groups = [params] + ([alongside] if alongside else [])
     every_param = [p for group in groups for p in group]
-    opt = torch.optim.AdamW([{"params": group} for group in groups], lr=cfg.lr, weight_decay=0.0)
+    scales = (1.0, alongside_lr_scale)
+    opt = torch.optim.AdamW([{"params": group, "lr": cfg.lr * scale} for group, scale in zip(groups, scales)],
+                            lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(cfg, s))
     running: list[float] = []
     start, seconds, began = 0, 0.0, time.perf_counter()

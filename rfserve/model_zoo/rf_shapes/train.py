@@ -169,7 +169,8 @@ class Parts:
 
 
 def needs_classifier(cfg: TrainConfig) -> bool:
-    return bool(cfg.count_guidance or cfg.served_count_guidance or cfg.tune_count_weight)
+    return bool(cfg.count_guidance or cfg.served_count_guidance or cfg.tune_count_weight
+                or cfg.tune_match_count_guidance)
 
 
 def teacher_eval(cfg: TrainConfig, parts: Parts, unet, steps: int) -> dict:
@@ -304,18 +305,19 @@ def train_one_step(cfg: TrainConfig, run: Run, parts: Parts) -> UNet2DConditionM
     if not (cfg.tune_count_weight or cfg.tune_match_weight):
         return one_step
     fresh_ids, _, fresh_counts = pair_captions(parts, cfg.seed + 9, cfg.tune_captions, dev)
-    reward = tuning.Reward(parts.classifier, fresh_counts, cfg.tune_count_weight,
-                           cfg.tune_count_t) if cfg.tune_count_weight else None
+    reward = tuning.Reward(parts.classifier, cfg.tune_count_weight, cfg.tune_count_t) if cfg.tune_count_weight else None
     matching = None
-    if cfg.tune_match_weight:  # against the 2-RF with the CFG its pairs were drawn with
+    if cfg.tune_match_weight:
         with torch.no_grad():
             uncond = te(empty_ids(parts.tokenizer, dev)[None])[0]  # (1, L, D)
-        matching = tuning.Matching(parts.rf2, copy.deepcopy(parts.rf2), uncond, cfg.reflow_guidance,
-                                   cfg.tune_match_weight)
+        guide = counter.CountGuide(parts.classifier, cfg.tune_match_count_guidance) \
+            if cfg.tune_match_count_guidance else None
+        matching = tuning.Matching(parts.rf2, copy.deepcopy(parts.rf2), uncond, cfg.tune_match_guidance,
+                                   cfg.tune_match_weight, guide, cfg.tune_fake_lr_scale)
     log["tune"] = {"loss": []}
     return run.stage("tune", lambda: {"unet": tuning.tune_one_step(  # renders the GAN's scenes only if it runs
-        copy.deepcopy(one_step), te, dpairs["noise"], dpairs["ends"], distill[0], fresh_ids, reward, matching,
-        cfg.tune, gen_for(cfg, 8), log["tune"]["loss"], run.partial("tune"),
+        copy.deepcopy(one_step), te, dpairs["noise"], dpairs["ends"], distill[0], fresh_ids, fresh_counts, reward,
+        matching, cfg.tune, gen_for(cfg, 8), log["tune"]["loss"], run.partial("tune"),
         gan_term(cfg, parts, dev) if cfg.tune_gan_weight else None)},
         {"unet": build_unet(cfg.model).to(dev)})["unet"].eval()
 

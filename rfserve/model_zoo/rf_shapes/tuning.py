@@ -11,8 +11,8 @@ distillation loss on the pairs; the other half draws fresh noise and training-sp
   reward-guided distillation;
 - `Matching` adds distribution matching distillation (DMD, Yin et al. 2024): a fake flow, a copy of the 2-RF,
   follows the student's outputs, and the student moves along the difference between the guided 2-RF's denoised
-  estimate of its noised output and the fake's, towards samples the 2-RF would draw. The distillation loss on the
-  pairs is DMD's regression term;
+  estimate of its noised output and the fake's, towards samples the 2-RF would draw: with CFG and, as the server
+  samples it, the count guide. The distillation loss on the pairs is DMD's regression term;
 - `Adversarial` adds DMD2's GAN term (Yin et al. 2024b): a head on the fake flow's bottleneck tells noised renders of
   real scenes from noised student outputs, each under its own caption, and the student learns to pass for real. DMD
   matches the 2-RF's distribution, flaws and all; renders of the caption are what the checker and the FD compare with.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import StageConfig
-from .counter import noised
+from .counter import CountGuide, noised
 from .stages import EMA, _fit, _randn, one_step
 
 MATCH_T = (0.02, 0.98)  # DMD's range of t: its timesteps 20 to 980 of 1,000
@@ -42,12 +42,10 @@ GAN_T = (0.5, 1.0)
 
 @dataclass(frozen=True)
 class Reward:
-    """`weight` times `classifier`'s cross-entropy for the label each fresh caption asks for (`labels`, one per
-    caption: its count), read on the output noised to a progress in `t_range`: at t = 1 the classifier reads the
-    latent's fine detail, which the student then learns to fool (in pilots colour and FD paid for it); noised, it
-    reads blobs."""
+    """`weight` times `classifier`'s cross-entropy for the count each fresh caption asks for, read on the output
+    noised to a progress in `t_range`: at t = 1 the classifier reads the latent's fine detail, which the student then
+    learns to fool (in pilots colour and FD paid for it); noised, it reads blobs."""
     classifier: nn.Module
-    labels: torch.Tensor
     weight: float
     t_range: tuple[float, float]
 
@@ -55,12 +53,18 @@ class Reward:
 @dataclass(frozen=True)
 class Matching:
     """DMD against `teacher` (the 2-RF, frozen) with CFG `guidance` against `uncond` (the empty caption's (1, L, D)
-    embedding), weighted by `weight`; `fake` starts as a copy of the teacher and is trained as the student is."""
+    embedding), weighted by `weight`; `fake` starts as a copy of the teacher and is trained as the student is.
+    `count_guide`, where given, steers the teacher's velocity towards each caption's count as the served 2-RF's
+    sampler does, so that the student matches the distribution users get from the 2-RF, not the unguided one's.
+    The fake (and a GAN head on it) learns at `fake_lr_scale` times the student's rate, DMD2's two time-scale rule:
+    DMD's step reads the fake as the student's distribution now, and a fake that lags reads an older one."""
     teacher: nn.Module
     fake: nn.Module
     uncond: torch.Tensor
     guidance: float
     weight: float
+    count_guide: CountGuide | None = None
+    fake_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,9 @@ def _uniform(n: int, t_range: tuple[float, float], gen: torch.Generator, device)
     return (low + (high - low) * torch.rand(n, generator=gen)).to(device)
 
 
-def _matching_losses(m: Matching, x: torch.Tensor, emb: torch.Tensor, gen: torch.Generator):
+def _matching_losses(m: Matching, x: torch.Tensor, emb: torch.Tensor, counts: torch.Tensor, gen: torch.Generator):
     """(the student's DMD loss, the fake flow's flow-matching loss) for one-step outputs x (B, C, h, w) of captions
-    emb (B, L, D). Only the first reaches the student and only the second the fake."""
+    emb (B, L, D) that ask for counts (B,). Only the first reaches the student and only the second the fake."""
     sample = x.detach()
     t = _uniform(len(x), MATCH_T, gen, x.device)
     z = _randn(x.shape, gen, x.device)
@@ -104,7 +108,10 @@ def _matching_losses(m: Matching, x: torch.Tensor, emb: torch.Tensor, gen: torch
         v = m.teacher(torch.cat([xt, xt]), torch.cat([(1 - t) * 1000] * 2),
                       encoder_hidden_states=torch.cat([m.uncond.expand_as(emb), emb])).sample  # (2B, C, h, w)
         v_neg, v_cond = v.chunk(2)
-        real = xt + (1 - tb) * (v_neg + m.guidance * (v_cond - v_neg))  # denoised estimates of x
+        v = v_neg + m.guidance * (v_cond - v_neg)
+        if m.count_guide is not None:
+            v = v + m.count_guide.velocity(xt, t, counts)
+        real = xt + (1 - tb) * v  # denoised estimates of x
         fake = xt + (1 - tb) * m.fake(xt, (1 - t) * 1000, encoder_hidden_states=emb).sample
         # DMD's normalisation: the step is relative to how far the sample is from the real estimate
         step = (fake - real) / (sample - real).abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-3)
@@ -139,12 +146,13 @@ def _adversarial_losses(a: Adversarial, m: Matching, x: torch.Tensor, emb: torch
 
 
 def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, ids: torch.Tensor,
-                  fresh_ids: torch.Tensor, reward: Reward | None, matching: Matching | None, cfg: StageConfig,
-                  gen: torch.Generator, log: list, checkpoint: Path | None = None,
-                  adversarial: Adversarial | None = None):
-    """The one-step model tuned on the pairs (noise, ends, ids) and on fresh noise with the captions fresh_ids, by
-    `reward`, `matching` and `adversarial`, each where given (`adversarial` only with `matching`); returns the EMA
-    weights. The fake flow and the head train alongside in the same loop, so a stopped stage resumes with them."""
+                  fresh_ids: torch.Tensor, fresh_counts: torch.Tensor, reward: Reward | None,
+                  matching: Matching | None, cfg: StageConfig, gen: torch.Generator, log: list,
+                  checkpoint: Path | None = None, adversarial: Adversarial | None = None):
+    """The one-step model tuned on the pairs (noise, ends, ids) and on fresh noise with the captions fresh_ids (asking
+    for fresh_counts), by `reward`, `matching` and `adversarial`, each where given (`adversarial` only with
+    `matching`); returns the EMA weights. The fake flow and the head train alongside in the same loop, so a stopped
+    stage resumes with them."""
     if adversarial is not None and matching is None:
         raise ValueError("the adversarial head reads the fake flow, which only distribution matching trains")
     unet.train().requires_grad_(True)
@@ -160,6 +168,7 @@ def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, i
     def loss_fn(step):
         idx = torch.randint(len(noise), (half,), generator=gen)
         fresh = torch.randint(len(fresh_ids), (half,), generator=gen).to(fresh_ids.device)
+        counts = fresh_counts[fresh]
         with torch.no_grad():
             emb = text_encoder(torch.cat([ids[idx], fresh_ids[fresh]]))[0]  # (2 * half, L, D)
         paired = noise[idx]
@@ -169,9 +178,9 @@ def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, i
         if reward is not None:
             t = _uniform(half, reward.t_range, gen, x.device)
             loss = loss + reward.weight * F.cross_entropy(reward.classifier(noised(x[half:], t, gen), t),
-                                                          reward.labels[fresh])
+                                                          counts)
         if matching is not None:
-            student_loss, fake_loss = _matching_losses(matching, x[half:], emb[half:], gen)
+            student_loss, fake_loss = _matching_losses(matching, x[half:], emb[half:], counts, gen)
             loss = loss + matching.weight * student_loss + fake_loss
         if adversarial is not None and matching is not None:
             real = torch.randint(len(adversarial.latents), (half,), generator=gen).to(adversarial.latents.device)
@@ -182,5 +191,6 @@ def tune_one_step(unet, text_encoder, noise: torch.Tensor, ends: torch.Tensor, i
             loss = loss + adversarial.weight * student_loss + adversarial.head_weight * head_loss
         return loss
 
-    _fit("one-step tuning", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint, alongside=alongside)
+    _fit("one-step tuning", list(unet.parameters()), cfg, loss_fn, log, gen, ema, checkpoint, alongside=alongside,
+         alongside_lr_scale=1.0 if matching is None else matching.fake_lr_scale)
     return ema.module
